@@ -1,0 +1,129 @@
+"""JSON Lines reading and durable appending, shared by every stage.
+
+Reading never drops a line silently: a bad line raises :class:`BadRecordError` naming ``file:line``, or — when the
+caller asks to skip — goes to a rejects file with the reason. Appending flushes and fsyncs, and resuming tolerates the
+torn last line a crash (even SIGKILL) can leave behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Literal
+
+OnBadRecord = Literal["error", "skip"]
+
+
+class BadRecordError(ValueError):
+    """A JSONL line that cannot be used; the message names the file and the 1-based line number."""
+
+    def __init__(self, path: str | Path, line_no: int, reason: str):
+        self.path, self.line_no, self.reason = str(path), line_no, reason
+        super().__init__(f"{path}:{line_no}: {reason}")
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(line_no, object, None)`` per non-blank line, or ``(line_no, None, reason)`` where it cannot be parsed.
+
+    Lines are decoded one by one so that a non-UTF-8 byte is reported at its own line.
+    """
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line_no, None, f"malformed JSON ({e.msg} at column {e.colno})"
+                continue
+            if not isinstance(obj, dict):
+                yield line_no, None, f"expected a JSON object, got {type(obj).__name__}"
+                continue
+            yield line_no, obj, None
+
+
+class Rejects:
+    """Collects skipped records into ``<output>.rejects.jsonl``, created only when the first reject arrives."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.count = 0
+        self._file: IO[str] | None = None
+
+    def add(self, source: str | Path, line_no: int, reason: str, raw: Any = None) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w", encoding="utf-8")
+        row = {"file": str(source), "line": line_no, "reason": reason, "record": raw}
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def rejects_path_for(path: str | Path) -> Path:
+    """``data/train.jsonl`` → ``data/train.rejects.jsonl``."""
+    path = Path(path)
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(stem + ".rejects.jsonl")
+
+
+def append_rows(f: IO[str], rows: Iterable[dict]) -> int:
+    """Append rows to an open text file, then flush and fsync, so a crash loses at most the rows being written."""
+    n = 0
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        n += 1
+    f.flush()
+    os.fsync(f.fileno())
+    return n
+
+
+def recover_jsonl(path: str | Path, key: str = "id") -> list[Any]:
+    """Return the ``key`` of every complete row of an output file being resumed, in file order.
+
+    A crash can leave a torn last line (no newline, or cut mid-object); it is cut off the file so that the record is
+    redone and appended cleanly. A bad line anywhere else is not a crash artefact and raises :class:`BadRecordError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    keys: list[Any] = []
+    good_end = 0
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        end = len(data) if nl < 0 else nl + 1
+        line = data[pos:end]
+        try:
+            row = json.loads(line.decode("utf-8")) if line.strip() else None
+            if row is not None and (not isinstance(row, dict) or key not in row):
+                raise ValueError(f"row without {key!r}")
+        except (ValueError, UnicodeDecodeError) as e:
+            if nl < 0 or end == len(data):  # the last line: torn by a crash
+                break
+            line_no = data.count(b"\n", 0, pos) + 1
+            raise BadRecordError(path, line_no, f"cannot resume from this output file: {e}") from None
+        if nl < 0:  # complete JSON but no newline: the write was cut before "\n"; redo it
+            break
+        if row is not None:
+            keys.append(row[key])
+        good_end = end
+        pos = end
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return keys

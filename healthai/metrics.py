@@ -1,0 +1,240 @@
+"""Evaluation metrics shared by ``python -m healthai evaluate`` and validation inside the LightningModule.
+
+Each metric is a torchmetrics :class:`~torchmetrics.Metric` whose states are plain counters or sums registered with
+``dist_reduce_fx="sum"``, so under DDP every process updates on its own shard and ``compute()`` adds the shards up:
+the result equals one process seeing every record. The per-record helpers (:func:`normalize_diseases`,
+:func:`match_diseases`, :func:`rouge_l_char`) are public so that per-record reports use exactly the same rules.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torchmetrics import Metric
+
+from healthai.prompts import join_diseases
+
+PARSE_STATUSES = ("ok", "repaired", "failed")
+"""Values of a prediction row's ``parse_status``; only ``ok`` counts as valid JSON."""
+
+DiseasesField = Union[str, Sequence[str], None]
+"""A ``diseases`` value as found in data: one string, a list of names (joined with ``；``) or missing."""
+
+# An enumeration marker, matched after NFKC (which has already turned full-width "（１）", "１．", "１）" into ASCII;
+# the full-width forms stay in the classes anyway so the pattern does not depend on that):
+#   - a bare digit run wrapped in brackets: "(1)", "（1）" — but not "(1级)", whose bracket holds more than digits;
+#   - a digit run followed by "、", ".", "．", ")" or "）": "1、", "1.", "1)".
+# The lookbehind keeps digits that end a token out: "COVID-19." or "维生素B12、" are names, not markers. A digit run
+# followed by a CJK character ("2型糖尿病") never matches. "1.5" is a decimal, not marker "1." followed by "5".
+_MARKER = re.compile(
+    r"[(（]\s*[0-9]+\s*[)）]"
+    r"|(?<![0-9A-Za-z.．\-])[0-9]+(?:[、)）]|[.．](?![0-9]))"
+)
+_SEPARATORS = re.compile(r"[,，、;；\r\n]+")
+# Stripped from both ends of each item: whitespace (covers spaces after NFKC) and stray sentence punctuation.
+_EDGE = re.compile(r"^[\s?？。.:：]+|[\s?？。.:：]+$")
+
+
+def normalize_diseases(text: Optional[str]) -> list[str]:
+    """Split a ``diseases`` string into normalised disease names, in order of first occurrence.
+
+    Steps, in this order: Unicode NFKC; enumeration markers (``1、`` ``1.`` ``1．`` ``1)`` ``1）`` ``(1)`` ``（1）``)
+    become separators, so that glued lists such as ``1、慢性胃肠炎2、功能性消化不良`` split; split on ``,`` ``，``
+    ``、`` ``;`` ``；`` and newlines; strip whitespace and ``?？。.:：`` at both ends of each item; drop empty items
+    and duplicates. ``None`` or ``""`` gives ``[]``.
+    """
+    if not text:
+        return []
+    text = unicodedata.normalize("NFKC", text)
+    # A marker is replaced by a separator, not deleted: "炎2、功" must split into "炎" and "功".
+    text = _MARKER.sub("\n", text)
+    items: list[str] = []
+    seen: set[str] = set()
+    for raw in _SEPARATORS.split(text):
+        item = _EDGE.sub("", raw)
+        if item and item not in seen:
+            seen.add(item)
+            items.append(item)
+    return items
+
+
+def _as_text(diseases: DiseasesField) -> str:
+    """One ``diseases`` string from whatever a row holds; a missing value is an empty prediction."""
+    if diseases is None:
+        return ""
+    return join_diseases(diseases)
+
+
+class DiseaseMatch(NamedTuple):
+    """How one record's predicted disease names compare with the reference names."""
+
+    matched: list[str]
+    """Predicted names that are also reference names (true positives), in prediction order."""
+    missed: list[str]
+    """Reference names not predicted (false negatives), in reference order."""
+    extra: list[str]
+    """Predicted names not in the reference (false positives), in prediction order."""
+
+
+def match_diseases(pred: DiseasesField, target: DiseasesField) -> DiseaseMatch:
+    """Compare two ``diseases`` fields by exact equality of their :func:`normalize_diseases` items."""
+    pred_items = normalize_diseases(_as_text(pred))
+    target_items = normalize_diseases(_as_text(target))
+    target_set, pred_set = set(target_items), set(pred_items)
+    return DiseaseMatch(
+        matched=[p for p in pred_items if p in target_set],
+        missed=[t for t in target_items if t not in pred_set],
+        extra=[p for p in pred_items if p not in target_set],
+    )
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of two strings, character by character.
+
+    Bit-parallel (Hyyrö 2004): one Python big-int word holds a DP column, so the cost is ``len(b)`` big-int steps
+    instead of ``len(a) * len(b)`` interpreted ones — reasons are hundreds of characters and evaluation runs over
+    thousands of them. The tests check it against the plain O(n·m) dynamic programme.
+    """
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, ch in enumerate(a):
+        masks[ch] = masks.get(ch, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for ch in b:
+        u = v & masks.get(ch, 0)
+        v = ((v + u) | (v - u)) & full
+    # Each zero bit among the len(a) bits of v is one step of the LCS.
+    return len(a) - bin(v).count("1")
+
+
+def _reason_chars(text: str) -> str:
+    """Characters compared by ROUGE-L: NFKC (full- and half-width punctuation agree) without whitespace (layout)."""
+    return "".join(unicodedata.normalize("NFKC", text).split())
+
+
+def rouge_l_char(pred: Optional[str], target: str) -> float:
+    """ROUGE-L F-measure (beta = 1) between two texts as character sequences; 0 when either is empty.
+
+    P = LCS/len(pred), R = LCS/len(target), F = 2PR/(P+R) = 2·LCS/(len(pred)+len(target)). Chinese has no spaces,
+    so characters are the tokens; text is NFKC-normalised and whitespace is dropped first.
+    """
+    p, t = _reason_chars(pred or ""), _reason_chars(target)
+    lcs = lcs_length(p, t)
+    if lcs == 0:
+        return 0.0
+    return 2.0 * lcs / (len(p) + len(t))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` as a float tensor, 0 where ``den`` is 0 (an undefined score counts as 0)."""
+    num, den = num.double(), den.double()
+    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num)).float()
+
+
+class DiseaseF1(Metric):
+    """Disease-set precision, recall and F1, micro-averaged: TP, FP and FN are summed over records first.
+
+    A record with no predicted names (including a failed or missing prediction) adds only false negatives.
+    ``compute()`` returns ``{"precision", "recall", "f1"}`` as tensors; each is 0 when its denominator is 0.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    tp: torch.Tensor
+    fp: torch.Tensor
+    fn: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[DiseasesField], targets: Sequence[DiseasesField]) -> None:
+        """Add one batch: ``preds[i]`` and ``targets[i]`` are the ``diseases`` strings of record ``i``."""
+        if len(preds) != len(targets):
+            raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
+        tp = fp = fn = 0
+        for pred, target in zip(preds, targets):
+            m = match_diseases(pred, target)
+            tp, fp, fn = tp + len(m.matched), fp + len(m.extra), fn + len(m.missed)
+        self.tp += tp
+        self.fp += fp
+        self.fn += fn
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        precision = _ratio(self.tp, self.tp + self.fp)
+        recall = _ratio(self.tp, self.tp + self.fn)
+        f1 = _ratio(2 * precision * recall, precision + recall)
+        return {"precision": precision, "recall": recall, "f1": f1}
+
+
+class JsonValidRate(Metric):
+    """Share of prediction rows whose ``parse_status`` is ``ok`` (``repaired`` and ``failed`` are not); 0 if none."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    valid: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("valid", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, statuses: Sequence[str]) -> None:
+        """Add one batch of ``parse_status`` values (``ok`` | ``repaired`` | ``failed``)."""
+        unknown = sorted({s for s in statuses if s not in PARSE_STATUSES})
+        if unknown:
+            # A typo such as "OK" would silently count as invalid; better to stop.
+            raise ValueError(f"unknown parse_status {unknown}; expected one of {PARSE_STATUSES}")
+        self.valid += sum(s == "ok" for s in statuses)
+        self.total += len(statuses)
+
+    def compute(self) -> torch.Tensor:
+        return _ratio(self.valid, self.total)
+
+
+class ReasonRougeL(Metric):
+    """Character-level ROUGE-L F (see :func:`rouge_l_char`), averaged over records that have a reference reason.
+
+    Records whose reference reason is ``None`` or blank are skipped; ``count`` says how many were scored, and
+    ``compute()`` is 0 when none was (callers that must tell "no reference reasons" apart check ``count``).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    score_sum: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # float64: a sum over many records should not lose the last digits that float32 would.
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[Optional[str]], targets: Sequence[Optional[str]]) -> None:
+        """Add one batch of predicted and reference reasons; a ``None`` prediction scores 0."""
+        if len(preds) != len(targets):
+            raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
+        total, n = 0.0, 0
+        for pred, target in zip(preds, targets):
+            if target is None or not target.strip():
+                continue
+            total += rouge_l_char(pred, target)
+            n += 1
+        self.score_sum += total
+        self.count += n
+
+    def compute(self) -> torch.Tensor:
+        return _ratio(self.score_sum, self.count)

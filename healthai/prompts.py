@@ -1,0 +1,105 @@
+"""The one place that turns a case record into chat messages and an answer string.
+
+Training, validation generation, prediction and teacher labelling all call :class:`PromptStyle`; fit saves the style
+next to the adapter (``prompt.json``) and predict loads it back, so the training and inference prompts cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+PROMPT_FILE = "prompt.json"
+"""File name of the saved prompt settings inside an ``adapter/`` folder."""
+
+ANSWER_KEYS = ("diseases", "reason")
+"""Keys of the model's answer object, in the order the answer string is built."""
+
+DISEASE_SEPARATOR = "；"
+"""Joins a list-valued ``diseases`` field into one string (the separator used in the official examples)."""
+
+DEFAULT_SYSTEM = (
+    "你是一名经验丰富的临床医生。请仔细阅读用户提供的病历（性别、年龄、主诉、现病史、既往史、体格检查、辅助检查等），"
+    "给出最可能的诊断及诊断依据。只输出一个JSON对象，不要输出其他内容，格式为："
+    '{"diseases": "诊断名称，多个诊断用；分隔", "reason": "逐条列出的诊断依据"}'
+)
+
+DEFAULT_USER_TEMPLATE = "病历如下：\n{case}"
+
+# The schema both the constrained decoder and the teacher's JSON mode aim at.
+ANSWER_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"diseases": {"type": "string"}, "reason": {"type": "string"}},
+    "required": list(ANSWER_KEYS),
+    "additionalProperties": False,
+}
+
+
+def join_diseases(diseases: str | Sequence[str]) -> str:
+    """Return ``diseases`` as one string; a list of names is joined with :data:`DISEASE_SEPARATOR`."""
+    if isinstance(diseases, str):
+        return diseases
+    return DISEASE_SEPARATOR.join(str(d).strip() for d in diseases if str(d).strip())
+
+
+def answer_text(diseases: str | Sequence[str], reason: str) -> str:
+    """The exact text the model learns to write: built by ``json.dumps``, never by string formatting."""
+    return json.dumps({"diseases": join_diseases(diseases), "reason": reason}, ensure_ascii=False)
+
+
+@dataclass
+class PromptStyle:
+    """How a case record is shown to the model."""
+
+    system: str = DEFAULT_SYSTEM
+    """System message. It states the task and the JSON answer format."""
+
+    user_template: str = DEFAULT_USER_TEMPLATE
+    """User message; ``{case}`` is replaced by the record's ``feature_content``."""
+
+    def __post_init__(self) -> None:
+        if "{case}" not in self.user_template:
+            raise ValueError(f"user_template must contain '{{case}}', got {self.user_template!r}")
+
+    def messages(self, case_text: str) -> list[dict[str, str]]:
+        """Chat messages (system + user) for one record; the model's turn comes next."""
+        # str.replace, not str.format: case text and template may hold literal braces.
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": self.user_template.replace("{case}", case_text)},
+        ]
+
+    def conversation(self, case_text: str, diseases: str | Sequence[str], reason: str) -> list[dict[str, str]]:
+        """:meth:`messages` plus the assistant's answer: a whole training example."""
+        return self.messages(case_text) + [{"role": "assistant", "content": answer_text(diseases, reason)}]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the settings to ``directory/prompt.json`` and return that path."""
+        path = Path(directory) / PROMPT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(self), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "PromptStyle":
+        """Read the settings that :meth:`save` wrote (an ``adapter/`` folder)."""
+        path = Path(directory) / PROMPT_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no saved prompt settings; was this folder written by `healthai fit`?")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown prompt settings {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_dir_or_default(cls, directory: str | Path | None) -> "PromptStyle":
+        """The style saved in ``directory`` if it holds one, else the default style."""
+        if directory is not None and (Path(directory) / PROMPT_FILE).is_file():
+            return cls.load(directory)
+        return cls()
