@@ -29,6 +29,7 @@ USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,eva
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     if command in LIGHTNING_COMMANDS:
         from healthai.cli import cli_main
 
-        cli_main([command, *rest])
+        # LightningCLI reads sys.argv itself when run from the shell; args are passed only for in-process calls.
+        cli_main(None if argv_given is None else [command, *rest])
         return
     if command not in FUNCTION_COMMANDS:
         sys.exit(f"unknown command {command!r}\n\n{USAGE}")

@@ -171,7 +171,8 @@ class DiseaseF1(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         precision = _ratio(self.tp, self.tp + self.fp)
         recall = _ratio(self.tp, self.tp + self.fn)
-        f1 = _ratio(2 * precision * recall, precision + recall)
+        # 2PR/(P+R) written in counts: exact, and 0 exactly when P+R is 0 (TP = 0).
+        f1 = _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
         return {"precision": precision, "recall": recall, "f1": f1}
 
 

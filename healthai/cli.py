@@ -1,0 +1,41 @@
+"""LightningCLI for ``fit``, ``validate``, ``test`` and ``predict``: it builds objects and runs them, nothing else."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from healthai.data import DiagnosisDataModule
+from healthai.model import DiagnosisLoRA
+from healthai.writer import DiagnosisWriter
+
+
+class HealthAICLI(LightningCLI):
+    """LightningCLI with the project's links between model and data, and the prediction writer on ``predict``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Written once: the data module tokenises with the model's tokenizer, and takes the adapter's saved prompt.
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_path")
+        parser.link_arguments("model.adapter_path", "data.adapter_path")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            # `--writer.output_path OUT.jsonl`; LightningCLI appends the callback to the trainer's.
+            parser.add_lightning_class_args(DiagnosisWriter, "writer")
+        return parser
+
+    def before_predict(self) -> None:
+        # Rows are streamed to disk by the writer; holding every prediction in memory too would defeat that.
+        self.trainer.predict_loop.return_predictions = False
+
+
+def cli_main(args: Optional[list[str]] = None) -> HealthAICLI:
+    return HealthAICLI(
+        DiagnosisLoRA,
+        DiagnosisDataModule,
+        args=args,
+        # A rerun in the same run folder must not abort on the config.yaml the previous run saved.
+        save_config_kwargs={"overwrite": True},
+    )

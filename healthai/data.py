@@ -1,0 +1,536 @@
+"""Case records in, token batches out: validated JSONL reading, tokenisation with the loss mask, dynamic padding and a
+length-grouped sampler, wrapped in :class:`DiagnosisDataModule`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, iter_jsonl, rejects_path_for
+from healthai.prompts import PromptStyle, answer_text, join_diseases
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value that the loss skips (prompt, padding)."""
+
+END_OF_TURN = "<|im_end|>"
+"""ChatML's end-of-turn token: the last token the model learns to write, and the token generation stops at."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading and validating records
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_record(obj: dict, labelled: bool) -> str | None:
+    """Return why ``obj`` is not a usable record, or ``None`` if it is."""
+    rid = obj.get("id")
+    if rid is None:
+        return "missing field 'id'"
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        return f"field 'id' must be an integer or a string, got {type(rid).__name__}"
+    text = obj.get("feature_content")
+    if text is None:
+        return "missing field 'feature_content'"
+    if not isinstance(text, str):
+        return f"field 'feature_content' must be a string, got {type(text).__name__}"
+    if not text.strip():
+        return "field 'feature_content' is empty"
+    if not labelled:
+        return None
+    diseases = obj.get("diseases")
+    if diseases is None:
+        return "missing field 'diseases'"
+    if isinstance(diseases, list):
+        if not all(isinstance(d, str) for d in diseases):
+            return "field 'diseases' must be a string or a list of strings"
+        diseases = join_diseases(diseases)
+    if not isinstance(diseases, str):
+        return f"field 'diseases' must be a string or a list of strings, got {type(diseases).__name__}"
+    if not diseases.strip():
+        return "field 'diseases' is empty"
+    reason = obj.get("reason")
+    if reason is None:
+        return "missing field 'reason'"
+    if not isinstance(reason, str):
+        return f"field 'reason' must be a string, got {type(reason).__name__}"
+    return None
+
+
+def read_records(
+    path: str | Path,
+    labelled: bool,
+    on_bad_record: OnBadRecord = "error",
+    rejects: Optional[Rejects] = None,
+) -> list[dict]:
+    """Read and validate a JSONL file of records, in file order.
+
+    A bad line (malformed JSON, non-UTF-8 bytes, a missing/wrong-typed field, empty text, a repeated id) raises
+    :class:`BadRecordError` naming ``file:line``; with ``on_bad_record="skip"`` it goes to ``rejects`` instead.
+    Each returned record carries ``_file`` and ``_line`` (its source) for later messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if on_bad_record == "skip" and rejects is None:
+        rejects = Rejects(rejects_path_for(path))
+    records: list[dict] = []
+    seen: dict[Any, int] = {}
+    for line_no, obj, error in iter_jsonl(path):
+        if error is None:
+            error = check_record(obj, labelled)
+        if error is None and obj["id"] in seen:
+            error = f"duplicate id {obj['id']!r} (first at line {seen[obj['id']]})"
+        if error is not None:
+            if on_bad_record != "skip":
+                raise BadRecordError(path, line_no, error + " (set on_bad_record: skip to write it to a rejects file)")
+            rejects.add(path, line_no, error, obj)
+            continue
+        seen[obj["id"]] = line_no
+        record = dict(obj, _file=str(path), _line=line_no)
+        if labelled:
+            record["diseases"] = join_diseases(record["diseases"])
+        records.append(record)
+    if rejects is not None and rejects.count:
+        log.warning("%s: %d bad record(s) skipped, written to %s", path, rejects.count, rejects.path)
+    return records
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenisation: one truth for the loss mask
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """Id of the chat template's end-of-turn token."""
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if eot is None or eot == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {END_OF_TURN} token; a ChatML (Qwen) tokenizer is required")
+    return eot
+
+
+def prompt_ids(tokenizer, prompt: PromptStyle, case_text: str) -> list[int]:
+    """Token ids of the chat up to and including the assistant header (``<|im_start|>assistant\\n``)."""
+    ids = tokenizer.apply_chat_template(prompt.messages(case_text), tokenize=True, add_generation_prompt=True)
+    # transformers v5 returns a BatchEncoding here, v4 a list.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def fit_case_text(tokenizer, prompt: PromptStyle, case_text: str, budget: int) -> tuple[list[int], bool]:
+    """Prompt ids for ``case_text``, trimming the case text's tail until the prompt has at most ``budget`` tokens.
+
+    Returns ``(ids, trimmed)``. Trimming is by characters (binary search), never by cutting token ids, so the kept text
+    re-tokenises exactly as the model will see it at inference. Raises ValueError if even an empty case text does not
+    fit.
+    """
+    ids = prompt_ids(tokenizer, prompt, case_text)
+    if len(ids) <= budget:
+        return ids, False
+    if len(prompt_ids(tokenizer, prompt, "")) > budget:
+        raise ValueError(f"the prompt alone needs more than {budget} tokens; raise max_length")
+    lo, hi = 0, len(case_text)  # lo chars always fit, hi chars do not
+    best = prompt_ids(tokenizer, prompt, "")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cand = prompt_ids(tokenizer, prompt, case_text[:mid])
+        if len(cand) <= budget:
+            lo, best = mid, cand
+        else:
+            hi = mid
+    return best, True
+
+
+def encode_example(
+    tokenizer, prompt: PromptStyle, case_text: str, diseases: str, reason: str, max_length: int
+) -> dict[str, Any]:
+    """Tokenise one training example: ``input_ids``, ``labels`` (−100 except the answer and end-of-turn tokens),
+    ``prompt_len`` and ``trimmed``.
+
+    The answer is never cut: when the example is too long, the case text is trimmed (:func:`fit_case_text`).
+    """
+    answer = tokenizer(answer_text(diseases, reason), add_special_tokens=False)["input_ids"]
+    answer = list(answer) + [end_of_turn_id(tokenizer)]
+    budget = max_length - len(answer)
+    if budget <= 0:
+        raise ValueError(f"the answer alone is {len(answer)} tokens, over max_length={max_length}")
+    ids, trimmed = fit_case_text(tokenizer, prompt, case_text, budget)
+    return {
+        "input_ids": ids + answer,
+        "labels": [IGNORE_INDEX] * len(ids) + answer,
+        "prompt_len": len(ids),
+        "trimmed": trimmed,
+    }
+
+
+class EncodedDataset(Dataset):
+    """Examples tokenised once, up front (records are short; re-tokenising every epoch would waste CPU)."""
+
+    def __init__(self, examples: list[dict[str, Any]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_value: int, side: Literal["right", "left"], multiple_of: int = 1
+) -> torch.Tensor:
+    """Stack ``sequences`` into one tensor padded to the longest (rounded up to ``multiple_of``)."""
+    width = max(len(s) for s in sequences)
+    width = math.ceil(width / multiple_of) * multiple_of
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if side == "right":
+            out[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        else:
+            out[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+    return out
+
+
+class TrainCollator:
+    """Right-pads a batch to its longest sequence: pad id in ``input_ids``, −100 in ``labels``, 0 in ``attention_mask``.
+
+    With ``with_prompts`` (validation) it also passes the prompts left-padded (``prompt_ids``, ``prompt_mask``) and the
+    references, for validation generation.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, with_prompts: bool = False):
+        self.pad_id = pad_id
+        self.multiple_of = pad_to_multiple_of
+        self.with_prompts = with_prompts
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [e["input_ids"] for e in examples]
+        batch: dict[str, Any] = {
+            "input_ids": pad_batch(ids, self.pad_id, "right", self.multiple_of),
+            "labels": pad_batch([e["labels"] for e in examples], IGNORE_INDEX, "right", self.multiple_of),
+            "attention_mask": pad_batch([[1] * len(s) for s in ids], 0, "right", self.multiple_of),
+        }
+        if self.with_prompts:
+            prompts = [e["input_ids"][: e["prompt_len"]] for e in examples]
+            batch["prompt_ids"] = pad_batch(prompts, self.pad_id, "left")
+            batch["prompt_mask"] = pad_batch([[1] * len(p) for p in prompts], 0, "left")
+            batch["ids"] = [e["id"] for e in examples]
+            batch["references"] = [{"diseases": e["diseases"], "reason": e["reason"]} for e in examples]
+        return batch
+
+
+class PromptCollator:
+    """Left-pads prompts for batched generation (so every row's next token sits in the last column)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [e["input_ids"][: e["prompt_len"]] for e in examples]
+        return {
+            "input_ids": pad_batch(ids, self.pad_id, "left"),
+            "attention_mask": pad_batch([[1] * len(s) for s in ids], 0, "left"),
+            "records": [e["record"] for e in examples],
+            "order": [e["order"] for e in examples],
+        }
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffled mega-batches, each sorted by length, cut into batches whose order is shuffled again.
+
+    Sequences of similar length share a batch, so dynamic padding adds little, while the epoch stays random. It is a
+    ``DistributedSampler`` (Lightning then leaves it in place and calls :meth:`set_epoch`): every rank draws the same
+    global order from ``seed + epoch`` and takes its own slice of each global batch, so ranks see disjoint data and the
+    same number of batches. When the dataset does not divide into ``batch_size × num_replicas``, the last global batch
+    is topped up with indices from the start of the epoch's order (as ``DistributedSampler`` does).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        mega_batch_mult: int = 50,
+        shuffle: bool = True,
+    ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        # DistributedSampler.__init__ would query torch.distributed; set its fields directly instead.
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.shuffle = shuffle
+        self.mega_batch_mult = mega_batch_mult
+        global_batch = batch_size * num_replicas
+        self.num_batches = max(1, math.ceil(len(self.lengths) / global_batch))
+        self.num_samples = self.num_batches * batch_size
+        self.total_size = self.num_samples * num_replicas
+        self.drop_last = False
+
+    def global_batches(self) -> list[list[int]]:
+        """The epoch's batches over all ranks, each ``batch_size × num_replicas`` indices of similar length."""
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        order += order[: self.total_size - len(order)]  # top up so every rank gets full batches
+        global_batch = self.batch_size * self.num_replicas
+        mega = global_batch * self.mega_batch_mult
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[j : j + global_batch] for j in range(0, len(chunk), global_batch)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.global_batches():
+            yield from batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The data module
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DiagnosisDataModule(L.LightningDataModule):
+    """JSONL case records for fit, validation and predict."""
+
+    def __init__(
+        self,
+        train_file: Optional[str] = None,
+        val_file: Optional[str] = None,
+        predict_file: Optional[str] = None,
+        tokenizer_path: Optional[str] = None,
+        adapter_path: Optional[str] = None,
+        prompt: Optional[PromptStyle] = None,
+        max_length: int = 2048,
+        batch_size: int = 4,
+        eval_batch_size: Optional[int] = None,
+        val_fraction: float = 0.05,
+        seed: int = 42,
+        on_bad_record: OnBadRecord = "error",
+        pad_to_multiple_of: int = 1,
+        mega_batch_mult: int = 50,
+        num_workers: int = 0,
+    ):
+        """
+        Args:
+            train_file: JSONL of labelled records (``id``, ``feature_content``, ``diseases``, ``reason``) for fit.
+            val_file: JSONL of labelled records for validation. If unset, ``val_fraction`` of ``train_file`` is held
+                out instead.
+            predict_file: JSONL of records (``id``, ``feature_content``) to predict.
+            tokenizer_path: Tokenizer folder or hub id. Linked from ``model.model_name_or_path`` by the CLI; an
+                ``adapter_path`` holding a tokenizer takes precedence.
+            adapter_path: Adapter folder written by fit. Linked from ``model.adapter_path``: its saved prompt settings
+                (``prompt.json``) are used, so training and prediction prompts cannot drift.
+            prompt: Prompt settings (system message, user template). Default: :class:`~healthai.prompts.PromptStyle`.
+            max_length: Longest tokenised example (prompt + answer) in fit, and longest prompt in predict. Longer
+                records have their case text trimmed — never the answer; the count is logged.
+            batch_size: Training micro-batch size per device.
+            eval_batch_size: Batch size for validation and predict (default: ``batch_size``).
+            val_fraction: Share of ``train_file`` held out for validation when no ``val_file`` is given (0 = none).
+            seed: Seed of the train/validation split and the sampler's shuffling.
+            on_bad_record: ``error`` stops with ``file:line`` and the reason; ``skip`` writes the record and reason to
+                ``<file>.rejects.jsonl`` and goes on.
+            pad_to_multiple_of: Round padded lengths up to a multiple of this (8 helps tensor cores on GPU).
+            mega_batch_mult: Mega-batch size, in global batches, within which the sampler sorts by length. Larger =
+                less padding, less randomness.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["prompt"])
+        self.train_file, self.val_file, self.predict_file = train_file, val_file, predict_file
+        self.tokenizer_path = tokenizer_path
+        self.adapter_path = adapter_path
+        self.prompt = self._resolve_prompt(prompt, adapter_path)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.on_bad_record = on_bad_record
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.mega_batch_mult = mega_batch_mult
+        self.num_workers = num_workers
+        self.tokenizer = None
+        self._rejects: dict[str, Rejects] = {}
+        self.train_set: Optional[EncodedDataset] = None
+        self.val_set: Optional[EncodedDataset] = None
+        self.predict_set: Optional[EncodedDataset] = None
+        self.predict_order: dict[Any, int] = {}
+        """Input position of every predict record's id, for merging rows back into input order."""
+
+    @staticmethod
+    def _resolve_prompt(prompt: Optional[PromptStyle], adapter_path: Optional[str]) -> PromptStyle:
+        if adapter_path is None:
+            return prompt or PromptStyle()
+        saved = PromptStyle.load(adapter_path)
+        if prompt is not None and prompt != saved:
+            log.warning("prompt settings given in the config differ from %s's; using the adapter's", adapter_path)
+        return saved
+
+    # -- set-up -------------------------------------------------------------------------------------------------------
+
+    def load_tokenizer(self):
+        """The tokenizer: the adapter's copy if it has one (saved by fit), else ``tokenizer_path``'s."""
+        from transformers import AutoTokenizer
+
+        source = self.adapter_path
+        if source is None or not (Path(source) / "tokenizer_config.json").is_file():
+            source = self.tokenizer_path
+        if source is None:
+            raise ValueError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"{source}: tokenizer has no pad token")
+        return tokenizer
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.load_tokenizer()
+        if stage in ("fit", "validate") and self.train_set is None and self.val_set is None:
+            self._setup_fit(stage)
+        if stage == "test" and self.val_set is None:
+            self._setup_fit(stage)
+        if stage == "predict" and self.predict_set is None:
+            self.predict_set = self._encode_prompts(self._read(self.predict_file, "predict_file", labelled=False))
+
+    def _read(self, path: Optional[str], name: str, labelled: bool) -> list[dict]:
+        if path is None:
+            raise ValueError(f"data.{name} is not set")
+        rejects = self._rejects_for(path) if self.on_bad_record == "skip" else None
+        return read_records(path, labelled=labelled, on_bad_record=self.on_bad_record, rejects=rejects)
+
+    def _rejects_for(self, path: str | Path) -> Rejects:
+        """One rejects file per input file (``<input>.rejects.jsonl``), shared by reading and encoding."""
+        key = str(path)
+        if key not in self._rejects:
+            self._rejects[key] = Rejects(rejects_path_for(path))
+        return self._rejects[key]
+
+    def _setup_fit(self, stage: str) -> None:
+        if stage == "fit" or self.val_file is None:
+            records = self._read(self.train_file, "train_file", labelled=True)
+        else:
+            records = []
+        if self.val_file is not None:
+            train, val = records, self._read(self.val_file, "val_file", labelled=True)
+        else:
+            train, val = split_records(records, self.val_fraction, self.seed)
+        self.train_set = self._encode_examples(train, "train")
+        self.val_set = self._encode_examples(val, "val") if val else None
+
+    def _encode_examples(self, records: list[dict], split: str) -> EncodedDataset:
+        examples, trimmed = [], 0
+        for r in records:
+            try:
+                enc = encode_example(
+                    self.tokenizer, self.prompt, r["feature_content"], r["diseases"], r["reason"], self.max_length
+                )
+            except ValueError as e:  # an answer longer than max_length: it must not be cut, so the record can't train
+                if self.on_bad_record != "skip":
+                    raise BadRecordError(r["_file"], r["_line"], str(e)) from None
+                self._rejects_for(r["_file"]).add(r["_file"], r["_line"], str(e), _public(r))
+                continue
+            trimmed += enc["trimmed"]
+            examples.append({**enc, "id": r["id"], "diseases": r["diseases"], "reason": r["reason"]})
+        if trimmed:
+            log.warning("%s: %d of %d record(s) longer than max_length=%d had their case text trimmed",
+                        split, trimmed, len(records), self.max_length)  # fmt: skip
+        self.trimmed = getattr(self, "trimmed", {}) | {split: trimmed}
+        return EncodedDataset(examples)
+
+    def _encode_prompts(self, records: list[dict]) -> EncodedDataset:
+        """Prompts for generation, sorted longest first: batches of similar length pad little, and a too-large batch
+        fails at once rather than hours in. ``order`` keeps each record's input position for the writer."""
+        examples, trimmed = [], 0
+        for order, r in enumerate(records):
+            ids, cut = fit_case_text(self.tokenizer, self.prompt, r["feature_content"], self.max_length)
+            trimmed += cut
+            record = _public(r)
+            examples.append({"input_ids": ids, "prompt_len": len(ids), "record": record, "order": order})
+        if trimmed:
+            log.warning("predict: %d record(s) longer than max_length=%d had their case text trimmed",
+                        trimmed, self.max_length)  # fmt: skip
+        examples.sort(key=lambda e: len(e["input_ids"]), reverse=True)
+        self.predict_order = {e["record"]["id"]: e["order"] for e in examples}
+        return EncodedDataset(examples)
+
+    def exclude_predict_ids(self, done: set) -> int:
+        """Drop records whose id is in ``done`` (already predicted, when resuming); returns how many remain."""
+        self.predict_set = EncodedDataset([e for e in self.predict_set.examples if e["record"]["id"] not in done])
+        return len(self.predict_set)
+
+    # -- loaders ------------------------------------------------------------------------------------------------------
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        num_replicas, rank = self._replicas()
+        sampler = LengthGroupedSampler(
+            self.train_set.lengths, self.batch_size, num_replicas, rank, self.seed, self.mega_batch_mult
+        )
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of))  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            return []
+        collate = TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, with_prompts=True)
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate)  # fmt: skip
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=PromptCollator(self.tokenizer.pad_token_id))  # fmt: skip
+
+
+def _public(record: dict) -> dict:
+    """The record as read, without the bookkeeping fields ``_file``/``_line``."""
+    return {k: v for k, v in record.items() if k not in ("_file", "_line")}
+
+
+def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded train/validation split; the validation share is rounded and at least one record when > 0."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0 or len(records) < 2:
+        return records, []
+    n_val = max(1, round(len(records) * val_fraction))
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val_idx], [r for i, r in enumerate(records) if i in val_idx]

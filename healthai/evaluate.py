@@ -1,0 +1,264 @@
+"""``python -m healthai evaluate``: score a predictions file against references.
+
+Numbers come from the :mod:`healthai.metrics` Metric classes — the same ones validation logs — so offline evaluation
+and training-time validation cannot disagree. Records are joined by ``id``; nothing is dropped silently: missing,
+duplicate and unknown prediction ids are listed in the report, and a malformed line stops the run naming
+``file:line``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from healthai.jsonl import BadRecordError, iter_jsonl
+from healthai.metrics import PARSE_STATUSES, DiseaseF1, JsonValidRate, ReasonRougeL, match_diseases, rouge_l_char
+from healthai.prompts import join_diseases
+
+RecordId = Union[int, str]
+
+
+@dataclass
+class Reference:
+    """One reference record: its id, ``diseases`` (a list already joined with ``；``) and optional reason."""
+
+    id: RecordId
+    diseases: str
+    reason: Optional[str]
+
+
+@dataclass
+class Prediction:
+    """One prediction row, reduced to what scoring needs."""
+
+    id: RecordId
+    diseases: str
+    reason: Optional[str]
+    parse_status: str
+
+
+@dataclass
+class Predictions:
+    """The prediction rows by id (first occurrence wins) and the ids seen more than once, in file order."""
+
+    rows: dict[str, Prediction]
+    duplicates: list[RecordId]
+
+
+def _key(path: Path, line_no: int, row: dict) -> tuple[RecordId, str]:
+    """The row's ``id`` and the string it is joined on; ``10001`` and ``"10001"`` are the same record."""
+    if "id" not in row:
+        raise BadRecordError(path, line_no, "row has no 'id'")
+    rid = row["id"]
+    # bool is an int subclass, and a float id (1.0 vs 1) would join unpredictably: accept only int and str.
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        raise BadRecordError(path, line_no, f"'id' must be an integer or a string, got {rid!r}")
+    return rid, str(rid)
+
+
+def _diseases(path: Path, line_no: int, value: Any) -> str:
+    """A ``diseases`` value as one string; a list of names is joined with ``；``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return join_diseases(value)
+    raise BadRecordError(path, line_no, f"'diseases' must be a string or a list of strings, got {value!r}")
+
+
+def _reason(path: Path, line_no: int, value: Any) -> Optional[str]:
+    """A ``reason`` value: a string, or ``None`` when absent or null."""
+    if value is None or isinstance(value, str):
+        return value
+    raise BadRecordError(path, line_no, f"'reason' must be a string or null, got {value!r}")
+
+
+def read_references(path: Path) -> dict[str, Reference]:
+    """Reference records by id string, in file order; a bad line or a repeated id raises :class:`BadRecordError`.
+
+    A list-valued ``diseases`` is joined with ``；``; ``reason`` may be absent or null.
+    """
+    refs: dict[str, Reference] = {}
+    first_line: dict[str, int] = {}
+    for line_no, row, error in iter_jsonl(path):
+        if error is not None:
+            raise BadRecordError(path, line_no, error)
+        rid, key = _key(path, line_no, row)
+        if key in refs:
+            # Two answers for one record: no way to tell which one is right, so refuse to score.
+            raise BadRecordError(path, line_no, f"duplicate reference id {rid!r} (first at line {first_line[key]})")
+        if "diseases" not in row:
+            raise BadRecordError(path, line_no, "reference row has no 'diseases'")
+        refs[key] = Reference(rid, _diseases(path, line_no, row["diseases"]), _reason(path, line_no, row.get("reason")))
+        first_line[key] = line_no
+    return refs
+
+
+def _parse_status(path: Path, line_no: int, row: dict) -> str:
+    """The row's ``parse_status``; rows without one (the official submission format) are ``ok`` iff ``diseases``
+    is a string, as a string is what a well-formed answer holds."""
+    if "parse_status" not in row:
+        return "ok" if isinstance(row.get("diseases"), str) else "failed"
+    status = row["parse_status"]
+    if status not in PARSE_STATUSES:
+        raise BadRecordError(path, line_no, f"'parse_status' must be one of {PARSE_STATUSES}, got {status!r}")
+    return status
+
+
+def read_predictions(path: Path) -> Predictions:
+    """Prediction rows by id string; for a repeated id the first row is kept and the id is listed in ``duplicates``.
+
+    A missing or null ``diseases`` is an empty prediction (a failed parse may leave it so), not an error.
+    """
+    rows: dict[str, Prediction] = {}
+    duplicates: list[RecordId] = []
+    for line_no, row, error in iter_jsonl(path):
+        if error is not None:
+            raise BadRecordError(path, line_no, error)
+        rid, key = _key(path, line_no, row)
+        status = _parse_status(path, line_no, row)
+        diseases = row.get("diseases")
+        pred = Prediction(
+            rid,
+            "" if diseases is None else _diseases(path, line_no, diseases),
+            _reason(path, line_no, row.get("reason")),
+            status,
+        )
+        if key in rows:
+            if rid not in duplicates:
+                duplicates.append(rid)
+            continue
+        rows[key] = pred
+    return Predictions(rows, duplicates)
+
+
+def _per_record_rows(refs: dict[str, Reference], preds: dict[str, Prediction]) -> list[dict[str, Any]]:
+    """One row per reference record: matched / missed / extra names and the reason's ROUGE-L (null without one)."""
+    out = []
+    for key, ref in refs.items():
+        pred = preds.get(key)
+        m = match_diseases(pred.diseases if pred else "", ref.diseases)
+        has_reason = ref.reason is not None and bool(ref.reason.strip())
+        out.append(
+            {
+                "id": ref.id,
+                "missing": pred is None,
+                "parse_status": pred.parse_status if pred else None,
+                "matched": m.matched,
+                "missed": m.missed,
+                "extra": m.extra,
+                "reason_rougeL": rouge_l_char(pred.reason if pred else None, ref.reason) if has_reason else None,
+            }
+        )
+    return out
+
+
+def _table(report: dict[str, Any]) -> str:
+    """The report as two aligned plain-text columns."""
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, list):
+            return str(len(value))
+        return str(value)
+
+    keys = ["disease_precision", "disease_recall", "disease_f1", "json_valid_rate", "reason_rougeL",
+            "n", "n_predictions", "n_reasons", "missing", "duplicates", "unknown"]  # fmt: skip
+    width = max(len(k) for k in keys)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
+    lines += [f"{k.ljust(width)}  {fmt(report[k])}" for k in keys]
+    return "\n".join(lines)
+
+
+def _preview(ids: list[RecordId], limit: int = 10) -> str:
+    """The first few ids of a list, for a one-line notice."""
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def evaluate(
+    predictions: Path,
+    references: Path,
+    report: Optional[Path] = None,
+    per_record: Optional[Path] = None,
+) -> dict[str, Any]:
+    """Score predictions against references: disease P/R/F1, JSON validity rate and reason ROUGE-L.
+
+    Records are joined by ``id`` (``10001`` and ``"10001"`` match). Every reference record is scored; one without
+    a prediction counts as an empty prediction (false negatives only) and is listed in ``missing``. For a repeated
+    prediction id the first row is used and the id is listed in ``duplicates``; prediction ids absent from the
+    references are listed in ``unknown`` and not scored. ``json_valid_rate`` is over the prediction rows scored
+    (so a missing record does not lower it; null when no row is scored); a row without ``parse_status`` (the
+    official submission format) counts as valid when its ``diseases`` is a string. ``reason_rougeL`` averages over
+    references that have a reason and is null when none has. A malformed line, a bad field or a repeated reference
+    id stops with ``file:line``.
+
+    Args:
+        predictions: JSONL of prediction rows ``{"id", "diseases", "reason", "parse_status"?, ...}``.
+        references: JSONL of reference rows ``{"id", "diseases", "reason"?, ...}``; ``diseases`` may be a list.
+        report: Write the report (the returned dict) here as JSON.
+        per_record: Write one JSONL row per reference record here: id, matched / missed / extra disease names and
+            the reason's ROUGE-L.
+
+    Returns:
+        The report: ``n``, ``n_predictions``, ``n_reasons``, ``disease_precision``, ``disease_recall``,
+        ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``missing``, ``duplicates``, ``unknown``, ``tp``,
+        ``fp``, ``fn`` and the two input paths.
+    """
+    refs = read_references(Path(references))
+    preds = read_predictions(Path(predictions))
+    scored = {key: preds.rows[key] for key in refs if key in preds.rows}
+    missing = [ref.id for key, ref in refs.items() if key not in preds.rows]
+    unknown = [p.id for key, p in preds.rows.items() if key not in refs]
+
+    keys = list(refs)
+    disease_f1, json_valid, rouge = DiseaseF1(), JsonValidRate(), ReasonRougeL()
+    disease_f1.update([scored[k].diseases if k in scored else "" for k in keys], [refs[k].diseases for k in keys])
+    json_valid.update([p.parse_status for p in scored.values()])
+    rouge.update([scored[k].reason if k in scored else None for k in keys], [refs[k].reason for k in keys])
+    prf = disease_f1.compute()
+
+    result: dict[str, Any] = {
+        "predictions": str(predictions),
+        "references": str(references),
+        "n": len(refs),
+        "n_predictions": len(scored),
+        "n_reasons": int(rouge.count),
+        "disease_precision": float(prf["precision"]),
+        "disease_recall": float(prf["recall"]),
+        "disease_f1": float(prf["f1"]),
+        "json_valid_rate": float(json_valid.compute()) if scored else None,
+        "reason_rougeL": float(rouge.compute()) if int(rouge.count) > 0 else None,
+        "tp": int(disease_f1.tp),
+        "fp": int(disease_f1.fp),
+        "fn": int(disease_f1.fn),
+        "missing": missing,
+        "duplicates": preds.duplicates,
+        "unknown": unknown,
+    }
+
+    print(_table(result))
+    for name in ("missing", "duplicates", "unknown"):
+        if result[name]:
+            print(f"{name} ids: {_preview(result[name])}")
+    if report is not None:
+        _write_json(Path(report), result)
+    if per_record is not None:
+        _write_jsonl(Path(per_record), _per_record_rows(refs, preds.rows))
+    return result
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,0 +1,77 @@
+"""Shared fixtures: the small offline model, real seed records, and labelled records written to tmp files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SEED_RECORDS = SHARED / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+EXAMPLE_OUTPUT = SHARED / "seed_data" / "20250214171329_example_output.jsonl"
+GOLDEN = SHARED / "qwen25" / "golden_chat_template.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The small random-weight Qwen2.5-architecture model (built by scripts/_env.sh; built here if missing)."""
+    path = REPO / "models" / "tiny-qwen2.5"
+    if not (path / "model.safetensors").is_file():
+        path = tmp_path_factory.mktemp("models") / "tiny-qwen2.5"
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), "--out", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def seed_records(n: int, offset: int = 0) -> list[dict]:
+    """The first ``n`` real case records (id, feature_content) from ../shared/seed_data."""
+    out = []
+    with open(SEED_RECORDS, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i < offset:
+                continue
+            if len(out) == n:
+                break
+            out.append(json.loads(line))
+    return out
+
+
+# Short made-up labels for real records: enough for the small model to overfit.
+LABELS = [
+    ("慢性乙型病毒性肝炎", "1. 乙肝阳性；2. HBV DNA阳性。"),
+    ("2型糖尿病；高血压", "1. 血糖升高多年；2. 有高血压病史。"),
+    ("急性上呼吸道感染", "1. 咽痛咳嗽；2. 无发热。"),
+    ("胃炎", "1. 上腹痛；2. 反酸。"),
+]
+
+
+def labelled_records(n: int, offset: int = 0) -> list[dict]:
+    """Real seed records with made-up short labels."""
+    rows = []
+    for i, r in enumerate(seed_records(n, offset)):
+        diseases, reason = LABELS[i % len(LABELS)]
+        rows.append({"id": r["id"], "feature_content": r["feature_content"], "diseases": diseases, "reason": reason})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
