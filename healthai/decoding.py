@@ -61,7 +61,8 @@ def parse_answer(text: str) -> ParsedAnswer:
 
     body = strip_code_fence(text.strip())
     try:
-        return ParsedAnswer(*_fields(json.loads(body)), status="ok", raw=text)
+        # strict=False admits raw control characters (a tab) inside strings: unambiguous, so nothing is repaired.
+        return ParsedAnswer(*_fields(json.loads(body, strict=False)), status="ok", raw=text)
     except (json.JSONDecodeError, ValueError) as strict_error:
         error = str(strict_error)
     try:

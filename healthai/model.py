@@ -116,9 +116,12 @@ class DiagnosisLoRA(L.LightningModule):
         self.model = self._apply_lora(base)
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in fit
         if self.gradient_checkpointing:
-            # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias); 4.x has only the old.
-            enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Non-reentrant checkpointing works with frozen inputs and PEFT. transformers 5 renamed the method (the old
+            # name is a deprecated alias there); 4.x has only the old one.
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # Inputs must require grad so that checkpointed segments of a frozen base still back-propagate to LoRA.
             self.model.enable_input_require_grads()
         self.model.print_trainable_parameters() if self.global_rank == 0 else None

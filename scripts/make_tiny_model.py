@@ -126,9 +126,15 @@ def build_model(
     heads: int = 4,
     kv_heads: int = 2,
     intermediate_size: int = 128,
+    init_std: float = 0.3,
     seed: int = 0,
 ):
-    """A random-weight ``Qwen2ForCausalLM`` shaped like Qwen2.5 (GQA, tied embeddings as in the small Qwen2.5s)."""
+    """A random-weight ``Qwen2ForCausalLM`` shaped like Qwen2.5 (GQA, tied embeddings as in the small Qwen2.5s).
+
+    ``init_std`` is well above Qwen's 0.02: with a frozen, tied 64-wide embedding of std 0.02 the LM head cannot
+    produce a logit above ~1.3, so no adapter could lower the loss much below ln(vocabulary) and tests could not
+    tell learning from noise. At 0.3 a LoRA adapter overfits a few records within tens of steps.
+    """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -143,6 +149,7 @@ def build_model(
         rope_theta=1000000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
+        initializer_range=init_std,
         bos_token_id=151643,
         eos_token_id=151645,
         pad_token_id=151643,

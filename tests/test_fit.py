@@ -1,0 +1,108 @@
+"""End-to-end fit on the small model through the real CLI: learning, adapter-only checkpoints, exact resume,
+the saved adapter, and validation metrics in TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import labelled_records, write_jsonl
+from lightning.pytorch.callbacks import Callback
+
+from healthai.cli import HealthAICLI, cli_main
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def fit(tmp_path: Path, tiny_model_dir: Path, *extra: str, records: int = 4):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(records))
+    args = [
+        "fit", "--config", "configs/tiny.yaml",
+        "--model.model_name_or_path", str(tiny_model_dir),
+        "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "256",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+        "--trainer.enable_progress_bar", "false",
+        "--model.generate_every_n_epochs", "0",
+        *extra,
+    ]  # fmt: skip
+    return cli_main(args)
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+
+def test_training_loss_falls_when_overfitting_a_few_records(tmp_path, tiny_model_dir):
+    fit(tmp_path, tiny_model_dir, "--trainer.max_steps", "30", "--trainer.max_epochs", "100",
+        "--trainer.check_val_every_n_epoch", "100", "--model.learning_rate", "0.01")  # fmt: skip
+    logged = scalars(tmp_path / "tiny" / "version_0")
+    loss = [v for _, v in logged["train/loss"]]
+    assert len(loss) == 30
+    assert loss[-1] < 0.4 * loss[0], loss
+    assert {"train/lr", "train/tokens_per_sec", "train/padding_fraction"} <= set(logged)
+
+
+def test_checkpoint_holds_only_adapter_and_resume_continues_at_saved_step(tmp_path, tiny_model_dir, monkeypatch):
+    first = fit(tmp_path, tiny_model_dir, "--trainer.max_steps", "3", "--trainer.max_epochs", "10")
+    last = tmp_path / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    saved = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+
+    seen: dict[str, object] = {}
+
+    class StartProbe(Callback):  # records the state the resumed run starts from
+        def on_train_start(self, trainer, pl_module):
+            seen["step"] = trainer.global_step
+            state = pl_module.state_dict()
+            seen["lora"] = {k: state[k].clone() for k in saved}
+
+    monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli: cli.trainer.callbacks.append(StartProbe()), raising=False)
+    resumed = fit(tmp_path, tiny_model_dir, "--trainer.max_steps", "5", "--trainer.max_epochs", "10",
+                  "--ckpt_path", "last")  # fmt: skip
+    assert seen["step"] == 3
+    assert all(torch.equal(seen["lora"][k], saved[k]) for k in saved)
+    assert resumed.trainer.global_step == 5
+    assert first.trainer.global_step == 3
+
+
+def test_saved_adapter_reloads_with_peft_and_gives_same_logits(tmp_path, tiny_model_dir, capsys):
+    cli = fit(tmp_path, tiny_model_dir, "--trainer.max_steps", "4", "--trainer.max_epochs", "10",
+              "--model.learning_rate", "0.01")  # fmt: skip
+    adapter = tmp_path / "tiny" / "version_0" / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "prompt.json", "tokenizer_config.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    trained = cli.model.model.eval()
+    ids = torch.tensor([[151644, 8948, 198, 104383, 109478, 151645, 198]])
+    with torch.no_grad():
+        expected, got = trained(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    assert not torch.allclose(base, got, atol=1e-3)  # the adapter did change the model
+
+
+def test_validation_generation_logs_diagnosis_metrics_to_tensorboard(tmp_path, tiny_model_dir):
+    fit(tmp_path, tiny_model_dir, "--trainer.max_epochs", "2", "--model.generate_every_n_epochs", "1",
+        "--model.val_generate_limit", "3", "--model.generation.max_new_tokens", "48")  # fmt: skip
+    logged = scalars(tmp_path / "tiny" / "version_0")
+    for tag in ("val/loss", "val/disease_f1", "val/disease_precision", "val/disease_recall", "val/json_valid",
+                "val/reason_rougeL"):  # fmt: skip
+        assert len(logged[tag]) == 2, tag
+    assert all(0.0 <= v <= 1.0 for _, v in logged["val/json_valid"])
