@@ -1,0 +1,125 @@
+"""Predict: every id exactly once, always-parseable JSON, resume after SIGKILL, batch invariance, key order."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from healthai.cli import cli_main
+from healthai.decoding import parse_answer
+from healthai.writer import SUBMISSION_KEYS
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def predict_args(tiny_model_dir, records: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "predict", "--config", "configs/predict_tiny.yaml",
+        "--model.model_name_or_path", str(tiny_model_dir),
+        "--data.predict_file", str(records), "--writer.output_path", str(out),
+        "--writer.progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def test_every_id_exactly_once_in_input_order_and_every_row_parses(tmp_path, tiny_model_dir):
+    records = seed_records(20, offset=100)
+    src = write_jsonl(tmp_path / "records.jsonl", records)
+    out = tmp_path / "pred.jsonl"
+    cli_main(predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "8"))
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [r["id"] for r in records]  # once each, in input order
+    for row, record in zip(rows, records):
+        assert tuple(row)[:5] == SUBMISSION_KEYS
+        assert row["feature_content"] == record["feature_content"]
+        assert row["parse_status"] == "ok", row  # constrained decoding: even random weights give valid JSON
+        assert isinstance(row["diseases"], str) and isinstance(row["reason"], str)
+    assert not list(tmp_path.glob("pred.jsonl.rank*"))  # shards merged and removed
+
+
+def test_greedy_outputs_do_not_depend_on_batch_size(tmp_path, tiny_model_dir):
+    src = write_jsonl(tmp_path / "records.jsonl", seed_records(12, offset=300))
+    outputs = {}
+    for bs in (1, 8):
+        out = tmp_path / f"pred_bs{bs}.jsonl"
+        cli_main(predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", str(bs)))
+        outputs[bs] = read_jsonl(out)
+    assert outputs[1] == outputs[8]
+
+
+def test_rerun_after_sigkill_completes_every_id_exactly_once(tmp_path, tiny_model_dir):
+    records = seed_records(24, offset=500)
+    src = write_jsonl(tmp_path / "records.jsonl", records)
+    out = tmp_path / "pred.jsonl"
+    shard = tmp_path / "pred.jsonl.rank0.jsonl"
+    cmd = [sys.executable, "-m", "healthai", *predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "2")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shard.exists() and len(shard.read_bytes().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and shard.exists(), "the run should have been killed mid-way"
+    done_before = len(read_jsonl(shard))
+    assert 0 < done_before < len(records)
+    with open(shard, "ab") as f:  # what a kill in the middle of a write leaves: a torn last line
+        f.write(b'{"id": 99999, "reason": "half a ro')
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{done_before} record(s) already done" in result.stdout
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+
+
+def test_output_with_ids_from_another_input_is_refused(tmp_path, tiny_model_dir):
+    src = write_jsonl(tmp_path / "records.jsonl", seed_records(3))
+    out = write_jsonl(tmp_path / "pred.jsonl", [{"id": "not-an-input-id", "reason": "", "diseases": "",
+                                                 "feature_content": "x", "parse_status": "ok"}])  # fmt: skip
+    with pytest.raises(ValueError, match="not in the input"):
+        cli_main(predict_args(tiny_model_dir, src, out))
+
+
+def test_bad_predict_input_names_file_and_line_or_goes_to_rejects(tmp_path, tiny_model_dir):
+    src = tmp_path / "records.jsonl"
+    good = seed_records(2)
+    src.write_text(json.dumps(good[0], ensure_ascii=False) + "\n" + '{"id": 7, "feature_content": ""}\n'
+                   + json.dumps(good[1], ensure_ascii=False) + "\n", encoding="utf-8")  # fmt: skip
+    out = tmp_path / "pred.jsonl"
+    with pytest.raises(ValueError, match=r"records.jsonl:2: field 'feature_content' is empty"):
+        cli_main(predict_args(tiny_model_dir, src, out))
+    cli_main(predict_args(tiny_model_dir, src, out, "--data.on_bad_record", "skip"))
+    assert [r["id"] for r in read_jsonl(out)] == [good[0]["id"], good[1]["id"]]
+    assert read_jsonl(tmp_path / "records.rejects.jsonl")[0]["line"] == 2
+
+
+@pytest.mark.parametrize(
+    "text, status, diseases",
+    [
+        ('{"diseases": "高血压", "reason": "血压高"}', "ok", "高血压"),
+        ('```json\n{"diseases": "高血压", "reason": "血压高"}\n```', "ok", "高血压"),
+        ('{"diseases": ["高血压", "糖尿病"], "reason": "r"}', "ok", "高血压；糖尿病"),
+        ('{"diseases": "高血压", "reason": "血压', "repaired", "高血压"),  # truncated by max_new_tokens
+        ('{"diseases": "胃炎", "reason": "上腹痛",}', "repaired", "胃炎"),
+        ("诊断：高血压", "failed", None),
+        ("", "failed", None),
+        ('{"diagnosis": "高血压"}', "failed", None),
+    ],
+)
+def test_parse_answer(text, status, diseases):
+    parsed = parse_answer(text)
+    assert parsed.status == status and parsed.diseases == diseases
+    if status == "failed":
+        assert parsed.raw == text and parsed.error
