@@ -143,9 +143,10 @@ class DiagnosisLoRA(L.LightningModule):
         dtype = DTYPES[self.dtype_name]
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.attn_implementation}
         if self.random_init:
+            # Lightning runs configure_model inside the strategy's init context (default device = the GPU), so the
+            # weights are created straight on the device: no 15 GB CPU copy of a 7B model.
             config = AutoConfig.from_pretrained(self.model_name_or_path)
-            with torch.device(self.device):  # build straight on the target device: no CPU copy of the weights
-                return AutoModelForCausalLM.from_config(config, **kwargs)
+            return AutoModelForCausalLM.from_config(config, **kwargs)
         if self.quantization == "nf4":
             from transformers import BitsAndBytesConfig
 
