@@ -310,20 +310,32 @@ class DiagnosisLoRA(L.LightningModule):
 
     # -- checkpoints and the adapter ----------------------------------------------------------------------------------
 
+    def trainable_names(self) -> set[str]:
+        """State-dict names of the trainable (adapter) weights, with FSDP / activation-checkpoint wrapper prefixes
+        removed (a full state dict gathered under FSDP carries the original names)."""
+        names = set()
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+                    name = name.replace(wrapper, "")
+                names.add(name)
+        return names
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable (adapter) weights: a checkpoint of the 7B is then tens of MB, not 15 GB."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def adapter_dir(self) -> Path:
-        """``<run folder>/adapter``: next to the TensorBoard events and Lightning checkpoints of this run."""
+        """``<run folder>/adapter``: next to the TensorBoard events and config of this run. Call it on every rank."""
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir
         return Path(run_dir) / "adapter"
 
-    def save_adapter(self, directory: str | Path) -> Path:
-        """Write the PEFT adapter, the tokenizer and the prompt settings to ``directory``."""
+    def save_adapter(self, directory: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+        """Write the PEFT adapter (from ``state_dict`` if given, e.g. gathered under FSDP), the tokenizer and the
+        prompt settings to ``directory``."""
         directory = Path(directory)
-        self.model.save_pretrained(directory)
+        self.model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         datamodule = getattr(self.trainer, "datamodule", None)
         prompt = getattr(datamodule, "prompt", None)
@@ -335,8 +347,13 @@ class DiagnosisLoRA(L.LightningModule):
         return directory
 
     def on_train_end(self) -> None:
+        # Every rank takes part: under FSDP this gathers the sharded weights; elsewhere it is a plain state_dict.
+        state = self.trainer.strategy.lightning_module_state_dict()
+        directory = self.adapter_dir()  # collective too: trainer.log_dir broadcasts rank zero's folder
         if self.trainer.is_global_zero:
-            path = self.save_adapter(self.adapter_dir())
+            trainable = self.trainable_names()
+            adapter = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
+            path = self.save_adapter(directory, adapter)
             rank_zero_info(f"adapter saved to {path}")
 
 

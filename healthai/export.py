@@ -1,0 +1,253 @@
+"""``python -m healthai export``: merge a LoRA adapter into its base model for serving, and prove the merge is right.
+
+vLLM (and any plain transformers user) serves a single model folder fastest; a base + adapter pair needs LoRA support
+at serving time and is slower. Merging is a one-off rewrite ``W ← W + (alpha / r) · B A`` of every adapted weight, so
+it can silently go wrong (a wrong base, a dtype that rounds the update away, a broken PEFT version). The export
+therefore compares the logits of base + adapter with the logits of the merged folder *as reloaded from disk* on a few
+real case records, and exits with status 1 when they differ by more than a tolerance.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from healthai.data import check_record, fit_case_text
+from healthai.jsonl import BadRecordError, iter_jsonl
+from healthai.prompts import PromptStyle
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_RECORDS = REPO.parent / "shared" / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+"""Real case records used for the parity check when ``--records`` is not given (present in the project workspace)."""
+SAMPLE_RECORDS = REPO / "data" / "sample_val.jsonl"
+"""Fallback parity records shipped with the repository."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 0.25}
+"""Largest accepted max |logit difference| per dtype.
+
+float32: merging only reorders float32 sums, so differences stay ~1e-6 on small models; 1e-4 leaves room for deep
+models while a wrong merge moves logits by whole units. Half precision rounds differently in the two computations
+(``x W + x A B`` rounded per product vs ``x (W + A B)`` with the sum rounded into the weight): float16 keeps 11
+significant bits (a logit near 20 is stored to ±0.008), so 5e-2; bfloat16 keeps only 8 (±0.06 near 20, one step is
+0.125 between 16 and 32), so even a correct merge differs by about one rounding step and 5e-2 would fail spuriously:
+0.25. Pass ``--tolerance`` to tighten or loosen this for a given model.
+"""
+
+
+# -- inputs -----------------------------------------------------------------------------------------------------------
+
+
+def default_records_file() -> Path:
+    """The shared seed records if this checkout sits in the project workspace, else the repository's sample file."""
+    return SEED_RECORDS if SEED_RECORDS.is_file() else SAMPLE_RECORDS
+
+
+def first_records(path: Path, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` usable records of a JSONL file.
+
+    Only the lines needed are read, so a bad line far down a large file does not stop an export; a bad line among
+    the first ones does (naming ``file:line``), since a silent skip would make the check cover fewer records.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (pass --records FILE.jsonl)")
+    records: list[dict[str, Any]] = []
+    for line_no, obj, error in iter_jsonl(path):
+        if len(records) == n:
+            break
+        error = error or check_record(obj, labelled=False)
+        if error is not None:
+            raise BadRecordError(path, line_no, error)
+        records.append(obj)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def base_of(adapter: Path, base: Optional[str]) -> str:
+    """The base model to merge into: ``--base`` if given, else the one the adapter was trained on."""
+    if base is not None:
+        return base
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing; --adapter must be an adapter/ folder written by fit")
+    name = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{config_file} names no base_model_name_or_path; pass --base")
+    return name
+
+
+def load_tokenizer(adapter: Path, base: str):
+    """The adapter's tokenizer (saved by fit, the one the adapter was trained with), else the base's."""
+    from transformers import AutoTokenizer
+
+    source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    return AutoTokenizer.from_pretrained(source)
+
+
+def parity_inputs(
+    tokenizer, prompt: PromptStyle, records: list[dict[str, Any]], max_tokens: int
+) -> list[torch.Tensor]:
+    """Prompt ids, exactly as training and predict build them, of each record, cut to at most ``max_tokens``.
+
+    The cap bounds memory: the reference logits are kept while the model is merged, and each position holds a whole
+    vocabulary row (152k floats, 0.6 MB).
+    """
+    return [torch.tensor([fit_case_text(tokenizer, prompt, r["feature_content"], max_tokens)[0]]) for r in records]
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: str):
+    """A causal LM from ``path`` in ``dtype`` on ``device``, in eval mode (no dropout in the comparison)."""
+    from transformers import AutoModelForCausalLM
+
+    # device_map puts weights straight on the GPU (no CPU copy of a 15 GB model); transformers 4 needs accelerate
+    # for it, so the CPU default does without.
+    placement = {} if device == "cpu" else {"device_map": device}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval()
+
+
+@torch.no_grad()
+def logits_of(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits per input, one record at a time (no padding that could differ between the two models), on the CPU."""
+    device = next(model.parameters()).device
+    return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute difference between matching logits tensors."""
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def save_merged(model, tokenizer, prompt: PromptStyle, out: Path) -> None:
+    """Write the merged weights (safetensors), tokenizer, generation config and ``prompt.json`` to ``out``.
+
+    ``prompt.json`` is not read by servers; it sits there so whoever calls the served model can build the prompt the
+    adapter was trained on (``PromptStyle.load(out)``).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    # safe_serialization is the default (and the only format) in transformers 5; 4.x needs it spelled out.
+    model.save_pretrained(out, safe_serialization=True)
+    if not (out / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    prompt.save(out)
+
+
+def release_memory() -> None:
+    """Return freed model memory before loading the next model, so peak memory stays at about one model."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- the command ------------------------------------------------------------------------------------------------------
+
+
+def export(
+    adapter: Path,
+    out: Path,
+    base: Optional[str] = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    tolerance: Optional[float] = None,
+    parity_records: int = 3,
+    records: Optional[Path] = None,
+    parity_max_tokens: int = 256,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Merge a LoRA adapter into its base model and save one servable folder (safetensors), checked for parity.
+
+    Loads the base, applies the adapter, computes logits on the first --parity_records case records (prompts built
+    with the adapter's saved prompt.json and tokenizer), merges, saves the merged model with tokenizer, generation
+    config and prompt.json, reloads the saved folder and compares logits. Exits with status 1 when the largest
+    absolute logit difference is above --tolerance (the folder is then left in place but must not be served).
+
+    Args:
+        adapter: An adapter/ folder written by fit (adapter_config.json, adapter_model.safetensors, tokenizer,
+            prompt.json), e.g. checkpoints/qwen2.5-7b-lora/version_0/adapter.
+        out: Folder to write the merged model to (created if missing), e.g. models/healthai-merged.
+        base: Base model (hub id or local folder). Default: base_model_name_or_path in the adapter's
+            adapter_config.json.
+        dtype: Dtype to load, merge and save in. float32 is exact (use it on CPU); bfloat16 halves the folder and
+            is what a GPU serves, at the cost of a looser parity check.
+        tolerance: Largest accepted max |logit difference|. Default per dtype: float32 1e-4, float16 5e-2,
+            bfloat16 0.25 (bf16 keeps 8 significant bits, so a correct merge already differs by ~0.1 on logits
+            near 20; a wrong merge moves them by whole units).
+        parity_records: Number of case records the parity check runs on.
+        records: JSONL of case records {"id", "feature_content"} for the parity check. Default:
+            ../shared/seed_data/20250208181531_camp_data_step_1_without_answer.jsonl next to the repository if it
+            exists, else data/sample_val.jsonl.
+        parity_max_tokens: Longest prompt (tokens) of a parity record; longer case texts are cut at the end.
+            Bounds the memory of the kept reference logits (~0.6 MB per token with Qwen's vocabulary).
+        device: Where to load and run the models: cpu, cuda, cuda:1, ...
+
+    Returns:
+        ``out``, ``base``, ``dtype``, ``max_abs_diff``, ``tolerance``, ``records`` (the ids checked) and ``tokens``.
+    """
+    adapter, out = Path(adapter), Path(out)
+    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    try:
+        base_name = base_of(adapter, base)
+        records_file = Path(records) if records is not None else default_records_file()
+        parity_set = first_records(records_file, parity_records)
+    except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError
+        raise SystemExit(f"export: error: {e}") from None
+    if out.resolve() == adapter.resolve():
+        raise SystemExit("export: error: --out must differ from --adapter")
+
+    prompt = PromptStyle.from_dir_or_default(adapter)
+    tokenizer = load_tokenizer(adapter, base_name)
+    inputs = parity_inputs(tokenizer, prompt, parity_set, parity_max_tokens)
+
+    expected, merged_logits = _merge_and_save(adapter, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt)
+    diff = max_abs_diff(expected, merged_logits)
+    tokens = sum(ids.shape[1] for ids in inputs)
+    print(f"parity: max |logits(base + adapter) - logits(merged)| = {diff:.3g} over {len(inputs)} records "
+          f"({tokens} tokens), tolerance {tolerance:g}")  # fmt: skip
+    if not diff <= tolerance:  # also catches NaN
+        print(f"export: error: the merged model in {out} does not reproduce base + adapter (max abs logit difference "
+              f"{diff:.3g} > tolerance {tolerance:g}); do not serve it", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1)
+    _print_next_steps(out)
+    return {"out": str(out), "base": base_name, "dtype": dtype, "max_abs_diff": diff, "tolerance": tolerance,
+            "records": [r["id"] for r in parity_set], "tokens": tokens}  # fmt: skip
+
+
+def _merge_and_save(
+    adapter: Path, out: Path, base: str, dtype: torch.dtype, device: str, inputs: list[torch.Tensor], tokenizer,
+    prompt: PromptStyle,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Logits of base + adapter, then of the merged model reloaded from ``out``.
+
+    The reference logits are taken before ``merge_and_unload``, which rewrites the base weights in place.
+    """
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base, dtype, device), adapter).eval()
+    expected = logits_of(model, inputs)
+    merged = model.merge_and_unload()
+    save_merged(merged, tokenizer, prompt, out)
+    del model, merged  # the merged weights are on disk now; only the reloaded copy is compared
+    release_memory()
+    reloaded = load_model(out, dtype, device)
+    got = logits_of(reloaded, inputs)
+    del reloaded
+    release_memory()
+    return expected, got
+
+
+def _print_next_steps(out: Path) -> None:
+    print(f"merged model saved to {out}")
+    print("serve it with vLLM (OpenAI-compatible API):")
+    print(f"  vllm serve {out} --served-model-name healthai")
+    print("then label or predict through it:")
+    print("  python -m healthai label --base_url http://localhost:8000/v1 --model healthai --input IN.jsonl "
+          "--output OUT.jsonl")  # fmt: skip

@@ -1,0 +1,106 @@
+"""Benchmark `healthai label`: concurrent vs sequential against a local fake server with a fixed per-request latency.
+
+    python scripts/bench_label.py                     # 200 real records, 200 ms latency, --concurrency 16 vs 1
+    python scripts/bench_label.py --n 100 --latency 0.1 --records path/to/records.jsonl
+
+Both runs go through the real code path (async client, retry loop, parsing, fsync'ed appends) in this one process,
+against tests/fake_openai_server.py on 127.0.0.1. The server runs in a child process, as a real one would: in this
+process its threads would compete with the labeller for the GIL and the benchmark would partly measure the fake server.
+The target is a ratio of at least 12x at concurrency 16. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from healthai.label import LabelSettings, Summary, run_labelling  # noqa: E402
+
+DEFAULT_RECORDS = REPO / ".." / "shared" / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+TARGET_RATIO = 12.0
+
+
+def take_records(path: Path, n: int, dest: Path) -> int:
+    """Copy the first ``n`` records' id and feature_content into ``dest``; returns how many there were."""
+    count = 0
+    with open(path, encoding="utf-8") as src, open(dest, "w", encoding="utf-8") as out:
+        for line in src:
+            if count == n:
+                break
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            row = {"id": obj["id"], "feature_content": obj["feature_content"]}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def fake_server(latency: float) -> Iterator[str]:
+    """Start tests/fake_openai_server.py in a child process; yields its base URL."""
+    cmd = [sys.executable, str(REPO / "tests" / "fake_openai_server.py"), "--latency", str(latency)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        if not base_url.startswith("http://127.0.0.1:"):
+            raise SystemExit(f"the fake server did not start (exit code {proc.poll()})")
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def bench_once(workdir: Path, base_url: str, concurrency: int) -> Summary:
+    settings = LabelSettings(
+        input=str(workdir / "in.jsonl"),
+        output=str(workdir / f"out.c{concurrency}.jsonl"),
+        base_url=base_url,
+        model="bench",
+        concurrency=concurrency,
+        timeout=30.0,
+        progress=False,
+    )
+    summary = asyncio.run(run_labelling(settings, api_key="bench-dummy-key"))
+    if not summary.ok or summary.done != summary.total:
+        raise SystemExit(f"benchmark run at concurrency {concurrency} did not label everything: {summary}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS, help="JSONL with id and feature_content")
+    parser.add_argument("--n", type=int, default=200, help="records per run")
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds the server takes per request")
+    parser.add_argument("--concurrency", type=int, default=16, help="compared against concurrency 1")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_label_") as tmp, fake_server(args.latency) as base_url:
+        workdir = Path(tmp)
+        n = take_records(args.records.resolve(), args.n, workdir / "in.jsonl")
+        print(f"{n} records from {args.records.resolve()}, {args.latency * 1000:.0f} ms per request, {base_url}")
+        results = {c: bench_once(workdir, base_url, c) for c in (1, args.concurrency)}
+
+    print(f"{'concurrency':>11}  {'records':>7}  {'seconds':>8}  {'rec/s':>7}")
+    rates = {}
+    for c, s in results.items():
+        rates[c] = s.done / s.elapsed_s
+        print(f"{c:>11}  {s.done:>7}  {s.elapsed_s:>8.2f}  {rates[c]:>7.2f}")
+    ratio = rates[args.concurrency] / rates[1]
+    verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
+    print(f"speed-up at concurrency {args.concurrency}: {ratio:.1f}x ({verdict} the {TARGET_RATIO:g}x target)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Benchmark prediction: the project's batched, greedy, JSON-constrained predict path vs the old one-record-at-a-time
+sampling loop, side by side in this one process. Not a test.
+
+    python scripts/bench_predict.py                                  # 64 real records, 64 new tokens, batch 16
+    python scripts/bench_predict.py --records 4 --max_new_tokens 8   # smoke run
+    python scripts/bench_predict.py --model path/to/Qwen2.5-7B-Instruct --records 256 --batch_size 32
+
+(a) new: ``DiagnosisDataModule`` (prompts tokenised once and sorted by length, left-padded batches of
+    ``--batch_size``) → ``DiagnosisLoRA.predict_step`` (``generate`` with greedy decoding, KV cache and the xgrammar
+    JSON constraint, then ``parse_answer``), in ``torch.no_grad``. The timed part covers the data module's
+    ``setup("predict")`` (reading + tokenising), the collation and every ``predict_step``.
+(b) old: the plain transformers model, one record at a time: ``prompt_ids`` (same chat prompt) →
+    ``model.generate(do_sample=True, temperature=0.7, top_p=0.8)`` with no constraint → ``tokenizer.decode``.
+
+Both use the same ``--max_new_tokens``. The old loop stops at the model's end-of-sequence token whenever it samples
+one, while the constrained path writes until its JSON object closes, so the two may generate different numbers of
+tokens: the table shows new tokens (per row, up to and including its stop token) and new tokens/s next to records/s,
+and the share of outputs that parse as the answer JSON (checked after the clock stops). Each path is warmed up once on
+2 records first (for (a) that also compiles the JSON grammar, a one-off cost per run). Target: (a)/(b) >= 8x in
+records/s with the small model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SEED_RECORDS = REPO.parent / "shared" / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+TARGET_RATIO = 8.0
+
+
+def resolve_model(path: str) -> str:
+    """``--model`` as given, or relative to the repository root when it is not a folder relative to the cwd."""
+    p = Path(path)
+    if not p.exists() and (REPO / p).exists():
+        return str(REPO / p)
+    return path
+
+
+def read_seed_records(path: Path, n: int, offset: int = 0) -> list[dict]:
+    """The first ``n`` real records (``id``, ``feature_content``) after ``offset``."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if len(rows) == n:
+                break
+            if i < offset or not line.strip():
+                continue
+            obj = json.loads(line)
+            rows.append({"id": obj["id"], "feature_content": obj["feature_content"]})
+    if len(rows) < n:
+        raise SystemExit(f"{path}: only {len(rows)} records after offset {offset}, {n} wanted")
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def new_token_counts(new: "torch.Tensor", stop_ids: set[int]) -> list[int]:  # noqa: F821
+    """Per row of generated ids: tokens up to and including the first stop token (all of them if none)."""
+    counts = []
+    for row in new.tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in stop_ids:
+                n = i + 1
+                break
+        counts.append(n)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (a) the project's predict path
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CountingGenerate:
+    """Wraps ``PeftModel.generate`` to count each row's new tokens (a few list operations per batch, not timed apart)."""
+
+    def __init__(self, generate, stop_ids: set[int]):
+        self.generate = generate
+        self.stop_ids = stop_ids
+        self.new_tokens = 0
+
+    def __call__(self, *args, input_ids, **kwargs):
+        out = self.generate(*args, input_ids=input_ids, **kwargs)
+        self.new_tokens += sum(new_token_counts(out[:, input_ids.shape[1] :], self.stop_ids))
+        return out
+
+
+def run_project_path(model_path: str, tokenizer, records_file: Path, warm_file: Path, args) -> dict:
+    import torch
+
+    from healthai.data import DiagnosisDataModule, end_of_turn_id
+    from healthai.decoding import GenerationSettings
+    from healthai.model import DiagnosisLoRA
+
+    lit = DiagnosisLoRA(
+        model_path, dtype="float32", gradient_checkpointing=False,
+        generation=GenerationSettings(max_new_tokens=args.max_new_tokens, max_diseases_chars=args.max_diseases_chars,
+                                      max_reason_chars=args.max_reason_chars),
+    )  # fmt: skip
+    lit.configure_model()
+    lit.eval()
+    counter = CountingGenerate(lit.model.generate, {end_of_turn_id(tokenizer), tokenizer.pad_token_id})
+    lit.model.generate = counter  # an instance attribute: only this object's calls are counted
+
+    def predict(path: Path, batch_size: int) -> list[dict]:
+        dm = DiagnosisDataModule(predict_file=str(path), tokenizer_path=model_path, eval_batch_size=batch_size)
+        dm.tokenizer = tokenizer  # loaded once, outside the clock (setup still reads and tokenises the records)
+        dm.setup("predict")
+        rows = []
+        with torch.no_grad():
+            for i, batch in enumerate(dm.predict_dataloader()):
+                rows += lit.predict_step(batch, i)
+        return rows
+
+    t0 = time.perf_counter()
+    predict(warm_file, 2)  # warm-up; compiles the JSON grammar once
+    warm_s = time.perf_counter() - t0
+    counter.new_tokens = 0
+    t0 = time.perf_counter()
+    rows = predict(records_file, args.batch_size)
+    seconds = time.perf_counter() - t0
+    ok = sum(r["parse_status"] == "ok" for r in rows)
+    return {"records": len(rows), "seconds": seconds, "new_tokens": counter.new_tokens, "parse_ok": ok,
+            "warmup_s": warm_s}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (b) the old way
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_old_path(model_path: str, tokenizer, records: list[dict], warm: list[dict], args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from healthai.data import prompt_ids
+    from healthai.decoding import parse_answer
+    from healthai.prompts import PromptStyle
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    style = PromptStyle()
+    torch.manual_seed(args.seed)
+
+    def generate(rows: list[dict]) -> tuple[list[str], int]:
+        texts, new_tokens = [], 0
+        with torch.no_grad():
+            for r in rows:
+                ids = torch.tensor([prompt_ids(tokenizer, style, r["feature_content"])])
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                    do_sample=True, temperature=0.7, top_p=0.8, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+                new = out[0, ids.shape[1] :]
+                new_tokens += new.shape[0]
+                texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        return texts, new_tokens
+
+    t0 = time.perf_counter()
+    generate(warm)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts, new_tokens = generate(records)
+    seconds = time.perf_counter() - t0
+    ok = sum(parse_answer(t).status == "ok" for t in texts)
+    return {"records": len(texts), "seconds": seconds, "new_tokens": new_tokens, "parse_ok": ok, "warmup_s": warm_s}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", default="models/tiny-qwen2.5", help="model folder (default: %(default)s)")
+    parser.add_argument("--records", type=int, default=64, help="real records timed (default: %(default)s)")
+    parser.add_argument("--offset", type=int, default=0, help="first record taken from the seed file")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="same for both paths (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=16, help="predict batch size of (a) (default: %(default)s)")
+    parser.add_argument("--max_diseases_chars", type=int, default=12, help="(a)'s constraint bound (as predict_tiny)")
+    parser.add_argument("--max_reason_chars", type=int, default=36, help="(a)'s constraint bound (as predict_tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of (b)")
+    parser.add_argument("--seed_file", default=str(SEED_RECORDS), help="JSONL of real records")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    model_path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    records = read_seed_records(Path(args.seed_file), args.records, args.offset)
+    # Warm-up records are taken from elsewhere in the file, so neither path has seen the timed prompts.
+    warm = read_seed_records(Path(args.seed_file), 2, args.offset + args.records)
+
+    print(f"model {model_path}; {len(records)} records, max_new_tokens {args.max_new_tokens}, "
+          f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        records_file = write_jsonl(Path(tmp) / "records.jsonl", records)
+        warm_file = write_jsonl(Path(tmp) / "warm.jsonl", warm)
+        new = run_project_path(model_path, tokenizer, records_file, warm_file, args)
+    old = run_old_path(model_path, tokenizer, records, warm, args)
+
+    rows = [
+        (f"(a) project: batch {args.batch_size}, greedy, KV cache, constrained", new),
+        ("(b) old: 1 record at a time, sampled, unconstrained", old),
+    ]
+    header = f"{'path':<56} {'seconds':>8} {'records/s':>10} {'new tok':>8} {'new tok/s':>10} {'JSON ok':>8}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for name, r in rows:
+        print(f"{name:<56} {r['seconds']:8.2f} {r['records'] / r['seconds']:10.2f} {r['new_tokens']:8d} "
+              f"{r['new_tokens'] / r['seconds']:10.1f} {r['parse_ok']:>4}/{r['records']:<3}")  # fmt: skip
+    print(f"(warm-up on 2 records, not timed: (a) {new['warmup_s']:.2f} s incl. grammar compile, "
+          f"(b) {old['warmup_s']:.2f} s)")  # fmt: skip
+    ratio = (new["records"] / new["seconds"]) / (old["records"] / old["seconds"])
+    tok_ratio = (new["new_tokens"] / new["seconds"]) / max(old["new_tokens"] / old["seconds"], 1e-9)
+    verdict = "meets" if ratio >= TARGET_RATIO else "below"
+    print()
+    print(f"ratio (a)/(b): {ratio:.1f}x records/s ({tok_ratio:.1f}x new tokens/s); target >= {TARGET_RATIO:g}x: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

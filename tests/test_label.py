@@ -1,0 +1,402 @@
+"""Teacher labelling (`healthai.label`) against a local scripted OpenAI-compatible server (tests/fake_openai_server.py).
+
+Every test talks to 127.0.0.1 only; timeouts and backoffs are shrunk so that the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fake server lives next to this file
+
+from fake_openai_server import GOOD_ANSWER, FakeOpenAIServer  # noqa: E402
+
+from healthai.jsonl import BadRecordError, rejects_path_for  # noqa: E402
+from healthai.label import (  # noqa: E402
+    LabelSettings,
+    MissingApiKeyError,
+    Summary,
+    backoff_delay,
+    failures_path_for,
+    label,
+    parse_retry_after,
+    parse_teacher_reply,
+    run_labelling,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "sk-healthai-LEAKCHECK-7f3a9c51e2"
+"""A distinctive key: it must never appear in any file, stream or exception text."""
+
+GOOD_FAULTS = ["ok", "429", "500", "slow", "drop", "fence", "list"]
+"""Faults the run recovers from (retries or parsing)."""
+BAD_FAULTS = ["500always", "invalid", "missing", "length", "400", "echo_key", "html"]
+"""Faults that leave the record failed."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("HEALTHAI_API_KEY", KEY)
+    return KEY
+
+
+@pytest.fixture
+def server():
+    # slow_s is twice the tests' 1 s timeout: the "slow" reply surely times out, a normal one surely does not.
+    with FakeOpenAIServer(slow_s=2.0) as srv:
+        yield srv
+
+
+def write_input(path: Path, faults: list[str]) -> dict[int, str]:
+    """One record per fault; returns id → fault."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, fault in enumerate(faults):
+            text = f"性别: 男\n年龄: {40 + i}\n主诉: 病例{i} [[fault:{fault}]]"
+            f.write(json.dumps({"id": i, "feature_content": text}, ensure_ascii=False) + "\n")
+    return dict(enumerate(faults))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def fast_settings(tmp_path: Path, base_url: str, **overrides: Any) -> LabelSettings:
+    kwargs: dict[str, Any] = dict(
+        input=str(tmp_path / "in.jsonl"),
+        output=str(tmp_path / "out.jsonl"),
+        base_url=base_url,
+        model="qwen2.5-72b-instruct",
+        concurrency=4,
+        max_retries=2,
+        timeout=1.0,
+        backoff_base=0.05,
+        backoff_max=0.2,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return LabelSettings(**kwargs)
+
+
+def run(settings: LabelSettings) -> Summary:
+    return asyncio.run(run_labelling(settings))
+
+
+def assert_no_key(tmp_path: Path, *texts: str) -> None:
+    """The key appears in no file under ``tmp_path`` and in none of ``texts``."""
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), f"API key leaked into {path}"
+    for text in texts:
+        assert KEY not in text, "API key leaked into output text"
+
+
+def assert_each_id_once(out: Path, failures: Path, ids: set[int]) -> tuple[set[int], set[int]]:
+    """Every id is in ``out`` exactly once or in ``failures`` (with a reason), never both; returns (done, failed)."""
+    done = [r["id"] for r in read_rows(out)]
+    failed_rows = read_rows(failures)
+    failed = [r["id"] for r in failed_rows]
+    assert len(done) == len(set(done)), f"duplicate ids in output: {sorted(done)}"
+    assert len(failed) == len(set(failed)), f"duplicate ids in failures: {sorted(failed)}"
+    assert not set(done) & set(failed)
+    assert set(done) | set(failed) == ids
+    assert all(isinstance(r["reason"], str) and r["reason"] for r in failed_rows)
+    return set(done), set(failed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parsing and helpers (no server)
+# ---------------------------------------------------------------------------------------------------------------------
+
+GOOD = json.dumps(GOOD_ANSWER, ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        GOOD,
+        f"```json\n{GOOD}\n```",
+        f"```\n{GOOD}\n```",
+        f"好的，诊断如下：\n```JSON\n{GOOD}\n```\n以上仅供参考。",
+        f"```json\n{GOOD}",  # closing fence lost
+        f"<think>先看血糖……</think>\n{GOOD}",
+        f"诊断结果：{GOOD} 以上。",  # chatter around the object: json_repair
+        GOOD[:-1] + ",}",  # trailing comma: json_repair
+    ],
+)
+def test_parse_teacher_reply_accepts(reply: str) -> None:
+    assert parse_teacher_reply(reply) == (GOOD_ANSWER["diseases"], GOOD_ANSWER["reason"])
+
+
+def test_parse_teacher_reply_joins_lists() -> None:
+    reply = json.dumps({"diseases": ["2型糖尿病", " 高血压 "], "reason": ["1. 血糖高", "2. 血压高"]}, ensure_ascii=False)
+    assert parse_teacher_reply(reply) == ("2型糖尿病；高血压", "1. 血糖高\n2. 血压高")
+
+
+@pytest.mark.parametrize(
+    "reply, why",
+    [
+        ("", "empty reply"),
+        ("对不起，我无法诊断。", "no JSON object"),
+        ('{"diseases": "高血压"}', "lacks field(s) ['reason']"),
+        ('{"diseases": "", "reason": "x"}', "'diseases' is empty"),
+        ('{"diseases": {"a": 1}, "reason": "x"}', "'diseases' is a dict"),
+        ('[{"diseases": "a", "reason": "b"}]', "not a JSON object"),
+        ("<think>还在想", "no answer"),
+    ],
+)
+def test_parse_teacher_reply_rejects(reply: str, why: str) -> None:
+    with pytest.raises(ValueError, match=None) as info:
+        parse_teacher_reply(reply)
+    assert why in str(info.value)
+
+
+def test_parse_teacher_reply_no_repair_for_cut_replies() -> None:
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_teacher_reply(GOOD[:30], allow_repair=False)
+
+
+def test_parse_retry_after_forms() -> None:
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < parse_retry_after({"retry-after": date}) <= 31
+    assert parse_retry_after({"retry-after": "999999"}) == 600.0  # capped
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
+    for n in range(1, 6):
+        step = min(10.0, 1.0 * 2 ** (n - 1))
+        assert step / 2 <= backoff_delay(n, 1.0, 10.0) <= step
+    assert backoff_delay(1, 1.0, 10.0, retry_after=7.0) == 7.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runs against the fake server
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_faults_then_rerun_completes_the_set(
+    tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture
+) -> None:
+    faults = write_input(tmp_path / "in.jsonl", GOOD_FAULTS + BAD_FAULTS)
+    out, failures = tmp_path / "out.jsonl", failures_path_for(tmp_path / "out.jsonl")
+    settings = fast_settings(tmp_path, server.base_url)
+
+    summary = run(settings)
+
+    done, failed = assert_each_id_once(out, failures, set(faults))
+    assert {faults[i] for i in done} == set(GOOD_FAULTS)
+    assert {faults[i] for i in failed} == set(BAD_FAULTS)
+    assert (summary.done, summary.failed, summary.skipped, summary.ok) == (len(GOOD_FAULTS), len(BAD_FAULTS), 0, False)
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert all(set(r) == {"id", "feature_content", "diseases", "reason"} for r in rows.values())
+    assert all((r["diseases"], r["reason"]) == (GOOD_ANSWER["diseases"], GOOD_ANSWER["reason"]) for r in rows.values())
+    fail_rows = {faults[r["id"]]: r for r in read_rows(failures)}
+    assert "HTTP 500" in fail_rows["500always"]["reason"] and fail_rows["500always"]["attempts"] == 3
+    assert fail_rows["invalid"]["raw"].startswith("对不起")
+    assert "reason" in fail_rows["missing"]["reason"] and "raw" in fail_rows["missing"]
+    assert "max_tokens" in fail_rows["length"]["reason"]
+    assert "HTTP 400" in fail_rows["400"]["reason"] and fail_rows["400"]["attempts"] == 1
+    assert "not answer with a chat completion" in fail_rows["html"]["reason"]
+
+    # What the server saw: the key as a bearer token, JSON mode, the training prompt, the retries it was owed.
+    assert {r.authorization for r in server.requests} == {f"Bearer {KEY}"}
+    assert all(r.response_format == {"type": "json_object"} for r in server.requests)
+    assert all(r.user_text.startswith("病历如下：\n性别") for r in server.requests)
+    first_429, second_429 = server.attempts_for("429")
+    assert second_429.at - first_429.at >= 0.95, "Retry-After: 1 was not honoured"
+    assert [r.attempt for r in server.attempts_for("slow")] == [1, 2]
+    assert [r.attempt for r in server.attempts_for("drop")] == [1, 2]
+    assert len(server.attempts_for("400")) == 1
+
+    # The upstream is fixed: a rerun asks for exactly the failed ids and completes the set, with no duplicate.
+    server.healed = True
+    n_before = len(server.requests)
+    summary2 = run(settings)
+    counts2 = (summary2.done, summary2.failed, summary2.skipped, summary2.ok)
+    assert counts2 == (len(BAD_FAULTS), 0, len(GOOD_FAULTS), True)
+    assert {r.fault for r in server.requests[n_before:]} == set(BAD_FAULTS)
+    done2, failed2 = assert_each_id_once(out, failures, set(faults))
+    assert done2 == set(faults) and not failed2 and not failures.exists()
+
+    captured = capsys.readouterr()
+    assert_no_key(tmp_path, captured.out, captured.err, repr(summary), repr(summary2))
+
+
+def test_label_command_exit_code_summary_and_no_key(
+    tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_input(tmp_path / "in.jsonl", ["ok", "echo_key", "invalid"])
+    args = dict(
+        input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"), base_url=server.base_url,
+        model="m", timeout=1.0, backoff_base=0.05, backoff_max=0.2,
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        label(**args)
+    assert info.value.code == 1
+    captured = capsys.readouterr()
+    assert "done 1, failed 2, skipped 0" in captured.out and "elapsed" in captured.out
+    fail_rows = {r["id"]: r for r in read_rows(tmp_path / "out.failures.jsonl")}
+    assert "Bearer ***" in fail_rows[1]["reason"]  # the key the server echoed is scrubbed
+
+    server.healed = True
+    result = label(**args)
+    assert (result["done"], result["failed"], result["skipped"]) == (2, 0, 1)
+    captured2 = capsys.readouterr()
+    assert_no_key(tmp_path, captured.out, captured.err, captured2.out, captured2.err, caplog.text, str(info.value))
+
+
+def test_missing_key_names_both_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HEALTHAI_API_KEY")
+    write_input(tmp_path / "in.jsonl", ["ok"])
+    with pytest.raises(MissingApiKeyError, match="HEALTHAI_API_KEY.*OPENAI_API_KEY"):
+        run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
+    with pytest.raises(SystemExit, match="HEALTHAI_API_KEY"):
+        label(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), base_url="http://x/v1", model="m")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the fallback variable is enough
+    with FakeOpenAIServer() as srv:
+        assert run(fast_settings(tmp_path, srv.base_url)).done == 1
+        assert srv.requests[0].authorization == f"Bearer {KEY}"
+
+
+def test_json_mode_falls_back_when_server_rejects_it(
+    tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture
+) -> None:
+    server.reject_response_format = True
+    write_input(tmp_path / "in.jsonl", ["ok", "fence", "ok", "ok"] * 2)
+    summary = run(fast_settings(tmp_path, server.base_url, concurrency=4))
+    assert (summary.done, summary.failed) == (8, 0)
+    # The first requests all went out with JSON mode and were refused; each was retried without it.
+    with_json = [r for r in server.requests if r.response_format is not None]
+    assert 1 <= len(with_json) <= 4 and len(server.requests) == 8 + len(with_json)
+    assert capsys.readouterr().err.count("rejected JSON mode") == 1
+
+
+def test_json_mode_off(tmp_path: Path, server: FakeOpenAIServer) -> None:
+    write_input(tmp_path / "in.jsonl", ["ok", "ok"])
+    assert run(fast_settings(tmp_path, server.base_url, json_mode=False)).done == 2
+    assert all(r.response_format is None for r in server.requests)
+
+
+def test_bad_key_stops_the_run(tmp_path: Path, server: FakeOpenAIServer) -> None:
+    faults = write_input(tmp_path / "in.jsonl", ["auth"] * 20)
+    summary = run(fast_settings(tmp_path, server.base_url, concurrency=2))
+    assert summary.aborted and "HTTP 401" in summary.aborted and not summary.ok
+    assert len(server.requests) <= 2, "kept sending requests after a 401"
+    assert summary.failed + summary.not_attempted == len(faults) and summary.done == 0
+
+
+def test_unreachable_server_stops_after_a_streak_of_give_ups(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused at once
+        sock.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    faults = write_input(tmp_path / "in.jsonl", ["ok"] * 40)
+    summary = run(fast_settings(tmp_path, dead_url, max_retries=1, backoff_base=0.01, backoff_max=0.01, concurrency=2))
+    assert summary.aborted and "in a row" in summary.aborted
+    assert summary.failed >= 10 and summary.failed + summary.not_attempted == len(faults)
+    assert all("connection error" in r["reason"] for r in read_rows(failures_path_for(tmp_path / "out.jsonl")))
+
+
+def test_resume_after_torn_line(tmp_path: Path, server: FakeOpenAIServer) -> None:
+    faults = write_input(tmp_path / "in.jsonl", ["ok"] * 6)
+    out = tmp_path / "out.jsonl"
+    rows = [{"id": i, "feature_content": "x", "diseases": "d", "reason": "r"} for i in (0, 1)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": 2, "feature_con', encoding="utf-8")
+    summary = run(fast_settings(tmp_path, server.base_url))
+    assert (summary.done, summary.skipped) == (4, 2)
+    done, _ = assert_each_id_once(out, failures_path_for(out), set(faults))
+    assert done == set(faults)
+
+
+def test_bad_input_lines(tmp_path: Path, server: FakeOpenAIServer) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"id": 1, "feature_content": "a"}\n'
+        "not json\n"
+        '{"id": 2}\n'
+        '{"id": 3, "feature_content": "c"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(BadRecordError, match=r"in\.jsonl:2: malformed JSON"):
+        run(fast_settings(tmp_path, server.base_url))
+    summary = run(fast_settings(tmp_path, server.base_url, on_bad_record="skip"))
+    assert (summary.done, summary.rejected) == (2, 2)
+    assert [r["line"] for r in read_rows(rejects_path_for(tmp_path / "out.jsonl"))] == [2, 3]
+
+    src.write_text('{"id": 1, "feature_content": "a"}\n{"id": 1, "feature_content": "b"}\n', encoding="utf-8")
+    with pytest.raises(BadRecordError, match=r"in\.jsonl:2: duplicate id 1 \(first at line 1\)"):
+        run(fast_settings(tmp_path, server.base_url, on_bad_record="skip"))
+    with pytest.raises(SystemExit, match="must differ"):
+        label(input=str(src), output=str(src), base_url=server.base_url, model="m")
+
+
+@pytest.mark.slow
+def test_killed_run_is_resumed_without_duplicates(tmp_path: Path) -> None:
+    """SIGKILL a real `python -m healthai label` mid-way, cut its last line, rerun: every id exactly once."""
+    n = 16
+    faults = write_input(tmp_path / "in.jsonl", ["ok"] * n)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "HEALTHAI_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    env.pop("OPENAI_API_KEY", None)
+    with FakeOpenAIServer(latency=0.25) as server:
+        cmd = [
+            sys.executable, "-m", "healthai", "label", "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+            "--base_url", server.base_url, "--model", "m", "--concurrency", "2", "--timeout", "5",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 45
+        while len(read_rows(out)) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no progress before the deadline"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        out1, err1 = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        written = len(read_rows(out))
+        assert 3 <= written < n, "the run finished before it could be killed"
+        with open(out, "a", encoding="utf-8") as f:  # the torn write a crash can leave
+            f.write('{"id": 15, "feature_content": "性别')
+
+        server.latency = 0.0
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert f"skipped {written}" in second.stdout
+    done, failed = assert_each_id_once(out, failures_path_for(out), set(faults))
+    assert done == set(faults) and not failed
+    assert_no_key(tmp_path, out1.decode(), err1.decode(), second.stdout, second.stderr)
+
+
+def test_help_lists_the_flags() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HEALTHAI_API_KEY": KEY}
+    result = subprocess.run(
+        [sys.executable, "-m", "healthai", "label", "--help"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for flag in ("--input", "--output", "--base_url", "--model", "--concurrency", "--max_retries", "--timeout",
+                 "--temperature", "--max_tokens", "--json_mode", "--backoff_base"):  # fmt: skip
+        assert flag in result.stdout
+    assert "Requests kept in flight" in result.stdout  # the docstring reached the help
+    assert KEY not in result.stdout + result.stderr
