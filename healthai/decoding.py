@@ -19,7 +19,12 @@ from healthai.prompts import ANSWER_JSON_SCHEMA, join_diseases
 
 ParseStatus = Literal["ok", "repaired", "failed"]
 
-_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.S)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+# A Markdown fence, with or without a language tag; the closing fence may be missing when the reply was cut off.
+_FENCE = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\r?\n?(.*?)(?:```|\Z)", re.DOTALL)
+
+REASON_SEPARATOR = "\n"
+"""Joins a list-valued ``reason`` (one finding per line)."""
 
 
 @dataclass
@@ -35,41 +40,67 @@ class ParsedAnswer:
 
 
 def strip_code_fence(text: str) -> str:
-    """``'```json\\n{...}\\n```'`` → ``'{...}'``; other text unchanged."""
-    m = _FENCE.match(text)
-    return m.group(1) if m else text
+    """The JSON-bearing part of a reply: reasoning blocks (``<think>…</think>``) dropped, a Markdown fence unwrapped."""
+    text = _THINK.sub("", text)
+    if "<think>" in text:  # an unclosed reasoning block: everything after it is thinking, not the answer
+        text = text.split("<think>", 1)[0]
+    text = text.strip()
+    if text.startswith("{"):  # already bare JSON; do not go looking for backticks inside its strings
+        return text
+    match = _FENCE.search(text)
+    return match.group(1).strip() if match else text
 
 
-def _fields(obj: Any) -> tuple[str, str]:
-    """Pull ``diseases`` and ``reason`` out of a parsed object, or raise ValueError saying what is wrong."""
+def _as_text(value: Any, key: str) -> str:
+    """A field as a string; a list of items is joined (diseases with ``；``, reasons one per line)."""
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        items = [str(v).strip() for v in value if str(v).strip()]
+        value = join_diseases(items) if key == "diseases" else REASON_SEPARATOR.join(items)
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is a {type(value).__name__}, not a string")
+    return value
+
+
+def answer_fields(obj: Any) -> tuple[str, str]:
+    """``(diseases, reason)`` out of a parsed answer object, or ValueError saying what is wrong."""
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in ("diseases", "reason") if k not in obj]
+        raise ValueError(f"not a JSON object (got {type(obj).__name__})")
+    missing = [k for k in ANSWER_JSON_SCHEMA["required"] if k not in obj]
     if missing:
-        raise ValueError(f"missing field(s) {missing}")
-    diseases, reason = obj["diseases"], obj["reason"]
-    if isinstance(diseases, list) and all(isinstance(d, str) for d in diseases):
-        diseases = join_diseases(diseases)
-    if not isinstance(diseases, str) or not isinstance(reason, str):
-        raise ValueError("fields 'diseases' and 'reason' must be strings")
-    return diseases, reason
+        raise ValueError(f"lacks field(s) {missing}")
+    return _as_text(obj["diseases"], "diseases"), _as_text(obj["reason"], "reason")
+
+
+def load_answer_json(text: str, allow_repair: bool = True) -> tuple[Any, bool]:
+    """``(object, repaired)`` from answer text: fences stripped, strict JSON, else (if allowed) json-repair.
+
+    Raises ValueError when nothing JSON-like can be read.
+    """
+    import json_repair
+
+    body = strip_code_fence(text)
+    if not body:
+        raise ValueError("no answer text")
+    try:
+        # strict=False admits raw control characters (a tab) inside strings: unambiguous, so nothing is repaired.
+        return json.loads(body, strict=False), False
+    except json.JSONDecodeError as e:
+        if not allow_repair:
+            raise ValueError(f"not valid JSON ({e.msg}, column {e.colno})") from None
+    repaired = json_repair.loads(body)
+    if isinstance(repaired, str):  # json-repair's answer for text holding no JSON at all
+        raise ValueError("holds no JSON object")
+    return repaired, True
 
 
 def parse_answer(text: str) -> ParsedAnswer:
-    """Parse a model's answer text: strict JSON (code fences allowed), else json-repair, else ``failed``."""
-    import json_repair
-
-    body = strip_code_fence(text.strip())
+    """Parse a model's answer: strict JSON (code fences allowed), else json-repair, else ``failed``."""
     try:
-        # strict=False admits raw control characters (a tab) inside strings: unambiguous, so nothing is repaired.
-        return ParsedAnswer(*_fields(json.loads(body, strict=False)), status="ok", raw=text)
-    except (json.JSONDecodeError, ValueError) as strict_error:
-        error = str(strict_error)
-    try:
-        repaired = json_repair.loads(body)
-        return ParsedAnswer(*_fields(repaired), status="repaired", raw=text)
+        obj, repaired = load_answer_json(text)
+        diseases, reason = answer_fields(obj)
     except (ValueError, TypeError, RecursionError) as e:
-        return ParsedAnswer(None, None, status="failed", error=f"{error}; repair: {e}", raw=text)
+        return ParsedAnswer(None, None, status="failed", error=str(e), raw=text)
+    return ParsedAnswer(diseases, reason, status="repaired" if repaired else "ok", raw=text)
 
 
 def answer_schema(max_diseases_chars: Optional[int], max_reason_chars: Optional[int]) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import json_repair
 import openai
 from openai.types.chat import ChatCompletion
 from tqdm import tqdm
@@ -48,7 +47,8 @@ from healthai.jsonl import (
     recover_jsonl,
     rejects_path_for,
 )
-from healthai.prompts import ANSWER_JSON_SCHEMA, PromptStyle, join_diseases
+from healthai.decoding import answer_fields, load_answer_json
+from healthai.prompts import PromptStyle
 
 API_KEY_ENV_VARS = ("HEALTHAI_API_KEY", "OPENAI_API_KEY")
 """Where the key is looked for, in this order. It is never a command-line flag."""
@@ -62,9 +62,6 @@ in between: the server is down or the quota is spent, and hammering it with ever
 
 MAX_RETRY_AFTER_S = 600.0
 """Upper bound on a server's ``Retry-After``, so a bogus header cannot stall the run for hours."""
-
-REASON_SEPARATOR = "\n"
-"""Joins a list-valued ``reason`` (one basis per item) into one string, like the numbered lines of the examples."""
 
 MIN_SECRET_CHARS = 8
 """Keys at least this long are treated as secrets and scrubbed from what the run writes."""
@@ -90,63 +87,24 @@ class BadResponseError(Exception):
 # Parsing the teacher's reply
 # ---------------------------------------------------------------------------------------------------------------------
 
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
-# A Markdown fence, with or without a language tag; the closing fence may be missing when the reply was cut off.
-_FENCE_RE = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\r?\n?(.*?)(?:```|\Z)", re.DOTALL)
-
-
-def strip_code_fence(text: str) -> str:
-    """The JSON-bearing part of a reply: reasoning blocks (``<think>…</think>``) dropped, a Markdown fence unwrapped."""
-    text = _THINK_RE.sub("", text)
-    if "<think>" in text:  # an unclosed reasoning block: everything after it is thinking, not the answer
-        text = text.split("<think>", 1)[0]
-    text = text.strip()
-    if text.startswith("{"):  # already bare JSON; do not go looking for backticks inside its strings
-        return text
-    match = _FENCE_RE.search(text)
-    return match.group(1).strip() if match else text
-
-
-def _field_text(obj: dict[str, Any], key: str) -> str:
-    """``obj[key]`` as a non-empty string; a list of items is joined (diseases with ``；``, reasons line by line)."""
-    value = obj[key]
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-        items = [str(v).strip() for v in value if str(v).strip()]
-        value = join_diseases(items) if key == "diseases" else REASON_SEPARATOR.join(items)
-    if not isinstance(value, str):
-        raise ValueError(f"field {key!r} is a {type(value).__name__}, not a string")
-    value = value.strip()
-    if not value:
-        raise ValueError(f"field {key!r} is empty")
-    return value
-
-
 def parse_teacher_reply(text: str, *, allow_repair: bool = True) -> tuple[str, str]:
     """Return ``(diseases, reason)`` from a teacher reply, or raise :class:`ValueError` saying why it is unusable.
 
-    Fences and reasoning blocks are stripped, then the text is read as strict JSON; failing that (and if
-    ``allow_repair``) ``json_repair`` gets a go — it fixes trailing commas, unquoted keys, chatter around the object.
-    Repair is turned off for replies cut at ``max_tokens``: it would "fix" them into a silently truncated reason.
+    The same reading as a model's answer (:mod:`healthai.decoding`: fences and reasoning blocks stripped, strict JSON,
+    else json-repair), plus what a training label needs: both fields non-empty. Repair is turned off for replies cut
+    at ``max_tokens``: it would "fix" them into a silently truncated reason.
     """
     if not text or not text.strip():
         raise ValueError("empty reply")
-    body = strip_code_fence(text)
-    if not body:
-        raise ValueError("reply holds no answer (only a reasoning block or an empty fence)")
     try:
-        obj = json.loads(body)
-    except json.JSONDecodeError as e:
-        if not allow_repair:
-            raise ValueError(f"reply is not valid JSON ({e.msg}, column {e.colno})") from None
-        obj = json_repair.loads(body)  # returns "" (not an error) for text with no JSON in it
-    if isinstance(obj, str):  # json_repair's answer for text with no JSON in it
-        raise ValueError("reply holds no JSON object")
-    if not isinstance(obj, dict):
-        raise ValueError(f"reply is not a JSON object (got {type(obj).__name__})")
-    missing = [k for k in ANSWER_JSON_SCHEMA["required"] if k not in obj]
-    if missing:
-        raise ValueError(f"reply lacks field(s) {missing}")
-    return _field_text(obj, "diseases"), _field_text(obj, "reason")
+        obj, _ = load_answer_json(text, allow_repair=allow_repair)
+        diseases, reason = answer_fields(obj)
+    except ValueError as e:
+        raise ValueError(f"reply {e}") from None
+    for key, value in (("diseases", diseases), ("reason", reason)):
+        if not value.strip():
+            raise ValueError(f"field {key!r} is empty")
+    return diseases.strip(), reason.strip()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
