@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     fn = getattr(importlib.import_module(module_name), fn_name)
     from jsonargparse import CLI
 
-    CLI(fn, args=rest, as_positional=False)
+    CLI(fn, args=rest, as_positional=False, prog=f"python -m healthai {command}")
 
 
 if __name__ == "__main__":

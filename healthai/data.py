@@ -270,6 +270,8 @@ class LengthGroupedSampler(DistributedSampler):
         seed: int = 0,
         mega_batch_mult: int = 50,
         shuffle: bool = True,
+        resume_epoch: int = 0,
+        resume_batches: int = 0,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
@@ -282,6 +284,9 @@ class LengthGroupedSampler(DistributedSampler):
         self.epoch = 0
         self.shuffle = shuffle
         self.mega_batch_mult = mega_batch_mult
+        # A run resumed mid-epoch skips the batches that epoch already trained on, so the data order after the
+        # resume is the uninterrupted run's (the length stays the full epoch's: Lightning restores its batch count).
+        self.resume_epoch, self.resume_batches = resume_epoch, resume_batches
         global_batch = batch_size * num_replicas
         self.num_batches = max(1, math.ceil(len(self.lengths) / global_batch))
         self.num_samples = self.num_batches * batch_size
@@ -306,7 +311,10 @@ class LengthGroupedSampler(DistributedSampler):
         return batches
 
     def __iter__(self) -> Iterator[int]:
-        for batch in self.global_batches():
+        batches = self.global_batches()
+        if self.epoch == self.resume_epoch:
+            batches = batches[self.resume_batches :]
+        for batch in batches:
             yield from batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def __len__(self) -> int:
@@ -380,6 +388,7 @@ class DiagnosisDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.tokenizer = None
         self._rejects: dict[str, Rejects] = {}
+        self._resume: dict[str, Any] = {}  # from a checkpoint: the epoch and batches done when it was taken
         self.train_set: Optional[EncodedDataset] = None
         self.val_set: Optional[EncodedDataset] = None
         self.predict_set: Optional[EncodedDataset] = None
@@ -495,11 +504,25 @@ class DiagnosisDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where in the epoch a checkpoint was taken (saved in it by Lightning), so a resume can skip ahead."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        # `processed`, not `completed`: a checkpoint written in on_train_batch_end has processed the batch already.
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = state_dict
+
     def train_dataloader(self) -> DataLoader:
         num_replicas, rank = self._replicas()
+        resume = self._resume
         sampler = LengthGroupedSampler(
-            self.train_set.lengths, self.batch_size, num_replicas, rank, self.seed, self.mega_batch_mult
-        )
+            self.train_set.lengths, self.batch_size, num_replicas, rank, self.seed, self.mega_batch_mult,
+            resume_epoch=resume.get("epoch", 0), resume_batches=resume.get("batches_done", 0),
+        )  # fmt: skip
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of))  # fmt: skip
 

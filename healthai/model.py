@@ -73,6 +73,8 @@ class DiagnosisLoRA(L.LightningModule):
                 the architecture; never for real training).
         """
         super().__init__()
+        if random_init and quantization is not None:
+            raise ValueError("random_init builds unquantized weights; it cannot be combined with quantization")
         self.save_hyperparameters()
         self.model_name_or_path = model_name_or_path
         self.adapter_path = adapter_path

@@ -73,8 +73,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def new_token_counts(new: "torch.Tensor", stop_ids: set[int]) -> list[int]:  # noqa: F821
-    """Per row of generated ids: tokens up to and including the first stop token (all of them if none)."""
+def new_token_counts(new, stop_ids: set[int]) -> list[int]:
+    """Per row of ``new`` (a 2-D tensor of generated ids): tokens up to and including the first stop token (all of them if none)."""
     counts = []
     for row in new.tolist():
         n = len(row)

@@ -106,3 +106,28 @@ def test_validation_generation_logs_diagnosis_metrics_to_tensorboard(tmp_path, t
                 "val/reason_rougeL"):  # fmt: skip
         assert len(logged[tag]) == 2, tag
     assert all(0.0 <= v <= 1.0 for _, v in logged["val/json_valid"])
+
+
+def test_resume_mid_epoch_continues_with_the_uninterrupted_runs_batches(tmp_path, tiny_model_dir, monkeypatch):
+    batches: dict[str, list] = {"full": [], "resumed": []}
+    key = {"name": "full"}
+
+    class BatchProbe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if key["name"] == "crash" and trainer.global_step == 3:
+                raise RuntimeError("crash")  # mid-epoch, after last.ckpt was written at step 3
+            batches[key["name"]].append((trainer.global_step, batch["input_ids"].sum().item()))
+
+    monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli: cli.trainer.callbacks.append(BatchProbe()), raising=False)
+    common = ["--data.batch_size", "2", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+              "--trainer.callbacks.every_n_train_steps", "3", "--trainer.max_steps", "6"]  # fmt: skip
+    fit(tmp_path / "full", tiny_model_dir, *common, records=16)
+    key["name"] = "crash"
+    batches["crash"] = []
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "cut", tiny_model_dir, *common, records=16)
+    assert torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 3
+    key["name"] = "resumed"
+    fit(tmp_path / "cut", tiny_model_dir, *common, "--ckpt_path", "last", records=16)
+    assert [s for s, _ in batches["resumed"]] == [3, 4, 5]
+    assert batches["resumed"] == batches["full"][3:6]

@@ -1,0 +1,53 @@
+"""Smoke runs of the benchmark scripts at tiny sizes: they start, run both sides and print their result lines.
+No timing is asserted (that is what the scripts themselves report)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_gpu_cpu_mode_prints_result(tiny_model_dir):
+    out = run_script("bench_gpu.py", "--device", "cpu", "--model", str(tiny_model_dir))
+    assert "mode: CPU" in out
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, out
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["mode"] == "cpu"
+    assert [(t["seq"], t["micro_batch"]) for t in result["train"]] == [(256, 2), (128, 4)]
+    for t in result["train"]:
+        assert t["tokens_per_s"] > 0 and t["last_loss"] == t["last_loss"]  # finite, not NaN
+    assert result["predict"]["batch"] == 4 and result["predict"]["records_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_predict_smoke(tiny_model_dir):
+    out = run_script("bench_predict.py", "--model", str(tiny_model_dir), "--records", "4", "--old_records", "2",
+                     "--max_new_tokens", "8")  # fmt: skip
+    assert "(a) project" in out and "(b) old" in out
+    assert "ratio (a)/(b):" in out.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tiny_model_dir):
+    out = run_script("bench_train.py", "--model", str(tiny_model_dir), "--steps", "1", "--records", "16",
+                     "--max_length", "512")  # fmt: skip
+    assert "(a) project" in out and "(b) HF Trainer" in out
+    assert "warning: the variants saw different tokens" not in out
+    assert "ratio (a)/(b):" in out.splitlines()[-1]
