@@ -465,7 +465,9 @@ class DiagnosisDataModule(L.LightningDataModule):
             except ValueError as e:  # an answer longer than max_length: it must not be cut, so the record can't train
                 if self.on_bad_record != "skip":
                     raise BadRecordError(r["_file"], r["_line"], str(e)) from None
-                self._rejects_for(r["_file"]).add(r["_file"], r["_line"], str(e), _public(r))
+                rejects = self._rejects_for(r["_file"])
+                rejects.add(r["_file"], r["_line"], str(e), _public(r))
+                log.warning("%s:%d: %s — skipped, written to %s", r["_file"], r["_line"], e, rejects.path)
                 continue
             trimmed += enc["trimmed"]
             examples.append({**enc, "id": r["id"], "diseases": r["diseases"], "reason": r["reason"]})

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import sys
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict_batch", type=int, help="records in the predict pass (gpu 32, cpu 4)")
     parser.add_argument("--predict_new_tokens", type=int, help="max new tokens in the predict pass (gpu 256, cpu 16)")
     parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     args = parser.parse_args(argv)
 
     import lightning as L
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     from healthai.decoding import GenerationSettings
     from healthai.model import DiagnosisLoRA
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
@@ -287,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_src = resolve_model(args.model)
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
     arch = "Qwen2.5-7B architecture, random bf16 weights" if cuda else f"{tokenizer_src.name} architecture, fp32"
-    print(f"mode: {mode.upper()} ({device_name}); {arch}; LoRA r={args.lora_r}, gradient checkpointing", flush=True)
+    print(f"mode: {mode.upper()} ({device_name}); {arch}; LoRA r={args.lora_r}, gradient checkpointing; "
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+          flush=True)  # fmt: skip
 
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,12 +24,18 @@ tokens: the table shows new tokens (per row, up to and including its stop token)
 and the share of outputs that parse as the answer JSON (checked after the clock stops). Each path is warmed up once on
 2 records first (for (a) that also compiles the JSON grammar, a one-off cost per run). Target: (a)/(b) >= 8x in
 records/s with the small model.
+
+Threads: torch's default. On a shared CPU under load, two OpenMP threads can make each of the small model's tiny ops
+wait milliseconds for a descheduled thread, which swamps both paths (the batched one most, as it runs more, smaller
+kernels per record than it would alone); the header prints the load average, and ``--threads 1`` gives steadier
+numbers there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -215,10 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_reason_chars", type=int, default=36, help="(a)'s constraint bound (as predict_tiny)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of (b)")
     parser.add_argument("--seed_file", default=str(SEED_RECORDS), help="JSONL of real records")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     args = parser.parse_args(argv)
 
     import torch
     from transformers import AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -229,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     old_records, new_len, old_len = spread_subset(tokenizer, records, args.old_records)
 
     print(f"model {model_path}; {len(records)} records, max_new_tokens {args.max_new_tokens}, "
-          f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+          flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         records_file = write_jsonl(Path(tmp) / "records.jsonl", records)
         warm_file = write_jsonl(Path(tmp) / "warm.jsonl", warm)

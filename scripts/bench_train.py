@@ -1,7 +1,7 @@
 """Benchmark training throughput: the project's fit path vs the old Hugging Face Trainer recipe, on the same tokens and
 the same number of optimizer steps. Not a test.
 
-    python scripts/bench_train.py                          # 256 real records, batch 8, 8 optimizer steps
+    python scripts/bench_train.py                          # 256 real records, batch 8, 6 optimizer steps
     python scripts/bench_train.py --steps 1 --records 16   # smoke run
     python scripts/bench_train.py --steps 16 --batch_size 16
 
@@ -32,12 +32,17 @@ Each variant runs in its own child process (this script re-invoked with ``--vari
 (``getrusage`` maxrss: the process's high-water mark, model loading included) is per variant. Real tokens/s counts
 non-pad tokens over the optimizer steps after ``--warmup_steps`` (untimed: first-step allocations); padding fraction is
 over all steps. Targets: (a)/(b) >= 3x real tokens/s, (a)'s padding fraction <= 5% at batch size 8.
+
+The default of 6 steps keeps a run to about 4–5 minutes on 2 busy CPU cores, (b) taking most of it (about 0.5 s per
+sequence of the small model: its 152k-column LM head and loss over every position). On a shared, loaded machine two
+OpenMP threads can stall every small op on a descheduled thread; ``--threads 1`` then gives steadier numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -116,6 +121,12 @@ def datamodule(args):
     )  # fmt: skip
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -125,10 +136,13 @@ class Meter:
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.real = self.padded = self.timed_real = 0
+        self.real = self.padded = self.timed_real = self.answer = 0
         self.start = self.stop = None
 
-    def add(self, attention_mask, step: int) -> None:
+    def add(self, attention_mask, step: int, labels=None) -> None:
+        """Count one (micro-)batch; ``labels`` (−100 outside the answer) also counts answer tokens."""
+        if labels is not None:
+            self.answer += int((labels != -100).sum())
         real = int(attention_mask.sum())
         self.real += real
         self.padded += attention_mask.numel()
@@ -139,9 +153,9 @@ class Meter:
         seconds = self.stop - self.start
         return {
             "variant": variant, "steps": steps, "sequences": sequences, "real_tokens": self.real,
-            "padded_tokens": self.padded, "padding_fraction": 1 - self.real / self.padded,
+            "padded_tokens": self.padded, "answer_tokens": self.answer, "padding_fraction": 1 - self.real / self.padded,
             "timed_steps": steps - self.warmup, "timed_real_tokens": self.timed_real, "seconds": seconds,
-            "tokens_per_s": self.timed_real / seconds, "peak_rss_mb": peak_rss_mb(),
+            "tokens_per_s": self.timed_real / seconds, "peak_rss_mb": peak_rss_mb(), "torch_threads": _threads(),
         }  # fmt: skip
 
 
@@ -156,7 +170,7 @@ def run_project(args) -> dict:
     class Timing(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             step = trainer.global_step  # optimizer steps done so far = index of this one
-            meter.add(batch["attention_mask"], step)
+            meter.add(batch["attention_mask"], step, batch["labels"])
             if step == args.warmup_steps:
                 meter.start = time.perf_counter()
 
@@ -270,7 +284,7 @@ def run_child(variant: str, args, train_file: Path) -> dict:
         sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--train_file", str(train_file),
         "--model", args.model, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
         "--max_length", str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed),
-        "--warmup_steps", str(args.warmup_steps),
+        "--warmup_steps", str(args.warmup_steps), *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     print(f"running ({variant}) ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", default="models/tiny-qwen2.5", help="model folder (default: %(default)s)")
     parser.add_argument("--records", type=int, default=256, help="real records in the train file (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps of each variant (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps of each variant (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="(a)'s batch size = (b)'s gradient accumulation (default: %(default)s)")
     parser.add_argument("--max_length", type=int, default=1024, help="longest example, tokens (default: %(default)s)")
@@ -293,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seed_file", default=str(SEED_RECORDS), help="JSONL of real records")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in both variants (default: torch's)")
     parser.add_argument("--variant", choices=["a", "b"], help=argparse.SUPPRESS)  # internal: run one variant
     parser.add_argument("--train_file", help=argparse.SUPPRESS)  # internal: the parent's train file
     args = parser.parse_args(argv)
@@ -301,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup_steps = max(0, min(args.warmup_steps, args.steps - 1))
 
     if args.variant is not None:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = run_project(args) if args.variant == "a" else run_old_recipe(args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
 
     print(f"model {args.model}; {args.records} records; {args.steps} optimizer steps of {args.batch_size} sequences "
-          f"(timed: steps {args.warmup_steps + 1}-{args.steps}); max_length {args.max_length}", flush=True)  # fmt: skip
+          f"(timed: steps {args.warmup_steps + 1}-{args.steps}); max_length {args.max_length}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         train_file = write_train_file(Path(tmp) / "train.jsonl", Path(args.seed_file), args.records, args.seed)
         a = run_child("a", args, train_file)
@@ -324,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in (a, b):
         print(f"{names[r['variant']]:<52} {r['steps']:5d} {r['real_tokens']:9d} {r['padding_fraction']:8.1%} "
               f"{r['seconds']:8.2f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:7.0f}MB")  # fmt: skip
-    print("(real tok = non-pad tokens over all steps; seconds and real tok/s over the timed steps; peak RSS per process)")
+    print("(real tok = non-pad tokens over all steps; seconds and real tok/s over the timed steps; peak RSS per process;"
+          f" torch threads {a['torch_threads']})")  # fmt: skip
+    print(f"answer tokens (the labels of (a); (b) puts all real tokens in its loss): {a['answer_tokens']} = "
+          f"{a['answer_tokens'] / a['real_tokens']:.0%} of the real tokens")  # fmt: skip
     if a["real_tokens"] != b["real_tokens"]:
         print(f"warning: the variants saw different tokens ({a['real_tokens']} vs {b['real_tokens']})")
     ratio = a["tokens_per_s"] / b["tokens_per_s"]

@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts at tiny sizes: they start, run both sides and print their result lines.
-No timing is asserted (that is what the scripts themselves report)."""
+No timing is asserted (that is what the scripts themselves report). They run with one torch thread: on a shared,
+busy CPU, two OpenMP threads can make every small op wait milliseconds on a descheduled thread."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 
 
 def test_bench_gpu_cpu_mode_prints_result(tiny_model_dir):
-    out = run_script("bench_gpu.py", "--device", "cpu", "--model", str(tiny_model_dir))
+    out = run_script("bench_gpu.py", "--device", "cpu", "--model", str(tiny_model_dir), "--threads", "1")
     assert "mode: CPU" in out
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, out
@@ -39,7 +40,7 @@ def test_bench_gpu_cpu_mode_prints_result(tiny_model_dir):
 @pytest.mark.slow
 def test_bench_predict_smoke(tiny_model_dir):
     out = run_script("bench_predict.py", "--model", str(tiny_model_dir), "--records", "4", "--old_records", "2",
-                     "--max_new_tokens", "8")  # fmt: skip
+                     "--max_new_tokens", "8", "--threads", "1")  # fmt: skip
     assert "(a) project" in out and "(b) old" in out
     assert "ratio (a)/(b):" in out.splitlines()[-1]
 
@@ -47,7 +48,7 @@ def test_bench_predict_smoke(tiny_model_dir):
 @pytest.mark.slow
 def test_bench_train_smoke(tiny_model_dir):
     out = run_script("bench_train.py", "--model", str(tiny_model_dir), "--steps", "1", "--records", "16",
-                     "--max_length", "512")  # fmt: skip
+                     "--max_length", "512", "--threads", "1")  # fmt: skip
     assert "(a) project" in out and "(b) HF Trainer" in out
     assert "warning: the variants saw different tokens" not in out
     assert "ratio (a)/(b):" in out.splitlines()[-1]
