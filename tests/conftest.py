@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# CI and sessions lay shared/ (real records, golden tokenizer ids) beside the checkout; HEALTHAI_SHARED overrides.
+SHARED = Path(os.environ.get("HEALTHAI_SHARED", REPO.parent / "shared"))
 SEED_RECORDS = SHARED / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
 EXAMPLE_OUTPUT = SHARED / "seed_data" / "20250214171329_example_output.jsonl"
 GOLDEN = SHARED / "qwen25" / "golden_chat_template.json"
