@@ -49,7 +49,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SEED_RECORDS = REPO.parent / "shared" / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+# shared/ (the real records) lies beside the checkout; HEALTHAI_SHARED overrides, as in tests/conftest.py.
+SHARED = Path(os.environ.get("HEALTHAI_SHARED", REPO.parent / "shared"))
+SEED_RECORDS = SHARED / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
 TARGET_PEAK_GB = 20.0
 TARGET_TOKENS_PER_S = 8000.0
 
@@ -251,7 +253,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="models/tiny-qwen2.5",
                         help="tokenizer source; in CPU mode also the architecture (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -359,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         print("CPU smoke mode: the small model at small sizes; the numbers say nothing about the 7B on a GPU")
     result = {"mode": mode, "device": device_name, "arch": "qwen2.5-7b" if cuda else tokenizer_src.name,
               "lora_r": args.lora_r, "train": train, "predict": predict,
-              "host_peak_rss_after_build_gb": meter.host_rss_after_build, "host_peak_rss_gb": host_peak_rss_gb()}  # fmt: skip
+              "host_peak_rss_after_build_gb": meter.host_rss_after_build,
+              "host_peak_rss_gb": host_peak_rss_gb()}  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

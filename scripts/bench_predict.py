@@ -18,6 +18,9 @@ timed on ``--old_records`` 16 of the 64 records, spread evenly over their prompt
 prompt length and every 4th is taken); its records/s is a per-record rate, so the ratio stays like for like, and the
 table shows both sets' mean prompt length. ``--old_records`` equal to ``--records`` times (b) on all of them.
 
+The two are timed in alternating rounds (one (a) batch, then (b) on its share of the records, and so on), so that a
+change in the machine's load during the run weighs on both alike.
+
 Both use the same ``--max_new_tokens``. The old loop stops at the model's end-of-sequence token whenever it samples
 one, while the constrained path writes until its JSON object closes, so the two may generate different numbers of
 tokens: the table shows new tokens (per row, up to and including its stop token) and new tokens/s next to records/s,
@@ -26,8 +29,8 @@ and the share of outputs that parse as the answer JSON (checked after the clock 
 records/s with the small model.
 
 Threads: torch's default. On a shared CPU under load, two OpenMP threads can make each of the small model's tiny ops
-wait milliseconds for a descheduled thread, which swamps both paths (the batched one most, as it runs more, smaller
-kernels per record than it would alone); the header prints the load average, and ``--threads 1`` gives steadier
+wait milliseconds for a descheduled thread, which swamps both paths unevenly (in one loaded run on 2 cores, (a) took
+18x and (b) 6x as long as with one thread); the header prints the load average, and ``--threads 1`` gives steadier
 numbers there.
 """
 
@@ -44,7 +47,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SEED_RECORDS = REPO.parent / "shared" / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+# shared/ (the real records) lies beside the checkout; HEALTHAI_SHARED overrides, as in tests/conftest.py.
+SHARED = Path(os.environ.get("HEALTHAI_SHARED", REPO.parent / "shared"))
+SEED_RECORDS = SHARED / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
 TARGET_RATIO = 8.0
 
 
@@ -80,7 +85,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def new_token_counts(new, stop_ids: set[int]) -> list[int]:
-    """Per row of ``new`` (a 2-D tensor of generated ids): tokens up to and including the first stop token (all of them if none)."""
+    """Per row of ``new`` (2-D generated ids): tokens up to and including the first stop token (all if none)."""
     counts = []
     for row in new.tolist():
         n = len(row)
@@ -98,7 +103,7 @@ def new_token_counts(new, stop_ids: set[int]) -> list[int]:
 
 
 class CountingGenerate:
-    """Wraps ``PeftModel.generate`` to count each row's new tokens (a few list operations per batch, not timed apart)."""
+    """Wraps ``PeftModel.generate`` to count each row's new tokens (a few list operations per batch)."""
 
     def __init__(self, generate, stop_ids: set[int]):
         self.generate = generate
@@ -111,85 +116,97 @@ class CountingGenerate:
         return out
 
 
-def run_project_path(model_path: str, tokenizer, records_file: Path, warm_file: Path, args) -> dict:
-    import torch
+class ProjectPath:
+    """(a): ``DiagnosisLoRA`` built as predict builds it; :meth:`batches` runs a file through the data module."""
 
-    from healthai.data import DiagnosisDataModule, end_of_turn_id
-    from healthai.decoding import GenerationSettings
-    from healthai.model import DiagnosisLoRA
+    def __init__(self, model_path: str, tokenizer, args):
+        from healthai.data import end_of_turn_id
+        from healthai.decoding import GenerationSettings
+        from healthai.model import DiagnosisLoRA
 
-    lit = DiagnosisLoRA(
-        model_path, dtype="float32", gradient_checkpointing=False,
-        generation=GenerationSettings(max_new_tokens=args.max_new_tokens, max_diseases_chars=args.max_diseases_chars,
-                                      max_reason_chars=args.max_reason_chars),
-    )  # fmt: skip
-    lit.configure_model()
-    lit.eval()
-    counter = CountingGenerate(lit.model.generate, {end_of_turn_id(tokenizer), tokenizer.pad_token_id})
-    lit.model.generate = counter  # an instance attribute: only this object's calls are counted
+        self.model_path, self.tokenizer = model_path, tokenizer
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, max_diseases_chars=args.max_diseases_chars,
+                                      max_reason_chars=args.max_reason_chars)  # fmt: skip
+        self.lit = DiagnosisLoRA(model_path, dtype="float32", gradient_checkpointing=False, generation=settings)
+        self.lit.configure_model()
+        self.lit.eval()
+        self.counter = CountingGenerate(self.lit.model.generate, {end_of_turn_id(tokenizer), tokenizer.pad_token_id})
+        self.lit.model.generate = self.counter  # an instance attribute: only this object's calls are counted
 
-    def predict(path: Path, batch_size: int) -> list[dict]:
-        dm = DiagnosisDataModule(predict_file=str(path), tokenizer_path=model_path, eval_batch_size=batch_size)
-        dm.tokenizer = tokenizer  # loaded once, outside the clock (setup still reads and tokenises the records)
+    def loader(self, path: Path, batch_size: int):
+        """Set up the data module (reads and tokenises ``path``) and return its predict dataloader."""
+        from healthai.data import DiagnosisDataModule
+
+        dm = DiagnosisDataModule(predict_file=str(path), tokenizer_path=self.model_path, eval_batch_size=batch_size)
+        dm.tokenizer = self.tokenizer  # loaded once, outside the clock (setup still reads and tokenises the records)
         dm.setup("predict")
-        rows = []
+        return dm.predict_dataloader()
+
+    def step(self, batch, batch_idx: int) -> list[dict]:
+        import torch
+
         with torch.no_grad():
-            for i, batch in enumerate(dm.predict_dataloader()):
-                rows += lit.predict_step(batch, i)
-        return rows
-
-    t0 = time.perf_counter()
-    predict(warm_file, 2)  # warm-up; compiles the JSON grammar once
-    warm_s = time.perf_counter() - t0
-    counter.new_tokens = 0
-    t0 = time.perf_counter()
-    rows = predict(records_file, args.batch_size)
-    seconds = time.perf_counter() - t0
-    ok = sum(r["parse_status"] == "ok" for r in rows)
-    return {"records": len(rows), "seconds": seconds, "new_tokens": counter.new_tokens, "parse_ok": ok,
-            "warmup_s": warm_s}  # fmt: skip
+            return self.lit.predict_step(batch, batch_idx)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# (b) the old way
-# --------------------------------------------------------------------------------------------------------------------
+class OldPath:
+    """(b): the plain transformers model, one record at a time, sampled, unconstrained."""
 
+    def __init__(self, model_path: str, tokenizer, args):
+        import torch
+        from transformers import AutoModelForCausalLM
 
-def run_old_path(model_path: str, tokenizer, records: list[dict], warm: list[dict], args) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
+        from healthai.prompts import PromptStyle
 
-    from healthai.data import prompt_ids
-    from healthai.decoding import parse_answer
-    from healthai.prompts import PromptStyle
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.model.eval()
+        self.tokenizer, self.style, self.max_new_tokens = tokenizer, PromptStyle(), args.max_new_tokens
+        self.new_tokens = 0
+        torch.manual_seed(args.seed)
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model.eval()
-    style = PromptStyle()
-    torch.manual_seed(args.seed)
+    def generate(self, rows: list[dict]) -> list[str]:
+        import torch
 
-    def generate(rows: list[dict]) -> tuple[list[str], int]:
-        texts, new_tokens = [], 0
+        from healthai.data import prompt_ids
+
+        texts = []
         with torch.no_grad():
             for r in rows:
-                ids = torch.tensor([prompt_ids(tokenizer, style, r["feature_content"])])
-                out = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                    do_sample=True, temperature=0.7, top_p=0.8, pad_token_id=tokenizer.pad_token_id,
+                ids = torch.tensor([prompt_ids(self.tokenizer, self.style, r["feature_content"])])
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                    do_sample=True, temperature=0.7, top_p=0.8, pad_token_id=self.tokenizer.pad_token_id,
                 )  # fmt: skip
                 new = out[0, ids.shape[1] :]
-                new_tokens += new.shape[0]
-                texts.append(tokenizer.decode(new, skip_special_tokens=True))
-        return texts, new_tokens
+                self.new_tokens += new.shape[0]
+                texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
+        return texts
 
-    t0 = time.perf_counter()
-    generate(warm)
-    warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    texts, new_tokens = generate(records)
-    seconds = time.perf_counter() - t0
-    ok = sum(parse_answer(t).status == "ok" for t in texts)
-    return {"records": len(texts), "seconds": seconds, "new_tokens": new_tokens, "parse_ok": ok, "warmup_s": warm_s}
+
+def run_interleaved(new: ProjectPath, old: OldPath, records_file: Path, old_records: list[dict], batch_size: int):
+    """Time both paths in alternating rounds — one (a) batch, then (b)'s share of its records — so that a change in
+    the machine's load during the run hits both alike. (a)'s clock also covers its data module set-up."""
+    from healthai.decoding import parse_answer
+
+    t = time.perf_counter()
+    loader = new.loader(records_file, batch_size)
+    a_seconds = time.perf_counter() - t
+    rounds = len(loader)
+    chunks = [old_records[len(old_records) * k // rounds : len(old_records) * (k + 1) // rounds] for k in range(rounds)]
+    rows, texts, b_seconds = [], [], 0.0
+    batches = iter(loader)
+    for k in range(rounds):
+        t = time.perf_counter()
+        rows += new.step(next(batches), k)
+        a_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        texts += old.generate(chunks[k])
+        b_seconds += time.perf_counter() - t
+    a = {"records": len(rows), "seconds": a_seconds, "new_tokens": new.counter.new_tokens,
+         "parse_ok": sum(r["parse_status"] == "ok" for r in rows)}  # fmt: skip
+    b = {"records": len(texts), "seconds": b_seconds, "new_tokens": old.new_tokens,
+         "parse_ok": sum(parse_answer(x).status == "ok" for x in texts)}  # fmt: skip
+    return a, b
 
 
 def spread_subset(tokenizer, records: list[dict], m: int) -> tuple[list[dict], float, float]:
@@ -209,7 +226,8 @@ def spread_subset(tokenizer, records: list[dict], m: int) -> tuple[list[dict], f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="models/tiny-qwen2.5", help="model folder (default: %(default)s)")
     parser.add_argument("--records", type=int, default=64, help="real records timed (default: %(default)s)")
     parser.add_argument("--offset", type=int, default=0, help="first record taken from the seed file")
@@ -241,12 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model_path}; {len(records)} records, max_new_tokens {args.max_new_tokens}, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
           flush=True)  # fmt: skip
+    new_path, old_path = ProjectPath(model_path, tokenizer, args), OldPath(model_path, tokenizer, args)
     with tempfile.TemporaryDirectory() as tmp:
         records_file = write_jsonl(Path(tmp) / "records.jsonl", records)
         warm_file = write_jsonl(Path(tmp) / "warm.jsonl", warm)
-        new = run_project_path(model_path, tokenizer, records_file, warm_file, args)
-    old = run_old_path(model_path, tokenizer, old_records, warm, args)
+        t = time.perf_counter()
+        for i, batch in enumerate(new_path.loader(warm_file, 2)):  # warm-up; compiles the JSON grammar once
+            new_path.step(batch, i)
+        new_warm = time.perf_counter() - t
+        t = time.perf_counter()
+        old_path.generate(warm)
+        old_warm = time.perf_counter() - t
+        new_path.counter.new_tokens = old_path.new_tokens = 0
+        new, old = run_interleaved(new_path, old_path, records_file, old_records, args.batch_size)
     new["prompt_len"], old["prompt_len"] = new_len, old_len
+    new["warmup_s"], old["warmup_s"] = new_warm, old_warm
 
     rows = [
         (f"(a) project: batch {args.batch_size}, greedy, KV cache, constrained", new),

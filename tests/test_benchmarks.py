@@ -48,7 +48,7 @@ def test_bench_predict_smoke(tiny_model_dir):
 @pytest.mark.slow
 def test_bench_train_smoke(tiny_model_dir):
     out = run_script("bench_train.py", "--model", str(tiny_model_dir), "--steps", "1", "--records", "16",
-                     "--max_length", "512", "--threads", "1")  # fmt: skip
+                     "--max_length", "512", "--batch_size", "4", "--threads", "1")  # fmt: skip
     assert "(a) project" in out and "(b) HF Trainer" in out
     assert "warning: the variants saw different tokens" not in out
     assert "ratio (a)/(b):" in out.splitlines()[-1]
