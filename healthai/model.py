@@ -10,11 +10,11 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from healthai.data import IGNORE_INDEX, end_of_turn_id
 from healthai.decoding import GenerationSettings, JsonConstraint, parse_answer
+from healthai.loss import head_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +185,15 @@ class DiagnosisLoRA(L.LightningModule):
         """Mean cross-entropy over answer tokens, computing LM-head logits only where a label is set.
 
         Prompts are long and answers short, and the 152k-column LM head dominates compute: gathering the hidden
-        states at answer positions before the head skips most of that work (and its memory).
+        states at answer positions before the head skips most of that work, and the frozen head's loss is computed in
+        chunks without keeping the logits (:mod:`healthai.loss`).
         """
         base = self.base_model
         base.config.use_cache = False
         hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        return head_cross_entropy(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.answer_loss(batch)

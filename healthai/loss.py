@@ -1,0 +1,73 @@
+"""Cross-entropy through a frozen LM head, computed in chunks without keeping the logits.
+
+With LoRA the LM head is frozen, so backward only needs ``d loss / d hidden = (softmax(logits) - onehot) @ W / n``.
+That gradient is computed in forward, chunk by chunk, and the ``n × vocabulary`` logits (152k columns: 1.2 GB in fp32
+for 2,000 answer tokens) never exist at once — the technique of fused linear cross-entropy kernels (e.g. Liger's),
+written with plain matmuls. Same matmul count as the unfused head + loss; far less memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+"""Bytes of fp32 logits per chunk. On CPU, below glibc's mmap threshold (32 MB) so buffers are reused instead of being
+faulted in afresh each time; on GPU, large enough to keep the matmuls big."""
+
+
+def chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows of logits to materialise at once on ``device``."""
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+    return max(1, budget // (4 * vocab_size))
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits become its softmax
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum of CE)/d logits = softmax - onehot
+            grad_hidden[start : start + rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * (grad_output / ctx.n).to(grad_hidden.dtype), None, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``hidden``: n × d, ``targets``: n).
+
+    Fused and chunked when the head is frozen and bias-free (LoRA's case); the plain computation otherwise (a trained
+    head needs its weight gradient).
+    """
+    if head.weight.requires_grad or head.bias is not None:
+        return F.cross_entropy(head(hidden).float(), targets)
+    weight = head.weight
+    if torch.is_autocast_enabled(hidden.device.type):
+        # Match what autocast would do to head(hidden): one dtype for the chunk matmuls.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    rows = chunk_rows(weight.shape[0], hidden.device)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(hidden, weight, targets, rows)
+    return _chunked_loss(hidden, weight, targets, rows)  # validation: no gradient to prepare
+
+
+def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        logits = (hidden[start : start + rows] @ weight.t()).float()
+        total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum")
+    return total / hidden.shape[0]
