@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "predict")
 """Commands run by LightningCLI (see :mod:`healthai.cli`)."""
 
 FUNCTION_COMMANDS = {
@@ -20,8 +20,7 @@ USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,eva
 
   fit        LoRA fine-tuning (LightningCLI):      python -m healthai fit --config configs/qwen_lora.yaml
   predict    batched JSON predictions (LightningCLI): python -m healthai predict --config configs/predict.yaml
-  validate   validation loss and metrics (LightningCLI)
-  test       alias of validate on the test split (LightningCLI)
+  validate   validation loss and generated-answer metrics of a model or adapter (LightningCLI)
   label      teacher labels through an OpenAI-compatible API
   evaluate   disease P/R/F1, JSON validity and reason ROUGE-L of a predictions file
   export     merge the LoRA adapter into the base model for serving

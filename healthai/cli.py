@@ -1,4 +1,4 @@
-"""LightningCLI for ``fit``, ``validate``, ``test`` and ``predict``: it builds objects and runs them, nothing else."""
+"""LightningCLI for ``fit``, ``validate`` and ``predict``: it builds objects and runs them, nothing else."""
 
 from __future__ import annotations
 

@@ -425,8 +425,6 @@ class DiagnosisDataModule(L.LightningDataModule):
             self.tokenizer = self.load_tokenizer()
         if stage in ("fit", "validate") and self.train_set is None and self.val_set is None:
             self._setup_fit(stage)
-        if stage == "test" and self.val_set is None:
-            self._setup_fit(stage)
         if stage == "predict" and self.predict_set is None:
             self.predict_set = self._encode_prompts(self._read(self.predict_file, "predict_file", labelled=False))
 
@@ -534,9 +532,6 @@ class DiagnosisDataModule(L.LightningDataModule):
         collate = TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, with_prompts=True)
         return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=collate)  # fmt: skip
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False,
