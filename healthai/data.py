@@ -13,8 +13,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, iter_jsonl, rejects_path_for
-from healthai.prompts import PromptStyle, answer_text, join_diseases
+from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, rejects_path_for
+from healthai.prompts import PromptStyle, answer_text
+from healthai.records import check_record, read_records  # noqa: F401  (re-exported: the data stage's API)
 
 log = logging.getLogger(__name__)
 
@@ -23,85 +24,6 @@ IGNORE_INDEX = -100
 
 END_OF_TURN = "<|im_end|>"
 """ChatML's end-of-turn token: the last token the model learns to write, and the token generation stops at."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reading and validating records
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def check_record(obj: dict, labelled: bool) -> str | None:
-    """Return why ``obj`` is not a usable record, or ``None`` if it is."""
-    rid = obj.get("id")
-    if rid is None:
-        return "missing field 'id'"
-    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
-        return f"field 'id' must be an integer or a string, got {type(rid).__name__}"
-    text = obj.get("feature_content")
-    if text is None:
-        return "missing field 'feature_content'"
-    if not isinstance(text, str):
-        return f"field 'feature_content' must be a string, got {type(text).__name__}"
-    if not text.strip():
-        return "field 'feature_content' is empty"
-    if not labelled:
-        return None
-    diseases = obj.get("diseases")
-    if diseases is None:
-        return "missing field 'diseases'"
-    if isinstance(diseases, list):
-        if not all(isinstance(d, str) for d in diseases):
-            return "field 'diseases' must be a string or a list of strings"
-        diseases = join_diseases(diseases)
-    if not isinstance(diseases, str):
-        return f"field 'diseases' must be a string or a list of strings, got {type(diseases).__name__}"
-    if not diseases.strip():
-        return "field 'diseases' is empty"
-    reason = obj.get("reason")
-    if reason is None:
-        return "missing field 'reason'"
-    if not isinstance(reason, str):
-        return f"field 'reason' must be a string, got {type(reason).__name__}"
-    return None
-
-
-def read_records(
-    path: str | Path,
-    labelled: bool,
-    on_bad_record: OnBadRecord = "error",
-    rejects: Optional[Rejects] = None,
-) -> list[dict]:
-    """Read and validate a JSONL file of records, in file order.
-
-    A bad line (malformed JSON, non-UTF-8 bytes, a missing/wrong-typed field, empty text, a repeated id) raises
-    :class:`BadRecordError` naming ``file:line``; with ``on_bad_record="skip"`` it goes to ``rejects`` instead.
-    Each returned record carries ``_file`` and ``_line`` (its source) for later messages.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if on_bad_record == "skip" and rejects is None:
-        rejects = Rejects(rejects_path_for(path))
-    records: list[dict] = []
-    seen: dict[Any, int] = {}
-    for line_no, obj, error in iter_jsonl(path):
-        if error is None:
-            error = check_record(obj, labelled)
-        if error is None and obj["id"] in seen:
-            error = f"duplicate id {obj['id']!r} (first at line {seen[obj['id']]})"
-        if error is not None:
-            if on_bad_record != "skip":
-                raise BadRecordError(path, line_no, error + " (set on_bad_record: skip to write it to a rejects file)")
-            rejects.add(path, line_no, error, obj)
-            continue
-        seen[obj["id"]] = line_no
-        record = dict(obj, _file=str(path), _line=line_no)
-        if labelled:
-            record["diseases"] = join_diseases(record["diseases"])
-        records.append(record)
-    if rejects is not None and rejects.count:
-        log.warning("%s: %d bad record(s) skipped, written to %s", path, rejects.count, rejects.path)
-    return records
 
 
 # --------------------------------------------------------------------------------------------------------------------

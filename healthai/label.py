@@ -43,11 +43,11 @@ from healthai.jsonl import (
     OnBadRecord,
     Rejects,
     append_rows,
-    iter_jsonl,
     recover_jsonl,
     rejects_path_for,
 )
 from healthai.decoding import answer_fields, load_answer_json
+from healthai.records import read_records as read_input_records
 from healthai.prompts import PromptStyle
 
 API_KEY_ENV_VARS = ("HEALTHAI_API_KEY", "OPENAI_API_KEY")
@@ -217,38 +217,10 @@ def api_key_from_env() -> str:
     )
 
 
-def _check_record(obj: dict[str, Any]) -> Optional[str]:
-    """Why an input object is not a usable record, or None."""
-    rid = obj.get("id")
-    if "id" not in obj or isinstance(rid, bool) or not isinstance(rid, (int, str)):
-        return "'id' must be an integer or a string"
-    text = obj.get("feature_content")
-    if not isinstance(text, str) or not text.strip():
-        return "'feature_content' must be a non-empty string"
-    return None
-
-
 def read_records(path: str | Path, on_bad_record: OnBadRecord, rejects: Rejects) -> list[Record]:
-    """Read the input records; a bad line raises :class:`BadRecordError` or goes to ``rejects``.
-
-    A duplicate id is always an error, even when skipping bad lines: which of the two should be labelled is a
-    question only the user can answer, and the output keys rows by id.
-    """
-    records: list[Record] = []
-    first_line: dict[int | str, int] = {}
-    for line_no, obj, problem in iter_jsonl(path):
-        problem = problem or _check_record(obj)
-        if problem:
-            if on_bad_record == "error":
-                raise BadRecordError(path, line_no, problem)
-            rejects.add(path, line_no, problem, obj)
-            continue
-        rid = obj["id"]
-        if rid in first_line:
-            raise BadRecordError(path, line_no, f"duplicate id {rid!r} (first at line {first_line[rid]})")
-        first_line[rid] = line_no
-        records.append(Record(rid, obj["feature_content"]))
-    return records
+    """The input records, read and validated by the rules every stage shares (:mod:`healthai.records`)."""
+    rows = read_input_records(path, labelled=False, on_bad_record=on_bad_record, rejects=rejects)
+    return [Record(r["id"], r["feature_content"]) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

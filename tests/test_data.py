@@ -161,7 +161,6 @@ BAD_LINES = {
     "field 'reason' must be a string": json.dumps({"id": 2, "feature_content": "x", "diseases": "d", "reason": 3}).encode(),
     "field 'feature_content' is empty": json.dumps({"id": 2, "feature_content": "  ", "diseases": "d", "reason": "r"}).encode(),
     "not valid UTF-8": b'{"id": 2, "feature_content": "\xff\xfe", "diseases": "d", "reason": "r"}',
-    "duplicate id 1": json.dumps({"id": 1, "feature_content": "x", "diseases": "d", "reason": "r"}).encode(),
     "expected a JSON object": b"[1, 2]",
 }  # fmt: skip
 
@@ -189,6 +188,13 @@ def test_bad_input_skipped_goes_to_rejects_with_reason(tmp_path, reason):
     assert [r["id"] for r in records] == [1, 3]
     rejects = [json.loads(line) for line in open(tmp_path / "train.rejects.jsonl", encoding="utf-8")]
     assert len(rejects) == 1 and rejects[0]["line"] == 2 and reason in rejects[0]["reason"]
+
+
+def test_duplicate_id_is_an_error_even_when_skipping(tmp_path):
+    path = _file_with_bad_line(tmp_path, json.dumps(dict(GOOD, reason="r2"), ensure_ascii=False).encode())
+    for mode in ("error", "skip"):
+        with pytest.raises(BadRecordError, match=r"train.jsonl:2: duplicate id 1 \(first at line 1\)"):
+            read_records(path, labelled=True, on_bad_record=mode)
 
 
 def test_list_valued_diseases_are_joined(tmp_path):
