@@ -126,7 +126,8 @@ class DiagnosisLoRA(L.LightningModule):
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # Inputs must require grad so that checkpointed segments of a frozen base still back-propagate to LoRA.
             self.model.enable_input_require_grads()
-        self.model.print_trainable_parameters() if self.global_rank == 0 else None
+        if self.global_rank == 0:
+            self.model.print_trainable_parameters()
 
     def _tokenizer(self):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
