@@ -56,10 +56,10 @@ def fit_case_text(tokenizer, prompt: PromptStyle, case_text: str, budget: int) -
     ids = prompt_ids(tokenizer, prompt, case_text)
     if len(ids) <= budget:
         return ids, False
-    if len(prompt_ids(tokenizer, prompt, "")) > budget:
+    best = prompt_ids(tokenizer, prompt, "")
+    if len(best) > budget:
         raise ValueError(f"the prompt alone needs more than {budget} tokens; raise max_length")
     lo, hi = 0, len(case_text)  # lo chars always fit, hi chars do not
-    best = prompt_ids(tokenizer, prompt, "")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         cand = prompt_ids(tokenizer, prompt, case_text[:mid])
@@ -394,7 +394,6 @@ class DiagnosisDataModule(L.LightningDataModule):
         if trimmed:
             log.warning("%s: %d of %d record(s) longer than max_length=%d had their case text trimmed",
                         split, trimmed, len(records), self.max_length)  # fmt: skip
-        self.trimmed = getattr(self, "trimmed", {}) | {split: trimmed}
         return EncodedDataset(examples)
 
     def _encode_prompts(self, records: list[dict]) -> EncodedDataset:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -15,8 +14,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from healthai.data import IGNORE_INDEX, end_of_turn_id
 from healthai.decoding import GenerationSettings, JsonConstraint, parse_answer
 from healthai.loss import head_cross_entropy
-
-log = logging.getLogger(__name__)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The seven linear projections of every Qwen2 decoder layer."""

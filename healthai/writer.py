@@ -35,7 +35,6 @@ class DiagnosisWriter(BasePredictionWriter):
         self.progress = progress
         self._shard = None
         self._bar = None
-        self._rows_written = 0
 
     # -- paths --------------------------------------------------------------------------------------------------------
 
@@ -91,7 +90,7 @@ class DiagnosisWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Sequence[dict], batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:  # fmt: skip
-        self._rows_written += append_rows(self._shard, (submission_row(r) for r in prediction))
+        append_rows(self._shard, (submission_row(r) for r in prediction))
         if self._bar is not None:
             # Ranks advance in step, so rank zero's count times the world size tracks the whole job.
             self._bar.update(len(prediction) * trainer.world_size)
