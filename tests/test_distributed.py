@@ -40,7 +40,7 @@ def test_ddp_fit_on_two_cpu_processes_saves_adapter_and_adapter_only_checkpoint(
 
 
 def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir):
-    records = seed_records(16, offset=1000)
+    records = seed_records(16, offset=80)
     src = write_jsonl(tmp_path / "records.jsonl", records)
     common = ["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
               "--data.predict_file", str(src), "--data.eval_batch_size", "4", "--writer.progress", "false"]  # fmt: skip

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from conftest import EXAMPLE_OUTPUT
 from healthai.evaluate import evaluate
 from healthai.jsonl import BadRecordError
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_OUTPUT = REPO.parent / "shared" / "seed_data" / "20250214171329_example_output.jsonl"
 
 REPORT_KEYS = {
     "n", "missing", "disease_precision", "disease_recall", "disease_f1", "json_valid_rate", "reason_rougeL",
@@ -147,8 +147,6 @@ def test_bad_lines_name_file_and_line(tmp_path: Path, which: str, bad_line: str,
 
 @pytest.fixture
 def example_rows() -> list[dict]:
-    if not EXAMPLE_OUTPUT.is_file():
-        pytest.skip(f"{EXAMPLE_OUTPUT} not present")
     return [json.loads(line) for line in EXAMPLE_OUTPUT.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -33,7 +33,7 @@ def predict_args(tiny_model_dir, records: Path, out: Path, *extra: str) -> list[
 
 
 def test_every_id_exactly_once_in_input_order_and_every_row_parses(tmp_path, tiny_model_dir):
-    records = seed_records(20, offset=100)
+    records = seed_records(20, offset=10)
     src = write_jsonl(tmp_path / "records.jsonl", records)
     out = tmp_path / "pred.jsonl"
     cli_main(predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "8"))
@@ -48,7 +48,7 @@ def test_every_id_exactly_once_in_input_order_and_every_row_parses(tmp_path, tin
 
 
 def test_greedy_outputs_do_not_depend_on_batch_size(tmp_path, tiny_model_dir):
-    src = write_jsonl(tmp_path / "records.jsonl", seed_records(12, offset=300))
+    src = write_jsonl(tmp_path / "records.jsonl", seed_records(12, offset=30))
     outputs = {}
     for bs in (1, 8):
         out = tmp_path / f"pred_bs{bs}.jsonl"
@@ -58,7 +58,7 @@ def test_greedy_outputs_do_not_depend_on_batch_size(tmp_path, tiny_model_dir):
 
 
 def test_rerun_after_sigkill_completes_every_id_exactly_once(tmp_path, tiny_model_dir):
-    records = seed_records(24, offset=500)
+    records = seed_records(24, offset=42)
     src = write_jsonl(tmp_path / "records.jsonl", records)
     out = tmp_path / "pred.jsonl"
     shard = tmp_path / "pred.jsonl.rank0.jsonl"
