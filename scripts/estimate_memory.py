@@ -152,12 +152,14 @@ def estimate(s: Settings) -> dict[str, float]:
     train = saved + max(2 * layer, loss_chunk)
 
     b = s.eval_batch_size
-    val_loss = b * s.max_length * (4 * h + 3 * i) * 2 + min(LOSS_CHUNK_BYTES, b * s.max_new_tokens * a.vocab * 4) * 1.5
+    layer_no_grad = b * s.max_length * (4 * h + 3 * i) * 2  # one layer's transient in a forward without gradients
+    val_loss = layer_no_grad + min(LOSS_CHUNK_BYTES, b * s.max_new_tokens * a.vocab * 4) * 1.5
     kv_cache = 2 * L * b * (s.max_length + s.max_new_tokens) * kv * 2 if s.generates else 0
-    generate = kv_cache + b * s.max_length * (4 * h + 3 * i) * 2 if s.generates else 0
+    generate = kv_cache + layer_no_grad if s.generates else 0
     validation = max(val_loss, generate)
+    peak = weights + lora + max(train, validation)
     return {"params": a.params(), "weights": weights, "lora_params": lora_params, "lora": lora, "train": train,
-            "validation": validation, "kv_cache": kv_cache, "peak": weights + lora + max(train, validation)}  # fmt: skip
+            "validation": validation, "kv_cache": kv_cache, "peak": peak}  # fmt: skip
 
 
 def comment_block(s: Settings) -> list[str]:

@@ -173,3 +173,12 @@ def test_qwen_lora_yaml_is_the_7b_config():
     a, b = flat(design), flat(family)
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     assert not differ, f"configs/qwen_lora.yaml and configs/qwen2.5-7b/lora.yaml differ at {differ}"
+
+
+def test_readme_table_shows_each_configs_estimate():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for config in FAMILY:
+        peak = re.search(r"^# Estimated peak GPU memory: ([\d.]+) GB", config.read_text(encoding="utf-8"), re.M)[1]
+        row = next((line for line in readme.splitlines() if f"--config {rel(config)}`" in line), None)
+        assert row is not None, f"README's config table has no row for {rel(config)}"
+        assert f"**{peak} GB**" in row, f"README shows a stale estimate for {rel(config)}: {row}"
