@@ -391,8 +391,9 @@ class DiagnosisDataModule(L.LightningDataModule):
                 log.warning("%s:%d: %s — skipped, written to %s", r["_file"], r["_line"], e, rejects.path)
                 continue
             trimmed += enc["trimmed"]
-            examples.append({**enc, "id": r["id"], "diseases": r["diseases"], "reason": r["reason"],
-                             "feature_content": r["feature_content"]})  # fmt: skip
+            examples.append({**enc, "id": r["id"], "diseases": r["diseases"], "reason": r["reason"]})
+            if split == "val":  # validation's sample table shows the case text; training needs only the tokens
+                examples[-1]["feature_content"] = r["feature_content"]
         if trimmed:
             log.warning("%s: %d of %d record(s) longer than max_length=%d had their case text trimmed",
                         split, trimmed, len(records), self.max_length)  # fmt: skip
