@@ -154,6 +154,7 @@ class TrainCollator:
             batch["prompt_mask"] = pad_batch([[1] * len(p) for p in prompts], 0, "left")
             batch["ids"] = [e["id"] for e in examples]
             batch["references"] = [{"diseases": e["diseases"], "reason": e["reason"]} for e in examples]
+            batch["case_texts"] = [e["feature_content"] for e in examples]  # the sample table in TensorBoard
         return batch
 
 
@@ -391,6 +392,8 @@ class DiagnosisDataModule(L.LightningDataModule):
                 continue
             trimmed += enc["trimmed"]
             examples.append({**enc, "id": r["id"], "diseases": r["diseases"], "reason": r["reason"]})
+            if split == "val":  # validation's sample table shows the case text; training needs only the tokens
+                examples[-1]["feature_content"] = r["feature_content"]
         if trimmed:
             log.warning("%s: %d of %d record(s) longer than max_length=%d had their case text trimmed",
                         split, trimmed, len(records), self.max_length)  # fmt: skip

@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from healthai.data import IGNORE_INDEX, end_of_turn_id
-from healthai.decoding import GenerationSettings, JsonConstraint, parse_answer
+from healthai.decoding import GenerationSettings, JsonConstraint, ParsedAnswer, parse_answer
 from healthai.loss import head_cross_entropy
+from healthai.prompts import DISEASE_SEPARATOR, join_diseases
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The seven linear projections of every Qwen2 decoder layer."""
@@ -44,6 +45,7 @@ class DiagnosisLoRA(L.LightningModule):
         val_generate_limit: int = 32,
         quantization: Optional[Literal["nf4"]] = None,
         random_init: bool = False,
+        val_log_samples: int = 8,
     ):
         """
         Args:
@@ -68,6 +70,10 @@ class DiagnosisLoRA(L.LightningModule):
             quantization: ``nf4`` loads the base in 4 bit through bitsandbytes (QLoRA, for 24 GB cards).
             random_init: Build the base from its config with random weights instead of loading them (benchmarks of
                 the architecture; never for real training).
+            val_log_samples: Each time validation generates, write the first this many validation records (case text
+                start, reference and predicted diseases, matched / missed / extra names, parse status, predicted
+                reason) as a markdown table to TensorBoard's text tab (tag ``val/samples``), so the same records can
+                be followed epoch by epoch (0 = off; other loggers get nothing). Capped by ``val_generate_limit``.
         """
         super().__init__()
         if random_init and quantization is not None:
@@ -87,6 +93,8 @@ class DiagnosisLoRA(L.LightningModule):
         self.val_generate_limit = val_generate_limit
         self.quantization = quantization
         self.random_init = random_init
+        self.val_log_samples = val_log_samples
+        self._val_samples: list[dict[str, str]] = []
         self.model = None
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
@@ -222,6 +230,7 @@ class DiagnosisLoRA(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
+        self._val_samples = []
 
     def _generate_this_epoch(self) -> bool:
         n = self.generate_every_n_epochs
@@ -239,6 +248,9 @@ class DiagnosisLoRA(L.LightningModule):
         self.val_disease.update([a.diseases or "" for a in answers], [r["diseases"] for r in refs])
         self.val_json_valid.update([a.status for a in answers])
         self.val_rouge.update([a.reason or "" for a in answers], [r["reason"] for r in refs])
+        keep = max(0, self.val_log_samples - len(self._val_samples))
+        for record_id, case_text, ref, answer in list(zip(batch["ids"], batch["case_texts"], refs, answers))[:keep]:
+            self._val_samples.append(sample_row(record_id, case_text, ref, answer))
 
     def on_validation_epoch_end(self) -> None:
         if not self._generate_this_epoch():
@@ -249,6 +261,30 @@ class DiagnosisLoRA(L.LightningModule):
         self.log("val/reason_rougeL", self.val_rouge.compute())
         for metric in (self.val_disease, self.val_json_valid, self.val_rouge):
             metric.reset()
+        self._log_val_samples()
+
+    def _log_val_samples(self) -> None:
+        """The sample table (see ``val_log_samples``) to every TensorBoard logger, from rank zero.
+
+        Under DDP every rank generates its own shard, so the rows are gathered (a few short strings per rank) and
+        rank zero logs the first ``val_log_samples`` records of the whole validation set, the same records as on one
+        device. Collective: every rank must call it (they all do, at the same epochs).
+        """
+        if self.val_log_samples <= 0:
+            return
+        rows = self._val_samples
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shards, rows)
+            rows = merge_rank_samples(shards, self.val_log_samples)
+        if not self.trainer.is_global_zero or not rows:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        title = f"epoch {self.current_epoch}, step {self.global_step}: the first {len(rows)} validation records"
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("val/samples", samples_markdown(rows, title), global_step=self.global_step)
 
     # -- generation (validation and predict) --------------------------------------------------------------------------
 
@@ -367,3 +403,63 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+# -- validation samples for TensorBoard's text tab --------------------------------------------------------------------
+
+CASE_PREVIEW_CHARS = 200
+"""Characters of the case text shown per sample row (records run to thousands)."""
+
+SAMPLE_COLUMNS = ("id", "case", "reference", "predicted", "matched", "missed", "extra", "parse", "reason")
+"""Columns of the validation sample table, in order."""
+
+
+def sample_row(record_id: str, case_text: str, reference: dict[str, Any], answer: ParsedAnswer) -> dict[str, str]:
+    """One validation record and the model's answer as table cells (plain text; :func:`samples_markdown` escapes).
+
+    Matched / missed / extra come from :func:`healthai.metrics.match_diseases`, the comparison ``val/disease_f1``
+    counts, so the table explains the score. A ``failed`` answer has no reason: its raw output is shown instead.
+    """
+    from healthai.metrics import match_diseases
+
+    match = match_diseases(answer.diseases, reference["diseases"])
+    case = case_text if len(case_text) <= CASE_PREVIEW_CHARS else case_text[:CASE_PREVIEW_CHARS] + "…"
+    reason = answer.reason if answer.reason is not None else f"(raw output) {answer.raw or ''}"
+    return {
+        "id": str(record_id), "case": case, "reference": join_diseases(reference["diseases"]),
+        "predicted": answer.diseases or "", "matched": DISEASE_SEPARATOR.join(match.matched),
+        "missed": DISEASE_SEPARATOR.join(match.missed), "extra": DISEASE_SEPARATOR.join(match.extra),
+        "parse": answer.status, "reason": reason,
+    }  # fmt: skip
+
+
+def merge_rank_samples(shards: list[list[dict[str, str]]], limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` records of the validation set from each rank's first rows, in dataset order.
+
+    Lightning gives each rank a non-shuffled ``DistributedSampler`` shard: rank ``r`` holds records ``r, r + W,
+    r + 2W, ...``, so taking the k-th row of every rank in rank order, for k = 0, 1, ..., restores the dataset order.
+    The sampler pads the last round with repeated records; a repeated id is dropped.
+    """
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for k in range(max((len(s) for s in shards), default=0)):
+        for shard in shards:
+            if k < len(shard) and shard[k]["id"] not in seen and len(rows) < limit:
+                seen.add(shard[k]["id"])
+                rows.append(shard[k])
+    return rows
+
+
+def _markdown_cell(text: str) -> str:
+    """``text`` as one markdown table cell: markup characters and HTML escaped, line breaks as ``<br>``."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for ch in "\\`*_[]|":  # backslash first, so the escapes added after it are not escaped again
+        text = text.replace(ch, "\\" + ch)
+    return "<br>".join(text.splitlines())
+
+
+def samples_markdown(rows: list[dict[str, str]], title: str) -> str:
+    """``title`` and a markdown table of ``rows`` (:data:`SAMPLE_COLUMNS`), one record per line."""
+    lines = [title, "", "| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
+    lines += ["| " + " | ".join(_markdown_cell(row[c]) for c in SAMPLE_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)

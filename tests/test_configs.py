@@ -1,16 +1,77 @@
-"""Every YAML in configs/ parses against the code (configs cannot rot) and opens with the command that runs it."""
+"""Every YAML under configs/ parses against the code (configs cannot rot) and opens with the command that runs it;
+the per-size family (configs/qwen2.5-*/) agrees with each Qwen2.5 size's architecture and carries a reproducible
+memory estimate."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
+import json
 import re
+import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 
 from healthai.cli import cli_main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 COMMAND = re.compile(r"^# python -m healthai (fit|validate|predict) --config (configs/\S+\.yaml)")
+
+# Qwen2.5-{size}-Instruct as published (config.json of each): layers, hidden, intermediate, attention heads, KV heads,
+# tied input/output embeddings, vocabulary. Written here, not read from anywhere: the test must hold without a download.
+QWEN25 = {
+    "0.5B": (24, 896, 4864, 14, 2, True, 151936),
+    "1.5B": (28, 1536, 8960, 12, 2, True, 151936),
+    "3B": (36, 2048, 11008, 16, 2, True, 151936),
+    "7B": (28, 3584, 18944, 28, 4, False, 152064),
+    "14B": (48, 5120, 13824, 40, 8, False, 152064),
+    "32B": (64, 5120, 27648, 40, 8, False, 152064),
+}
+# Total parameters as the model cards round them.
+CARD_PARAMS = {"0.5B": 0.49e9, "1.5B": 1.54e9, "3B": 3.09e9, "7B": 7.61e9, "14B": 14.7e9, "32B": 32.5e9}
+QLORA_SIZES = {"14B", "32B"}
+DECODER_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+FAMILY = sorted(c for c in CONFIGS if c.parent.name.startswith("qwen2.5-"))
+
+
+def rel(config: Path) -> str:
+    return config.relative_to(REPO).as_posix()
+
+
+@cache
+def resolved(path: str, command: str = "fit") -> dict:
+    """The config as the real CLI resolves it (every default filled in): ``--print_config``, no model loaded."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli_main([command, "--config", str(REPO / path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(out.getvalue())
+
+
+@cache
+def estimate_memory():
+    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "scripts" / "estimate_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def size_and_kind(config: Path) -> tuple[str, str]:
+    """``configs/qwen2.5-14b/qlora.yaml`` → ``("14B", "qlora")``."""
+    size = config.parent.name.removeprefix("qwen2.5-").upper()
+    assert size in QWEN25, f"{rel(config)}: unknown size folder"
+    return size, config.stem
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
 
 
 def test_there_are_configs():
@@ -19,18 +80,105 @@ def test_there_are_configs():
     }
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_with_its_command(config, capsys, monkeypatch):
-    monkeypatch.chdir(config.parents[1])
+@pytest.mark.parametrize("config", CONFIGS, ids=rel)
+def test_config_parses_with_its_command(config):
     first = config.read_text(encoding="utf-8").splitlines()[0]
     match = COMMAND.match(first)
-    assert match, f"{config.name} must open with '# python -m healthai <command> --config configs/{config.name}'"
+    assert match, f"{rel(config)} must open with '# python -m healthai <command> --config {rel(config)}'"
     command, path = match.groups()
-    assert path == f"configs/{config.name}"
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main([command, "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "model_name_or_path:" in printed and "data:" in printed
+    assert path == rel(config)
+    printed = resolved(path, command)
+    assert "model_name_or_path" in printed["model"] and "data" in printed
     if command == "predict":
-        assert "output_path:" in printed
+        assert "output_path" in printed["writer"]
+
+
+def test_the_family_has_every_size_and_qlora_for_the_large_ones():
+    assert [rel(c) for c in FAMILY] == sorted(
+        [f"configs/qwen2.5-{s.lower()}/lora.yaml" for s in QWEN25]
+        + [f"configs/qwen2.5-{s.lower()}/qlora.yaml" for s in QLORA_SIZES]
+    )
+
+
+def test_architecture_facts_agree_with_the_published_7b_config_and_the_estimate_script():
+    published = json.loads((REPO / "scripts" / "qwen2.5-7b-instruct" / "config.json").read_text())
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "tie_word_embeddings", "vocab_size")  # fmt: skip
+    assert tuple(published[k] for k in keys) == QWEN25["7B"]
+    archs = estimate_memory().ARCHS
+    assert {size: tuple(vars(a).values()) for size, a in archs.items()} == QWEN25
+    for size, arch in archs.items():  # the script's parameter count reproduces the model cards
+        assert arch.params() == pytest.approx(CARD_PARAMS[size], rel=0.01), size
+
+
+def lora_params(size: str, r: int, targets: list[str]) -> int:
+    """LoRA parameters, counted here from the architecture: r·(in + out) per adapted linear per layer."""
+    layers, h, i, heads, kv_heads, _, _ = QWEN25[size]
+    kv = h // heads * kv_heads
+    shape = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+    return layers * sum(r * sum(shape[t]) for t in targets)
+
+
+@pytest.mark.parametrize("config", FAMILY, ids=rel)
+def test_size_config_agrees_with_its_architecture(config):
+    size, kind = size_and_kind(config)
+    cfg = resolved(rel(config))
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    assert model["model_name_or_path"] == f"Qwen/Qwen2.5-{size}-Instruct"
+    # LoRA goes on the decoder's linear projections only; with tied embeddings (0.5B-3B) the LM head *is* the input
+    # embedding, so nothing may ask to train or save it separately
+    targets = model["target_modules"]
+    assert targets and set(targets) <= DECODER_LINEARS, targets
+    tied = QWEN25[size][5]
+    if tied:
+        dumped = json.dumps(cfg)
+        assert "lm_head" not in dumped and "embed_tokens" not in dumped and "modules_to_save" not in dumped
+    assert model["quantization"] == ("nf4" if kind == "qlora" else None)
+    assert kind == "lora" or size in QLORA_SIZES
+    assert trainer["accelerator"] == "gpu" and trainer["precision"] == "bf16-mixed" and model["dtype"] == "bfloat16"
+    # one run folder per config: `--ckpt_path last` must never resume another size's checkpoint
+    run = f"qwen2.5-{size.lower()}-{kind}"
+    assert trainer["logger"]["init_args"]["name"] == run
+    dirs = {c["init_args"].get("dirpath") for c in trainer["callbacks"] if "ModelCheckpoint" in c["class_path"]}
+    assert dirs == {f"checkpoints/{run}/checkpoints"}
+
+    # The header's memory estimate: for this file's max_length × batch, this architecture, and reproducible.
+    text = config.read_text(encoding="utf-8")
+    shape = re.search(r"^# Estimated peak GPU memory: [\d.]+ GB at max_length (\d+) × batch (\d+) ", text, re.M)
+    assert shape, f"{rel(config)}: no estimate line"
+    assert (int(shape[1]), int(shape[2])) == (data["max_length"], data["batch_size"])
+    assert "An estimate, not a measurement" in text and "python scripts/estimate_memory.py" in text
+    em = estimate_memory()
+    params = em.ARCHS[size].params()
+    assert f"base {params / 1e9:.2f}B params" in text
+    assert f"LoRA r{model['lora_r']} {lora_params(size, model['lora_r'], targets) / 1e6:.1f}M params" in text
+    expected = em.comment_block(em.Settings.from_config(cfg))
+    assert em.current_block(text) == expected, (
+        f"{rel(config)}: stale estimate; run python scripts/estimate_memory.py --write {rel(config)}"
+    )
+
+
+def test_qwen_lora_yaml_is_the_7b_config():
+    """configs/qwen_lora.yaml (the design's name) and configs/qwen2.5-7b/lora.yaml are the same recipe, kept in two
+    files because LightningCLI has no include; a change to one must be made to the other."""
+    design, family = resolved("configs/qwen_lora.yaml"), resolved("configs/qwen2.5-7b/lora.yaml")
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(design), flat(family)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    assert not differ, f"configs/qwen_lora.yaml and configs/qwen2.5-7b/lora.yaml differ at {differ}"
+
+
+def test_readme_table_shows_each_configs_estimate():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for config in FAMILY:
+        peak = re.search(r"^# Estimated peak GPU memory: ([\d.]+) GB", config.read_text(encoding="utf-8"), re.M)[1]
+        row = next((line for line in readme.splitlines() if f"--config {rel(config)}`" in line), None)
+        assert row is not None, f"README's config table has no row for {rel(config)}"
+        assert f"**{peak} GB**" in row, f"README shows a stale estimate for {rel(config)}: {row}"
