@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ class DiagnosisLoRA(L.LightningModule):
         val_generate_limit: int = 32,
         quantization: Optional[Literal["nf4"]] = None,
         random_init: bool = False,
+        liger_kernel: bool = False,
     ):
         """
         Args:
@@ -68,10 +70,15 @@ class DiagnosisLoRA(L.LightningModule):
             quantization: ``nf4`` loads the base in 4 bit through bitsandbytes (QLoRA, for 24 GB cards).
             random_init: Build the base from its config with random weights instead of loading them (benchmarks of
                 the architecture; never for real training).
+            liger_kernel: Replace the base's RoPE, RMSNorm and SwiGLU with Liger's fused Triton kernels (CUDA only;
+                ``pip install -e '.[gpu]'``); the loss stays the project's answer-only loss. Liger patches
+                transformers' Qwen2 code for the whole process, not only this model.
         """
         super().__init__()
         if random_init and quantization is not None:
             raise ValueError("random_init builds unquantized weights; it cannot be combined with quantization")
+        if liger_kernel:
+            check_liger_kernel()  # before anything is loaded: a CPU machine learns it at once, not after the base
         self.save_hyperparameters()
         self.model_name_or_path = model_name_or_path
         self.adapter_path = adapter_path
@@ -87,6 +94,7 @@ class DiagnosisLoRA(L.LightningModule):
         self.val_generate_limit = val_generate_limit
         self.quantization = quantization
         self.random_init = random_init
+        self.liger_kernel = liger_kernel
         self.model = None
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
@@ -138,6 +146,12 @@ class DiagnosisLoRA(L.LightningModule):
         return AutoTokenizer.from_pretrained(source)
 
     def _load_base(self):
+        base = self._build_base()
+        if self.liger_kernel:
+            apply_liger_kernel(base)
+        return base
+
+    def _build_base(self):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         dtype = DTYPES[self.dtype_name]
@@ -355,6 +369,29 @@ class DiagnosisLoRA(L.LightningModule):
             adapter = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
             path = self.save_adapter(directory, adapter)
             rank_zero_info(f"adapter saved to {path}")
+
+
+def check_liger_kernel() -> None:
+    """Raise ValueError (one line naming the option) where ``liger_kernel`` cannot work: no CUDA, or no package."""
+    if not torch.cuda.is_available():
+        raise ValueError("--model.liger_kernel true needs a CUDA GPU (Liger's kernels are Triton GPU kernels), and "
+                         "this machine has none; drop the option")  # fmt: skip
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("--model.liger_kernel true needs the liger-kernel package: pip install -e '.[gpu]'")
+
+
+def apply_liger_kernel(base) -> None:
+    """Patch a Qwen2 base in place with Liger's RoPE, RMSNorm and SwiGLU kernels, before LoRA wraps its projections
+    (Liger's SwiGLU calls ``gate_proj``/``up_proj``/``down_proj``, so the LoRA layers put there later still run).
+    Liger's cross-entropy kernels are left off: the loss is :meth:`DiagnosisLoRA.answer_loss`."""
+    model_type = base.config.model_type
+    if model_type != "qwen2":
+        raise ValueError(f"--model.liger_kernel true supports Qwen2 (Qwen2.5) bases; this base is {model_type!r}")
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
