@@ -386,6 +386,7 @@ def run_fit(lit, items: list[Item], prompts, pad_id: int, planner: Planner, repo
         if item.result is None:
             item.result = {"status": "skipped", "reason": "the fit stopped before it"}
     del trainer
+    release(cuda)  # after an out-of-memory error too: its frames held the activations
     report.save()
     return meter.build
 

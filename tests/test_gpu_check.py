@@ -40,18 +40,31 @@ def statuses(report: dict) -> dict[str, str]:
     return dict(rows)
 
 
-def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_dir, cpu_one_thread, capsys):
-    args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path)]
-    assert gpu_check().main(args) == 0
+def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_dir, cpu_one_thread, monkeypatch, capsys):
+    from healthai.model import DiagnosisLoRA
+
+    answer_loss = DiagnosisLoRA.answer_loss
+
+    def out_of_memory_at_three(self, batch):  # what the largest micro-batch may meet on a GPU
+        if batch["input_ids"].shape[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return answer_loss(self, batch)
+
+    monkeypatch.setattr(DiagnosisLoRA, "answer_loss", out_of_memory_at_three)
+    args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path),
+            "--micro_batches", "1,2,3"]  # fmt: skip
+    assert gpu_check().main(args) == 0  # an out-of-memory size is a figure, not a failure
     report = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))
     assert report["mode"] == "cpu" and report["environment"]["packages"]["torch"] == torch.__version__
-    assert statuses(report) == {"plain x1": "ok", "plain x2": "ok", "liger x1": "unavailable",
-                                "liger x2": "unavailable", "predict on": "ok", "predict off": "ok"}  # fmt: skip
+    assert statuses(report) == {"plain x1": "ok", "plain x2": "ok", "plain x3": "oom", "liger x1": "unavailable",
+                                "liger x2": "unavailable", "liger x3": "unavailable", "predict on": "ok",
+                                "predict off": "ok"}  # fmt: skip
+    assert report["fit"][2]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB"
     for row in report["fit"][:2]:
         assert row["timed_steps"] == 1 and row["real_tokens"] == 32 * row["micro_batch"]
         assert row["tokens_per_s"] > 0 and row["last_loss"] == row["last_loss"]  # finite, not NaN
         assert row["peak_allocated_gb"] is None and row["mfu"] is None  # no GPU figures are made up on a CPU
-    assert "needs a CUDA GPU" in report["fit"][2]["error"]
+    assert "needs a CUDA GPU" in report["fit"][3]["error"]
     on, off = report["predict"]
     assert on["batch"] == off["batch"] == 2 and on["records_per_s"] > 0 and off["decode_steps"] == 24
     assert on["json_ok"] == 2  # the constraint closes the object within the new-token budget
