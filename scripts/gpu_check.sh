@@ -22,7 +22,8 @@ export PYTHONUNBUFFERED=1
   shopt -s nullglob
   wheels=("$WHEELS"/*.whl)
   if ((${#wheels[@]})); then
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"; then
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "${wheels[@]}"; then
       echo "gpu_check.sh: installing the wheels of $WHEELS into $SITE failed" >&2
       exit 2
     fi

@@ -120,7 +120,8 @@ def test_liger_kernel_option_names_the_missing_package_and_unsupported_bases(mon
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", 
+                        lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
     with pytest.raises(ValueError, match=r"needs the liger-kernel package: pip install -e '\.\[gpu\]'"):
         model.check_liger_kernel()
     with pytest.raises(ValueError, match="supports Qwen2 .* this base is 'llama'"):
