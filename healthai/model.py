@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ class DiagnosisLoRA(L.LightningModule):
         quantization: Optional[Literal["nf4"]] = None,
         random_init: bool = False,
         val_log_samples: int = 8,
+        liger_kernel: bool = False,
     ):
         """
         Args:
@@ -74,10 +76,15 @@ class DiagnosisLoRA(L.LightningModule):
                 start, reference and predicted diseases, matched / missed / extra names, parse status, predicted
                 reason) as a markdown table to TensorBoard's text tab (tag ``val/samples``), so the same records can
                 be followed epoch by epoch (0 = off; other loggers get nothing). Capped by ``val_generate_limit``.
+            liger_kernel: Replace the base's RoPE, RMSNorm and SwiGLU with Liger's fused Triton kernels (CUDA only;
+                ``pip install -e '.[gpu]'``); the loss stays the project's answer-only loss. Liger patches
+                transformers' Qwen2 code for the whole process, not only this model.
         """
         super().__init__()
         if random_init and quantization is not None:
             raise ValueError("random_init builds unquantized weights; it cannot be combined with quantization")
+        if liger_kernel:
+            check_liger_kernel()  # before anything is loaded: a CPU machine learns it at once, not after the base
         self.save_hyperparameters()
         self.model_name_or_path = model_name_or_path
         self.adapter_path = adapter_path
@@ -95,6 +102,7 @@ class DiagnosisLoRA(L.LightningModule):
         self.random_init = random_init
         self.val_log_samples = val_log_samples
         self._val_samples: list[dict[str, str]] = []
+        self.liger_kernel = liger_kernel
         self.model = None
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
@@ -146,6 +154,12 @@ class DiagnosisLoRA(L.LightningModule):
         return AutoTokenizer.from_pretrained(source)
 
     def _load_base(self):
+        base = self._build_base()
+        if self.liger_kernel:
+            apply_liger_kernel(base)
+        return base
+
+    def _build_base(self):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         dtype = DTYPES[self.dtype_name]
@@ -391,6 +405,29 @@ class DiagnosisLoRA(L.LightningModule):
             adapter = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
             path = self.save_adapter(directory, adapter)
             rank_zero_info(f"adapter saved to {path}")
+
+
+def check_liger_kernel() -> None:
+    """Raise ValueError (one line naming the option) where ``liger_kernel`` cannot work: no CUDA, or no package."""
+    if not torch.cuda.is_available():
+        raise ValueError("--model.liger_kernel true needs a CUDA GPU (Liger's kernels are Triton GPU kernels), and "
+                         "this machine has none; drop the option")  # fmt: skip
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("--model.liger_kernel true needs the liger-kernel package: pip install -e '.[gpu]'")
+
+
+def apply_liger_kernel(base) -> None:
+    """Patch a Qwen2 base in place with Liger's RoPE, RMSNorm and SwiGLU kernels, before LoRA wraps its projections
+    (Liger's SwiGLU calls ``gate_proj``/``up_proj``/``down_proj``, so the LoRA layers put there later still run).
+    Liger's cross-entropy kernels are left off: the loss is :meth:`DiagnosisLoRA.answer_loss`."""
+    model_type = base.config.model_type
+    if model_type != "qwen2":
+        raise ValueError(f"--model.liger_kernel true supports Qwen2 (Qwen2.5) bases; this base is {model_type!r}")
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
