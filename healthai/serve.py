@@ -69,7 +69,8 @@ def predict_payload(body: bytes, max_chars: int) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPException(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise HTTPException(400, f'the body must be a JSON object {{"feature_content": "..."}}, got {type(obj).__name__}')
+        got = type(obj).__name__
+        raise HTTPException(400, f'the body must be a JSON object {{"feature_content": "..."}}, got {got}')
     if "feature_content" not in obj:
         raise HTTPException(422, "missing field 'feature_content'")
     payload = {"feature_content": check_case(obj["feature_content"], max_chars)}
@@ -265,19 +266,21 @@ const $ = (id) => document.getElementById(id);
 function items(list, texts) { list.replaceChildren(...texts.map((t) => { const li = document.createElement("li");
   li.textContent = t; return li; })); }
 // "1. xx；2. yy" or one reason per line → list items, the numbers dropped (the <ol> numbers them).
-const reasons = (r) => r.split(/(?:^|\\n|[；;。]\\s*)\\s*[(（]?\\d+\\s*[.、．)）]\\s*|\\n/).map((s) => s.trim()).filter(Boolean);
+const numbering = /(?:^|\\n|[；;。]\\s*)\\s*[(（]?\\d+\\s*[.、．)）]\\s*|\\n/;
+const reasons = (r) => r.split(numbering).map((s) => s.trim()).filter(Boolean);
 async function diagnose(ev) {
   if (ev) ev.preventDefault();
   const headers = {"Content-Type": "application/json"}, key = $("key");
   if (key && key.value) headers["Authorization"] = "Bearer " + key.value;
   $("status").className = ""; $("status").textContent = "诊断中…"; $("result").hidden = true;
   try {
-    const resp = await fetch("predict", {method: "POST", headers, body: JSON.stringify({feature_content: $("case").value})});
-    const body = await resp.json();
-    if (!resp.ok) throw new Error(body.detail || resp.statusText);
-    items($("diseases"), body.diseases.split(/[；;，,、]/).map((s) => s.trim()).filter(Boolean));
-    items($("reasons"), reasons(body.reason));
-    $("status").textContent = "完成（" + body.parse_status + "）"; $("result").hidden = false;
+    const body = JSON.stringify({feature_content: $("case").value});
+    const resp = await fetch("predict", {method: "POST", headers, body});
+    const answer = await resp.json();
+    if (!resp.ok) throw new Error(answer.detail || resp.statusText);
+    items($("diseases"), answer.diseases.split(/[；;，,、]/).map((s) => s.trim()).filter(Boolean));
+    items($("reasons"), reasons(answer.reason));
+    $("status").textContent = "完成（" + answer.parse_status + "）"; $("result").hidden = false;
   } catch (e) { $("status").className = "error"; $("status").textContent = "出错：" + e.message; }
 }
 $("form").addEventListener("submit", diagnose);
@@ -301,7 +304,8 @@ def _serve_page_at_root(server: ls.LitServer, html: str) -> None:
     """Put the page at ``/`` in place of LitServe's plain-text "litserve running" route (registered first, so it
     would otherwise shadow ours)."""
     server.app.router.routes[:] = [
-        r for r in server.app.router.routes if not (getattr(r, "path", None) == "/" and "GET" in getattr(r, "methods", ()))
+        r for r in server.app.router.routes
+        if not (getattr(r, "path", None) == "/" and "GET" in (getattr(r, "methods", None) or ()))
     ]
 
     async def index() -> HTMLResponse:
@@ -348,8 +352,10 @@ def serve(
     attn_implementation: str = "sdpa",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
 ) -> None:
-    """Serve the tuned model over HTTP (LitServe): POST /predict, OpenAI-compatible POST /v1/chat/completions, a page
-    at GET /, GET /health. Decodes exactly as `predict` does; stops cleanly on SIGTERM or Ctrl+C.
+    """Serve the model over HTTP (LitServe): POST /predict, OpenAI POST /v1/chat/completions, a page at GET /.
+
+    Decodes exactly as `predict` does (same prompt, constrained decoding and parser); GET /health answers 200 once the
+    model is loaded; SIGTERM or Ctrl+C stops every process of the server.
 
     Args:
         model_name_or_path: Base model: a hub id or a local folder (as in predict's --model.model_name_or_path).

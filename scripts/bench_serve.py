@@ -95,7 +95,8 @@ def main() -> None:
 
     records = read_records(SEED_RECORDS, args.records)
     # The server runs in the repository root: paths given relative to the caller's folder are made absolute.
-    args.model, args.adapter = (str(Path(x).resolve()) if x and Path(x).exists() else x for x in (args.model, args.adapter))
+    absolute = [str(Path(x).resolve()) if x and Path(x).exists() else x for x in (args.model, args.adapter)]
+    args.model, args.adapter = absolute
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "healthai", "serve", "--model_name_or_path", args.model, "--dtype", args.dtype,

@@ -243,7 +243,8 @@ def test_case_text_is_taken_out_of_the_projects_chat_prompt():
     assert case_from_messages(msgs(PROMPT), PROMPT) == case  # the served (adapter's) prompt
     assert case_from_messages(msgs(PromptStyle()), PROMPT) == case  # label without --prompt_dir: the default
     assert case_from_messages([ChatMessage(role="user", content=case)], PROMPT) == case  # a bare case record
-    parts = [ChatMessage(role="user", content=[{"type": "text", "text": DEFAULT_USER_TEMPLATE.replace("{case}", case)}])]
+    wrapped = DEFAULT_USER_TEMPLATE.replace("{case}", case)
+    parts = [ChatMessage(role="user", content=[{"type": "text", "text": wrapped}])]
     assert case_from_messages(parts, PROMPT) == case
     later = msgs(PROMPT) + [ChatMessage(role="assistant", content="{}"), ChatMessage(role="user", content="另一份病历")]
     assert case_from_messages(later, PROMPT) == "另一份病历"  # the last user message
@@ -264,10 +265,18 @@ def test_page_in_headless_chromium_shows_the_diagnosis(server, tmp_path):
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=60000", "--dump-dom", url]  # fmt: skip
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
     assert "完成（ok）" in dom, dom[-2000:]
-    for name in filter(None, (s.strip() for s in re.split(r"[；;，,、]", answer["diseases"]))):
-        assert f"<li>{html.escape(name, quote=False)}</li>" in dom
-    if answer["reason"].strip():
-        assert re.search(r'<ol id="reasons"><li>.+</li>', dom)
+    def shown(list_id: str) -> list[str]:
+        inner = re.search(rf'<[ou]l id="{list_id}">(.*?)</[ou]l>', dom, re.DOTALL).group(1)
+        return [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", inner, re.DOTALL)]
+
+    def split(text: str, pattern: str) -> list[str]:
+        return [s.strip() for s in re.split(pattern, text) if s.strip()]
+
+    assert shown("diseases") == split(answer["diseases"], r"[；;，,、]")
+    # The page's numbering pattern (Python and JavaScript read it alike): "1. a；2. b" → ["a", "b"].
+    numbering = re.search(r"const numbering = /(.*)/;", page).group(1)
+    assert split("1. 乙肝阳性；2. HBV DNA阳性。", numbering) == ["乙肝阳性", "HBV DNA阳性。"]
+    assert shown("reasons") == split(answer["reason"], numbering)
 
 
 def test_sigterm_stops_the_server_and_all_its_processes(server):
