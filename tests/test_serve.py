@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -279,8 +280,26 @@ def test_page_in_headless_chromium_shows_the_diagnosis(server, tmp_path):
     assert shown("reasons") == split(answer["reason"], numbering)
 
 
-def test_sigterm_stops_the_server_and_all_its_processes(server):
-    server.ready().proc.send_signal(signal.SIGTERM)
+def test_sigterm_lets_requests_in_flight_finish_then_stops_every_process(server):
+    """16 requests = two batches of 8: once the first reply is in, the second batch is still being decoded."""
+    server.ready()
+    first_reply, done = threading.Event(), []
+
+    def ask(record):
+        status, _ = request(server.url + "/predict", record)
+        done.append((status, time.monotonic()))
+        first_reply.set()
+
+    threads = [threading.Thread(target=ask, args=(r,)) for r in seed_records(16, offset=60)]
+    for t in threads:
+        t.start()
+    assert first_reply.wait(timeout=REQUEST_TIMEOUT_S)
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=REQUEST_TIMEOUT_S)
+    assert [status for status, _ in done] == [200] * 16
+    assert any(at > sent for _, at in done)  # some were answered after SIGTERM
     assert server.proc.wait(timeout=60) == 0, server.log_tail()
     deadline = time.monotonic() + 30
     while True:  # the model worker and HTTP processes are in the server's process group
