@@ -12,11 +12,12 @@ FUNCTION_COMMANDS = {
     "label": "healthai.label:label",
     "evaluate": "healthai.evaluate:evaluate",
     "export": "healthai.export:export",
+    "serve": "healthai.serve:serve",
 }
 """Commands that are one plain function each; its typed, documented arguments are the command's flags."""
 
 
-USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,export}} [--help] ...
+USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,export,serve}} [--help] ...
 
   fit        LoRA fine-tuning (LightningCLI):      python -m healthai fit --config configs/qwen_lora.yaml
   predict    batched JSON predictions (LightningCLI): python -m healthai predict --config configs/predict.yaml
@@ -24,6 +25,7 @@ USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,eva
   label      teacher labels through an OpenAI-compatible API
   evaluate   disease P/R/F1, JSON validity and reason ROUGE-L of a predictions file
   export     merge the LoRA adapter into the base model for serving
+  serve      the model over HTTP (LitServe): /predict, OpenAI /v1/chat/completions, a page at /
 """
 
 

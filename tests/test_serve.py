@@ -1,0 +1,313 @@
+"""healthai serve: the real LitServe server on a loopback port with the small model — answers equal predict's under
+concurrent load, bad requests get 4xx and the server carries on, `healthai label` works against it, the page works in
+headless Chromium, SIGTERM stops every process. One server for the whole module (it takes a while to start)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from healthai.prompts import DEFAULT_USER_TEMPLATE, PromptStyle
+
+KEY = "test-serve-key-0123456789"
+KEY_ENV = "HEALTHAI_TEST_SERVE_KEY"
+MAX_CHARS = 4000
+# A prompt unlike the default one (and with text after the case), saved in the adapter: server, predict and label
+# must all use it.
+PROMPT = PromptStyle(system="你是临床医生。只输出JSON。", user_template="病例：\n{case}\n请给出诊断。")
+GENERATION = ["--generation.max_new_tokens", "48", "--generation.max_diseases_chars", "12",
+              "--generation.max_reason_chars", "36"]  # fmt: skip
+START_TIMEOUT_S = 300  # the model worker imports torch/transformers in a fresh process: slow on a loaded 2-core box
+REQUEST_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter folder as fit writes it (weights, tokenizer, prompt.json), with non-zero LoRA weights so that
+    it changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    out = tmp_path_factory.mktemp("adapter")
+    get_peft_model(base, config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    PROMPT.save(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body=None, key: str | None = KEY, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, object]:
+    """``(status, parsed JSON body or text)``; ``body`` bytes are sent as they are, anything else as JSON."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body, ensure_ascii=False).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+class Server:
+    """The server process, started by the fixture; :meth:`ready` waits (bounded) until it answers /health."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+        self.deadline = time.monotonic() + START_TIMEOUT_S
+        self.healthy = False
+
+    def log_tail(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")[-4000:]
+
+    def ready(self) -> "Server":
+        while not self.healthy:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log_tail()}"
+            assert time.monotonic() < self.deadline, f"server not healthy after {START_TIMEOUT_S}s:\n{self.log_tail()}"
+            try:
+                self.healthy = request(self.url + "/health", key=None, timeout=5)[0] == 200
+            except OSError:
+                pass  # not listening yet
+            if not self.healthy:
+                time.sleep(0.5)
+        return self
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir, adapter):
+    """Started, not waited for: a test can do its in-process work while the server loads (tests call ``ready()``)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [sys.executable, "-m", "healthai", "serve", "--model_name_or_path", str(tiny_model_dir),
+           "--adapter_path", str(adapter), "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1",
+           "--port", str(port), "--max_batch_size", "8", "--batch_timeout", "0.05", "--max_length", "768",
+           "--max_chars", str(MAX_CHARS), "--api_key_env", KEY_ENV, *GENERATION]  # fmt: skip
+    env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as out:
+        # Own session: on teardown anything left of it can be found (and killed) by its process group.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield Server(proc, f"http://127.0.0.1:{port}", log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the server left behind; normally nothing
+        except ProcessLookupError:
+            pass
+
+
+def predict_rows(tiny_model_dir, adapter, records, tmp_path) -> dict:
+    """The `predict` command's rows for ``records``, by id (in-process, same model, adapter and settings)."""
+    from healthai.cli import cli_main
+
+    src = write_jsonl(tmp_path / "records.jsonl", records)
+    out = tmp_path / "pred.jsonl"
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
+                  "--model.adapter_path", str(adapter), "--data.predict_file", str(src), "--writer.output_path",
+                  str(out), "--writer.progress", "false", "--data.eval_batch_size", "8",
+                  *[a.replace("--generation", "--model.generation") for a in GENERATION]])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return {row["id"]: row for row in read_jsonl(out)}
+
+
+def test_concurrent_requests_are_batched_and_answer_as_predict_does(server, tiny_model_dir, adapter, tmp_path):
+    records = seed_records(32)
+
+    def ask(record):
+        return request(server.url + "/predict", {"id": record["id"], "feature_content": record["feature_content"]})
+
+    expected = predict_rows(tiny_model_dir, adapter, records, tmp_path)  # while the server loads
+    server.ready()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(ask, records))
+    for record, (status, body) in zip(records, answers):
+        assert status == 200, body
+        assert body["id"] == record["id"]
+        row = expected[record["id"]]
+        assert {k: body[k] for k in ("diseases", "reason", "parse_status")} == {
+            k: row[k] for k in ("diseases", "reason", "parse_status")
+        }, record["id"]
+        assert body["parse_status"] == "ok"  # constrained decoding
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        ({"id": 1}, 422, "missing field 'feature_content'"),
+        ({"feature_content": 42}, 422, "must be a string, got int"),
+        ({"feature_content": "  \n"}, 422, "is empty"),
+        ({"feature_content": "x" * (MAX_CHARS + 1)}, 413, f"over the limit of {MAX_CHARS}"),
+        ({"feature_content": "病历", "id": [1]}, 422, "field 'id' must be an integer or a string"),
+    ],
+)
+def test_bad_predict_requests_get_4xx_with_a_message(server, body, status, message):
+    server.ready()
+    got, detail = request(server.url + "/predict", body)
+    assert got == status and message in detail["detail"], (got, detail)
+
+
+def test_bad_chat_requests_keys_and_huge_bodies_get_4xx_and_the_server_keeps_serving(server):
+    chat = server.ready().url + "/v1/chat/completions"
+    assert request(chat, {"model": "m", "messages": [{"role": "system", "content": "hi"}]})[0] == 422
+    assert request(chat, {"model": "m", "messages": [{"role": "user", "content": " "}]})[0] == 422
+    assert request(chat, b"{broken")[0] == 422  # FastAPI's validation of the OpenAI request model
+    good = {"feature_content": "性别: 男\n年龄: 60\n主诉: 胸痛2小时"}
+    status, body = request(server.url + "/predict", good, key=None)
+    assert status == 401 and "API key" in body["detail"]
+    assert request(server.url + "/predict", good, key="wrong-key-0123456789")[0] == 401
+    assert request(server.url + "/health", key=None)[0] == 200  # open for load balancers
+    huge = json.dumps({"feature_content": "x" * (6 * MAX_CHARS + 70000)}).encode()  # over the byte limit
+    assert request(server.url + "/predict", huge)[0] == 413
+    status, body = request(server.url + "/predict", good)
+    assert status == 200 and body["parse_status"] == "ok", body
+    assert KEY not in server.log.read_text(encoding="utf-8", errors="replace")
+
+
+def test_healthai_label_against_the_server_writes_labels(server, adapter, tmp_path, monkeypatch):
+    from healthai.label import label
+
+    records = seed_records(4, offset=40)
+    server.ready()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        replies = list(pool.map(lambda r: request(server.url + "/predict", r), records))
+    direct = {r["id"]: body for r, (_, body) in zip(records, replies)}
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "labels.jsonl"
+    monkeypatch.setenv("HEALTHAI_API_KEY", KEY)
+    try:
+        label(input=str(src), output=str(out), base_url=server.url + "/v1", model="healthai", prompt_dir=str(adapter),
+              concurrency=4, max_retries=0, timeout=REQUEST_TIMEOUT_S, progress=False)  # fmt: skip
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    # label keeps only answers with both fields non-empty (the small random model sometimes writes "").
+    usable = {i: a for i, a in direct.items() if a["diseases"].strip() and a["reason"].strip()}
+    assert usable, "no record gave a usable answer; pick other records"
+    labelled = {row["id"]: (row["diseases"], row["reason"]) for row in read_jsonl(out)}
+    assert labelled == {i: (a["diseases"].strip(), a["reason"].strip()) for i, a in usable.items()}
+    assert code == (0 if len(usable) == len(records) else 1)
+
+
+def test_case_text_is_taken_out_of_the_projects_chat_prompt():
+    from litserve.specs.openai import ChatMessage
+
+    from healthai.serve import case_from_messages
+
+    case = "性别: 女\n年龄: 29\n主诉: 发热"
+
+    def msgs(style: PromptStyle):
+        return [ChatMessage(**m) for m in style.messages(case)]
+
+    assert case_from_messages(msgs(PROMPT), PROMPT) == case  # the served (adapter's) prompt
+    assert case_from_messages(msgs(PromptStyle()), PROMPT) == case  # label without --prompt_dir: the default
+    assert case_from_messages([ChatMessage(role="user", content=case)], PROMPT) == case  # a bare case record
+    wrapped = DEFAULT_USER_TEMPLATE.replace("{case}", case)
+    parts = [ChatMessage(role="user", content=[{"type": "text", "text": wrapped}])]
+    assert case_from_messages(parts, PROMPT) == case
+    later = msgs(PROMPT) + [ChatMessage(role="assistant", content="{}"), ChatMessage(role="user", content="另一份病历")]
+    assert case_from_messages(later, PROMPT) == "另一份病历"  # the last user message
+
+
+def test_page_in_headless_chromium_shows_the_diagnosis(server, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium): the page is not browser-checked")
+    case = seed_records(1, offset=50)[0]["feature_content"]
+    status, answer = request(server.ready().url + "/predict", {"feature_content": case})
+    assert status == 200
+    page = request(server.url + "/", key=None)[1]
+    assert '<meta charset="utf-8">' in page and "Noto Sans CJK SC" in page
+    # ?q= fills and submits the form; the key rides in the fragment, which the browser never sends.
+    url = f"{server.url}/?q={urllib.parse.quote(case)}#key={KEY}"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=60000", "--dump-dom", url]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    assert "完成（ok）" in dom, dom[-2000:]
+    def shown(list_id: str) -> list[str]:
+        inner = re.search(rf'<[ou]l id="{list_id}">(.*?)</[ou]l>', dom, re.DOTALL).group(1)
+        return [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", inner, re.DOTALL)]
+
+    def split(text: str, pattern: str) -> list[str]:
+        return [s.strip() for s in re.split(pattern, text) if s.strip()]
+
+    assert shown("diseases") == split(answer["diseases"], r"[；;，,、]")
+    # The page's numbering pattern (Python and JavaScript read it alike): "1. a；2. b" → ["a", "b"].
+    numbering = re.search(r"const numbering = /(.*)/;", page).group(1)
+    assert split("1. 乙肝阳性；2. HBV DNA阳性。", numbering) == ["乙肝阳性", "HBV DNA阳性。"]
+    assert shown("reasons") == split(answer["reason"], numbering)
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_stops_every_process(server):
+    """16 requests = two batches of 8: once the first reply is in, the second batch is still being decoded."""
+    server.ready()
+    first_reply, done = threading.Event(), []
+
+    def ask(record):
+        status, _ = request(server.url + "/predict", record)
+        done.append((status, time.monotonic()))
+        first_reply.set()
+
+    threads = [threading.Thread(target=ask, args=(r,)) for r in seed_records(16, offset=60)]
+    for t in threads:
+        t.start()
+    assert first_reply.wait(timeout=REQUEST_TIMEOUT_S)
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=REQUEST_TIMEOUT_S)
+    assert [status for status, _ in done] == [200] * 16
+    assert any(at > sent for _, at in done)  # some were answered after SIGTERM
+    assert server.proc.wait(timeout=60) == 0, server.log_tail()
+    deadline = time.monotonic() + 30
+    while True:  # the model worker and HTTP processes are in the server's process group
+        try:
+            os.killpg(server.proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the server outlived it"
+        time.sleep(0.2)
+    with pytest.raises(OSError):
+        request(server.url + "/health", key=None, timeout=5)
