@@ -73,8 +73,6 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
     """Run one command; user errors propagate to :func:`main`."""
     import jsonargparse
 
-    # Dataclass fields are documented by the string under each (litgpt's style); let --help show those.
-    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if command in LIGHTNING_COMMANDS:
         from healthai.cli import cli_main
 
@@ -90,7 +88,10 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
     if settings_type is None:
         jsonargparse.CLI(fn, **cli_kwargs)
     else:
-        fn(jsonargparse.CLI(settings_type, description=inspect.getdoc(fn), **cli_kwargs))
+        # Its fields are documented by the string under each (litgpt's style); let --help show those. Only here:
+        # this reads the source of every class parsed, which makes LightningCLI's parser several times slower.
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        fn(jsonargparse.CLI(settings_type, **cli_kwargs))
 
 
 def _settings_dataclass(fn) -> type | None:

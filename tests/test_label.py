@@ -1,6 +1,6 @@
 """Teacher labelling (`healthai.label`) against a local scripted OpenAI-compatible server (tests/fake_openai_server.py).
 
-Every test talks to 127.0.0.1 only; timeouts and backoffs are shrunk so that the whole file runs in seconds.
+Every test talks to 127.0.0.1 only; timeouts and the client's backoff are shrunk so that the whole file runs in seconds.
 """
 
 from __future__ import annotations
@@ -21,16 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fake server live
 
 from fake_openai_server import GOOD_ANSWER, FakeOpenAIServer  # noqa: E402
 
+from healthai.__main__ import main  # noqa: E402
+from healthai.errors import ConfigError  # noqa: E402
 from healthai.jsonl import BadRecordError, rejects_path_for  # noqa: E402
 from healthai.label import (  # noqa: E402
+    InputError,
     LabelSettings,
     MissingApiKeyError,
+    Redactor,
     Summary,
-    backoff_delay,
     failures_path_for,
     label,
-    parse_retry_after,
     parse_teacher_reply,
+    retry_after_s,
     run_labelling,
 )
 
@@ -54,6 +57,16 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("HEALTHAI_API_KEY", KEY)
     return KEY
+
+
+@pytest.fixture(autouse=True)
+def fast_client_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The openai client waits 0.5 s, 1 s, ... between retries (it honours Retry-After either way); a tenth of that
+    keeps this file fast. Private constants: if a client version renames them, the tests only get slower."""
+    import openai._base_client as base_client
+
+    monkeypatch.setattr(base_client, "INITIAL_RETRY_DELAY", 0.05, raising=False)
+    monkeypatch.setattr(base_client, "MAX_RETRY_DELAY", 0.2, raising=False)
 
 
 @pytest.fixture
@@ -87,8 +100,6 @@ def fast_settings(tmp_path: Path, base_url: str, **overrides: Any) -> LabelSetti
         concurrency=4,
         max_retries=2,
         timeout=1.0,
-        backoff_base=0.05,
-        backoff_max=0.2,
         progress=False,
     )
     kwargs.update(overrides)
@@ -173,21 +184,32 @@ def test_parse_teacher_reply_no_repair_for_cut_replies() -> None:
         parse_teacher_reply(GOOD[:30], allow_repair=False)
 
 
-def test_parse_retry_after_forms() -> None:
-    assert parse_retry_after({"retry-after": "3"}) == 3.0
-    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    assert parse_retry_after({"retry-after": "soon"}) is None
-    assert parse_retry_after({}) is None
-    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 < parse_retry_after({"retry-after": date}) <= 31
-    assert parse_retry_after({"retry-after": "999999"}) == 600.0  # capped
+def test_retry_after_of_a_429() -> None:
+    """The shared pause a 429 asks for (the client's own retry honours Retry-After by itself)."""
+    assert retry_after_s({"retry-after": "3"}) == 3.0
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_s({"retry-after": "soon"}) == 1.0  # unreadable: the default pause
+    assert retry_after_s({}) == 1.0
+    assert retry_after_s({"retry-after": "999999"}) == 120.0  # capped
 
 
-def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
-    for n in range(1, 6):
-        step = min(10.0, 1.0 * 2 ** (n - 1))
-        assert step / 2 <= backoff_delay(n, 1.0, 10.0) <= step
-    assert backoff_delay(1, 1.0, 10.0, retry_after=7.0) == 7.0
+def test_redactor_scrubs_streams_exceptions_and_summaries() -> None:
+    redact = Redactor(KEY)
+    assert redact(f"Incorrect API key provided: {KEY}.") == "Incorrect API key provided: ***."
+    assert Redactor("EMPTY")("EMPTY key") == "EMPTY key"  # a local server's dummy is no secret
+    import io
+
+    sink = io.StringIO()
+    redact.writer(sink).write(f"x {KEY} y\n")
+    assert sink.getvalue() == "x *** y\n"
+    with pytest.raises(RuntimeError) as info:
+        with redact.guard():
+            try:
+                raise ValueError(f"inner {KEY}")
+            except ValueError as e:
+                raise RuntimeError(f"outer {KEY}") from e
+    assert str(info.value) == "outer ***" and str(info.value.__cause__) == "inner ***"
+    assert redact.scrub_summary(Summary(total=1, aborted=f"HTTP 401: {KEY}")).aborted == "HTTP 401: ***"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,12 +269,12 @@ def test_label_command_exit_code_summary_and_no_key(
     tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_input(tmp_path / "in.jsonl", ["ok", "echo_key", "invalid"])
-    args = dict(
+    settings = LabelSettings(
         input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"), base_url=server.base_url,
-        model="m", timeout=1.0, backoff_base=0.05, backoff_max=0.2,
+        model="m", timeout=1.0, max_retries=2,
     )  # fmt: skip
     with pytest.raises(SystemExit) as info:
-        label(**args)
+        label(settings)
     assert info.value.code == 1
     captured = capsys.readouterr()
     assert "done 1, failed 2, skipped 0" in captured.out and "elapsed" in captured.out
@@ -260,7 +282,7 @@ def test_label_command_exit_code_summary_and_no_key(
     assert "Bearer ***" in fail_rows[1]["reason"]  # the key the server echoed is scrubbed
 
     server.healed = True
-    result = label(**args)
+    result = label(settings)
     assert (result["done"], result["failed"], result["skipped"]) == (2, 0, 1)
     captured2 = capsys.readouterr()
     assert_no_key(tmp_path, captured.out, captured.err, captured2.out, captured2.err, caplog.text, str(info.value))
@@ -271,8 +293,9 @@ def test_missing_key_names_both_variables(tmp_path: Path, monkeypatch: pytest.Mo
     write_input(tmp_path / "in.jsonl", ["ok"])
     with pytest.raises(MissingApiKeyError, match="HEALTHAI_API_KEY.*OPENAI_API_KEY"):
         run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
-    with pytest.raises(SystemExit, match="HEALTHAI_API_KEY"):
-        label(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), base_url="http://x/v1", model="m")
+    with pytest.raises(MissingApiKeyError, match="HEALTHAI_API_KEY"):
+        label(LabelSettings(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), base_url="http://x/v1",
+                            model="m"))  # fmt: skip
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the fallback variable is enough
     with FakeOpenAIServer() as srv:
         assert run(fast_settings(tmp_path, srv.base_url)).done == 1
@@ -313,7 +336,7 @@ def test_unreachable_server_stops_after_a_streak_of_give_ups(tmp_path: Path) -> 
         sock.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     faults = write_input(tmp_path / "in.jsonl", ["ok"] * 40)
-    summary = run(fast_settings(tmp_path, dead_url, max_retries=1, backoff_base=0.01, backoff_max=0.01, concurrency=2))
+    summary = run(fast_settings(tmp_path, dead_url, max_retries=1, concurrency=2))
     assert summary.aborted and "in a row" in summary.aborted
     assert summary.failed >= 10 and summary.failed + summary.not_attempted == len(faults)
     assert all("connection error" in r["reason"] for r in read_rows(failures_path_for(tmp_path / "out.jsonl")))
@@ -348,8 +371,8 @@ def test_bad_input_lines(tmp_path: Path, server: FakeOpenAIServer) -> None:
     src.write_text('{"id": 1, "feature_content": "a"}\n{"id": 1, "feature_content": "b"}\n', encoding="utf-8")
     with pytest.raises(BadRecordError, match=r"in\.jsonl:2: duplicate id 1 \(first at line 1\)"):
         run(fast_settings(tmp_path, server.base_url, on_bad_record="skip"))
-    with pytest.raises(SystemExit, match="must differ"):
-        label(input=str(src), output=str(src), base_url=server.base_url, model="m")
+    with pytest.raises(InputError, match="must differ"):
+        label(LabelSettings(input=str(src), output=str(src), base_url=server.base_url, model="m"))
 
 
 @pytest.mark.slow
