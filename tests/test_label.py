@@ -423,3 +423,84 @@ def test_help_lists_the_flags() -> None:
         assert flag in result.stdout
     assert "Requests kept in flight" in result.stdout  # the docstring reached the help
     assert KEY not in result.stdout + result.stderr
+
+
+def test_key_echoed_in_a_401_body_appears_nowhere(
+    tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture
+) -> None:
+    """OpenAI's own 401 says "Incorrect API key provided: sk-…"; the run stops on it, and neither its messages, the
+    final "stopped early" line, the failures file nor the output hold the key."""
+    write_input(tmp_path / "in.jsonl", ["auth_echo"] + ["ok"] * 5)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as info:
+        main(["label", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url", server.base_url,
+              "--model", "m", "--concurrency", "1", "--progress", "false"])  # fmt: skip
+    assert info.value.code == 1
+    captured = capsys.readouterr()
+    assert "stopped early: HTTP 401: Incorrect API key provided: ***." in captured.out
+    assert server.requests[0].authorization == f"Bearer {KEY}"  # the server did get the real key
+    failures = read_rows(failures_path_for(out))
+    assert [r["id"] for r in failures] == [0] and "Incorrect API key provided: ***." in failures[0]["reason"]
+    assert_no_key(tmp_path, captured.out, captured.err, str(info.value))
+
+
+def test_a_429_pauses_every_worker(tmp_path: Path) -> None:
+    """Rate limits belong to the key: after one record's 429 (Retry-After: 1) no worker sends anything for a second,
+    though the other three had records ready (without the pause they would send one every 0.2 s)."""
+    write_input(tmp_path / "in.jsonl", ["429"] + ["ok"] * 11)
+    with FakeOpenAIServer(latency=0.2) as server:
+        summary = run(fast_settings(tmp_path, server.base_url, concurrency=4))
+        # The 429 leaves the server 0.2 s after its request came in; requests sent before it reached the client
+        # may still arrive a little later, hence the margin at the start of the window.
+        answered = server.attempts_for("429")[0].at + 0.2
+        during_pause = [r for r in server.requests if answered + 0.25 < r.at < answered + 0.9]
+    assert (summary.done, summary.failed) == (12, 0)
+    assert not during_pause, f"{len(during_pause)} request(s) sent while the key was rate-limited"
+
+
+def test_settings_are_checked_naming_the_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConfigError, match="--concurrency must be >= 1, got 0"):
+        fast_settings(tmp_path, "http://127.0.0.1:9/v1", concurrency=0)
+    with pytest.raises(SystemExit) as info:
+        main(["label", "--input", "in.jsonl", "--output", "o.jsonl", "--base_url", "http://x/v1", "--model", "m",
+              "--max_retries", "-1"])  # fmt: skip
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "healthai label: error: --max_retries must be >= 0, got -1\n"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_signal_keeps_what_is_done_and_says_how_to_resume(tmp_path: Path, signum: int, code: int) -> None:
+    """A scheduler's SIGTERM (or Ctrl-C) mid-run: exit 143 (130), every written row whole and fsync'ed, the summary
+    says how to resume, and the rerun labels exactly the rest."""
+    n = 40
+    faults = write_input(tmp_path / "in.jsonl", ["ok"] * n)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "HEALTHAI_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    env.pop("OPENAI_API_KEY", None)
+    with FakeOpenAIServer(latency=0.2) as server:
+        cmd = [
+            sys.executable, "-m", "healthai", "label", "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+            "--base_url", server.base_url, "--model", "m", "--concurrency", "2", "--progress", "false",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(read_rows(out)) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no progress before the deadline"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == code, stderr
+        written = read_rows(out)  # every line parses: nothing torn
+        assert 2 <= len(written) < n
+        assert out.read_bytes().endswith(b"\n")
+        assert f"stopped early: interrupted by {signal.Signals(signum).name}" in stdout
+        assert f"{len(written)} labels are saved in {out}; rerun the same command to label the {n - len(written)} left" in stdout
+        assert "Traceback" not in stderr
+
+        server.latency = 0.0
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert f"done {n - len(written)}, failed 0, skipped {len(written)}" in second.stdout
+    done, failed = assert_each_id_once(out, failures_path_for(out), set(faults))
+    assert done == set(faults) and not failed
