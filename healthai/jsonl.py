@@ -44,7 +44,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 byte = f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
-                yield line_no, None, f"not UTF-8 ({byte}); save the file as UTF-8"
+                yield line_no, None, f"not valid UTF-8 ({byte}); save the file as UTF-8"
                 continue
             if not text.strip():
                 continue

@@ -152,7 +152,7 @@ def test_user_error_is_one_line_naming_the_file_or_option(command, case, inputs,
     if case in ("GBK bytes", "torn line", "duplicate id", "non-string field"):
         assert f"{named}:2:" in error_lines[0]  # file:line
     if case == "GBK bytes":
-        assert "not UTF-8" in error_lines[0]
+        assert "not valid UTF-8" in error_lines[0]
     if case == "duplicate id":
         assert "duplicate" in error_lines[0] and "id" in error_lines[0]
 
@@ -161,7 +161,7 @@ def test_debug_env_var_shows_the_traceback(inputs, capfd, monkeypatch) -> None:
     monkeypatch.setenv("HEALTHAI_DEBUG", "1")
     from healthai.jsonl import BadRecordError
 
-    with pytest.raises(BadRecordError, match=r"GBK_bytes\.jsonl:2: not UTF-8"):
+    with pytest.raises(BadRecordError, match=r"GBK_bytes\.jsonl:2: not valid UTF-8"):
         main(["evaluate", "--predictions", str(inputs["good"]), "--references", str(inputs["GBK bytes"])])
 
 
