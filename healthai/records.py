@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, iter_jsonl, rejects_path_for
 from healthai.prompts import join_diseases
