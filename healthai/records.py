@@ -3,9 +3,9 @@
 Light on purpose (no torch): the label command reads its input through it too.
 
 Ids: an ``id`` is a JSON integer or string, and records are matched by the id's text — ``5`` and ``"5"`` are the same
-record in every stage (:func:`id_key`). So a file holding both is a duplicate-id error, a label or prediction output
-resumed with the other form skips the record, and evaluate joins predictions ``"5"`` to reference ``5``. An id is
-written back exactly as it was read.
+record in every stage (:func:`id_key`). So a file holding both is a duplicate-id error, a label output resumed with
+the other form counts the record as done, and evaluate joins prediction ``"5"`` to reference ``5``. An id is written
+back exactly as it was read. (Predict resumes only an output written from the same input, so its ids match as read.)
 """
 
 from __future__ import annotations
