@@ -134,11 +134,10 @@ def run_in_process(argv: list[str], capfd) -> tuple[int, str]:
     return code, err
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "command, case", [(command, case) for command in COMMANDS for case in CASES if (command, case) not in NOT_APPLICABLE]
+)
 def test_user_error_is_one_line_naming_the_file_or_option(command, case, inputs, tmp_path, capfd, monkeypatch):
-    if (command, case) in NOT_APPLICABLE:
-        pytest.skip("not applicable: see NOT_APPLICABLE")
     monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
     monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
     argv, named = command_line(command, case, inputs, tmp_path)
