@@ -21,8 +21,8 @@ How a run works:
 * SIGTERM / SIGINT stop the run: requests in flight are dropped (a rerun redoes them), what was labelled is fsync'ed,
   the summary says how to resume, and the exit status is 143 / 130.
 * The API key is read from ``HEALTHAI_API_KEY`` (else ``OPENAI_API_KEY``) and is never an argument, so it cannot end up
-  in a saved config. Some servers echo it back in error bodies (OpenAI's 401 does), so everything the run prints,
-  logs, writes, raises or returns passes through one :class:`Redactor`.
+  in a saved config. Some servers echo it back in error bodies (OpenAI's 401 does), so everything the run prints to
+  stdout / stderr, writes to its files, raises or returns passes through one :class:`Redactor`.
 """
 
 from __future__ import annotations
