@@ -1,8 +1,13 @@
-"""Entry point: ``python -m healthai <command> ...`` — a table from command to handler, nothing else."""
+"""Entry point: ``python -m healthai <command> ...`` — a table from command to handler, and the one place that turns
+the user's errors into one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+import os
+import re
 import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate", "predict")
@@ -14,8 +19,11 @@ FUNCTION_COMMANDS = {
     "export": "healthai.export:export",
     "serve": "healthai.serve:serve",
 }
-"""Commands that are one plain function each; its typed, documented arguments are the command's flags."""
+"""Commands that are one plain function each; its typed, documented arguments are the command's flags (a function
+of one dataclass takes that dataclass's fields as its flags)."""
 
+DEBUG_ENV_VAR = "HEALTHAI_DEBUG"
+"""Set to 1 to see the traceback of a user error instead of its one line."""
 
 USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,export,serve}} [--help] ...
 
@@ -26,7 +34,23 @@ USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,eva
   evaluate   disease P/R/F1, JSON validity and reason ROUGE-L of a predictions file
   export     merge the LoRA adapter into the base model for serving
   serve      the model over HTTP (LitServe): /predict, OpenAI /v1/chat/completions, a page at /
+
+A user error (bad file, bad option) prints one line and exits with status 2; {DEBUG_ENV_VAR}=1 shows its traceback.
 """
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix: the project's own, a missing input file, a rejected option value."""
+    from jsonargparse import ArgumentError
+
+    from healthai.errors import UserError  # BadRecordError and ConfigError are UserErrors
+
+    return UserError, FileNotFoundError, NotADirectoryError, ArgumentError
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (jsonargparse's messages span several)."""
+    return re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,20 +60,49 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    if command not in LIGHTNING_COMMANDS and command not in FUNCTION_COMMANDS:
+        sys.exit(f"unknown command {command!r}\n\n{USAGE}")
+    try:
+        run(command, rest, argv_given is None)
+    except user_error_types() as e:
+        if os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0"):
+            raise
+        print(f"healthai {command}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(command: str, rest: list[str], from_shell: bool) -> None:
+    """Run one command; user errors propagate to :func:`main`."""
+    import jsonargparse
+
     if command in LIGHTNING_COMMANDS:
         from healthai.cli import cli_main
 
         # LightningCLI reads sys.argv itself when run from the shell; args are passed only for in-process calls.
-        cli_main(None if argv_given is None else [command, *rest])
+        cli_main(None if from_shell else [command, *rest])
         return
-    if command not in FUNCTION_COMMANDS:
-        sys.exit(f"unknown command {command!r}\n\n{USAGE}")
     # Imported lazily so that one command's --help does not import every stage's dependencies.
     module_name, fn_name = FUNCTION_COMMANDS[command].split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
-    from jsonargparse import CLI
+    # exit_on_error=False: a bad flag value raises ArgumentError, reported as one line by main().
+    cli_kwargs = dict(args=rest, as_positional=False, prog=f"python -m healthai {command}", exit_on_error=False)
+    settings_type = _settings_dataclass(fn)
+    if settings_type is None:
+        jsonargparse.CLI(fn, **cli_kwargs)
+    else:
+        # Its fields are documented by the string under each (litgpt's style); let --help show those. Only here:
+        # this reads the source of every class parsed, which makes LightningCLI's parser several times slower.
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        fn(jsonargparse.CLI(settings_type, **cli_kwargs))
 
-    CLI(fn, args=rest, as_positional=False, prog=f"python -m healthai {command}")
+
+def _settings_dataclass(fn) -> type | None:
+    """The dataclass type of ``fn``'s only parameter, if it takes exactly one dataclass."""
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) != 1:
+        return None
+    annotation = inspect.get_annotations(fn, eval_str=True).get(params[0].name)
+    return annotation if dataclasses.is_dataclass(annotation) else None
 
 
 if __name__ == "__main__":

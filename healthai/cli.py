@@ -44,4 +44,6 @@ def cli_main(args: Optional[list[str]] = None) -> HealthAICLI:
         args=args,
         # A rerun in the same run folder must not abort on the config.yaml the previous run saved.
         save_config_kwargs={"overwrite": True},
+        # A bad option raises ArgumentError, which `python -m healthai` reports as one line (healthai/__main__.py).
+        parser_kwargs={"exit_on_error": False},
     )

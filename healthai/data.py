@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from healthai.errors import ConfigError, check_at_least, check_model_source
 from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, rejects_path_for
 from healthai.prompts import PromptStyle, answer_text
 from healthai.records import check_record, read_records  # noqa: F401  (re-exported: the data stage's API)
@@ -294,6 +295,17 @@ class DiagnosisDataModule(L.LightningDataModule):
                 less padding, less randomness.
             num_workers: DataLoader worker processes.
         """
+        # A bad value is the user's config error, named here, not a ZeroDivisionError deep in a sampler.
+        check_at_least("data.max_length", max_length, 1)
+        check_at_least("data.batch_size", batch_size, 1)
+        check_at_least("data.eval_batch_size", eval_batch_size, 1, allow_none=True)
+        check_at_least("data.pad_to_multiple_of", pad_to_multiple_of, 1)
+        check_at_least("data.mega_batch_mult", mega_batch_mult, 1)
+        check_at_least("data.num_workers", num_workers, 0)
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        if tokenizer_path is not None:
+            check_model_source(tokenizer_path, "data.tokenizer_path")
         super().__init__()
         self.save_hyperparameters(ignore=["prompt"])
         self.train_file, self.val_file, self.predict_file = train_file, val_file, predict_file

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from healthai.errors import UserError
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.metrics import PARSE_STATUSES, DiseaseF1, JsonValidRate, ReasonRougeL, match_diseases, rouge_l_char
 from healthai.prompts import join_diseases
+from healthai.records import id_key
 
 RecordId = Union[int, str]
 
@@ -48,14 +50,15 @@ class Predictions:
 
 
 def _key(path: Path, line_no: int, row: dict) -> tuple[RecordId, str]:
-    """The row's ``id`` and the string it is joined on; ``10001`` and ``"10001"`` are the same record."""
+    """The row's ``id`` and the key it is joined on: ``10001`` and ``"10001"`` are the same record, as in every stage
+    (:func:`healthai.records.id_key`)."""
     if "id" not in row:
         raise BadRecordError(path, line_no, "row has no 'id'")
     rid = row["id"]
     # bool is an int subclass, and a float id (1.0 vs 1) would join unpredictably: accept only int and str.
     if isinstance(rid, bool) or not isinstance(rid, (int, str)):
         raise BadRecordError(path, line_no, f"'id' must be an integer or a string, got {rid!r}")
-    return rid, str(rid)
+    return rid, id_key(rid)
 
 
 def _diseases(path: Path, line_no: int, value: Any) -> str:
@@ -75,7 +78,8 @@ def _reason(path: Path, line_no: int, value: Any) -> Optional[str]:
 
 
 def read_references(path: Path) -> dict[str, Reference]:
-    """Reference records by id string, in file order; a bad line or a repeated id raises :class:`BadRecordError`.
+    """Reference records by id key, in file order; a bad line or a repeated id raises :class:`BadRecordError`, a file
+    without records :class:`~healthai.errors.UserError`.
 
     A list-valued ``diseases`` is joined with ``；``; ``reason`` may be absent or null.
     """
@@ -92,6 +96,9 @@ def read_references(path: Path) -> dict[str, Reference]:
             raise BadRecordError(path, line_no, "reference row has no 'diseases'")
         refs[key] = Reference(rid, _diseases(path, line_no, row["diseases"]), _reason(path, line_no, row.get("reason")))
         first_line[key] = line_no
+    if not refs:
+        # Every score would be 0 or undefined; a wrong --references must not pass for a result.
+        raise UserError(f"{path}: no reference records; nothing to score against")
     return refs
 
 
@@ -195,7 +202,7 @@ def evaluate(
     (so a missing record does not lower it; null when no row is scored); a row without ``parse_status`` (the
     official submission format) counts as valid when its ``diseases`` is a string. ``reason_rougeL`` averages over
     references that have a reason and is null when none has. A malformed line, a bad field or a repeated reference
-    id stops with ``file:line``.
+    id stops with ``file:line``; a references file without records is an error.
 
     Args:
         predictions: JSONL of prediction rows ``{"id", "diseases", "reason", "parse_status"?, ...}``.

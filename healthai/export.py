@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from healthai.data import check_record, fit_case_text
+from healthai.errors import check_model_source
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.prompts import PromptStyle
 
@@ -211,6 +212,7 @@ def export(
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     try:
         base_name = base_of(adapter, base)
+        check_model_source(base_name, "--base")  # a missing folder, not transformers' "Repo id must be in the form"
         records_file = Path(records) if records is not None else default_records_file()
         parity_set = first_records(records_file, parity_records)
     except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError

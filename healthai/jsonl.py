@@ -12,10 +12,14 @@ import os
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Literal
 
+from healthai.errors import UserError
+
 OnBadRecord = Literal["error", "skip"]
 
+UTF8_BOM = b"\xef\xbb\xbf"
 
-class BadRecordError(ValueError):
+
+class BadRecordError(UserError, ValueError):
     """A JSONL line that cannot be used; the message names the file and the 1-based line number."""
 
     def __init__(self, path: str | Path, line_no: int, reason: str):
@@ -26,14 +30,21 @@ class BadRecordError(ValueError):
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(line_no, object, None)`` per non-blank line, or ``(line_no, None, reason)`` where it cannot be parsed.
 
-    Lines are decoded one by one so that a non-UTF-8 byte is reported at its own line.
+    Lines are decoded one by one so that a non-UTF-8 byte (a GBK file, say) is reported at its own line. A UTF-8 byte
+    order mark at the start of the file (Excel and Windows tools write one) is skipped. A missing file raises
+    :class:`FileNotFoundError` naming it.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM) :]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield line_no, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                byte = f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+                yield line_no, None, f"not valid UTF-8 ({byte}); save the file as UTF-8"
                 continue
             if not text.strip():
                 continue
@@ -101,7 +112,7 @@ def recover_jsonl(path: str | Path, key: str = "id") -> list[Any]:
     data = path.read_bytes()
     keys: list[Any] = []
     good_end = 0
-    pos = 0
+    pos = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
     while pos < len(data):
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1

@@ -6,49 +6,49 @@ diagnosis and its reasons for every case record; the student is then fine-tuned 
 How a run works:
 
 * The prompt comes from :class:`healthai.prompts.PromptStyle` — the same rendering the student is trained on — and JSON
-  output mode (``response_format={"type": "json_object"}``) is requested unless ``--json_mode false``.
-* ``concurrency`` workers keep that many requests in flight. 429, 5xx, timeouts and dropped connections are retried
-  with exponential backoff and jitter, never sooner than the server's ``Retry-After``; a 429 also pauses every worker,
-  because rate limits belong to the key, not to one record. Any other 4xx fails the record at once, and 401/403/404
-  (bad key, no access, unknown model: every record would fail the same way) stop the run.
+  output mode (``response_format={"type": "json_object"}``) is requested unless ``--json_mode false``; a server that
+  refuses it (400 naming response_format) gets the rest of the run without it.
+* ``concurrency`` workers keep that many requests in flight through one ``openai.AsyncOpenAI`` client, which does the
+  retrying: 408, 409, 429, 5xx, timeouts and dropped connections are retried ``max_retries`` times with exponential
+  backoff and jitter, honouring ``Retry-After``. What the client cannot do is done here: a 429 pauses *every* worker
+  (rate limits belong to the key, not to one record; an httpx hook holds each request until the pause ends), 401/403/404
+  stop the run (bad key, no access, unknown model: every record would fail alike), and so does a streak of records that
+  ran out of retries (the server is down or the quota spent).
 * Each good result is appended to the output file and fsync'ed as it arrives (off the event loop, see
-  :class:`DurableAppender`). Failures go to
-  ``<output>.failures.jsonl`` (this run's only) and are not "done": a rerun labels exactly the ids that are not in the
-  output yet — the failed ones and the ones a crash never reached — after cutting a torn last line off the output.
+  :class:`DurableAppender`). Failures go to ``<output>.failures.jsonl`` (this run's only) and are not "done": a rerun
+  labels exactly the ids that are not in the output yet — the failed ones and the ones a crash or a stop never reached —
+  after cutting a torn last line off the output.
+* SIGTERM / SIGINT stop the run: requests in flight are dropped (a rerun redoes them), what was labelled is fsync'ed,
+  the summary says how to resume, and the exit status is 143 / 130.
 * The API key is read from ``HEALTHAI_API_KEY`` (else ``OPENAI_API_KEY``) and is never an argument, so it cannot end up
-  in a saved config; every text this module writes is scrubbed of it as well (some servers echo the key back).
+  in a saved config. Some servers echo it back in error bodies (OpenAI's 401 does), so everything the run prints to
+  stdout / stderr, writes to its files, raises or returns passes through one :class:`Redactor`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import email.utils
 import json
 import os
-import random
-import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import openai
 from openai.types.chat import ChatCompletion
 from tqdm import tqdm
 
-from healthai.jsonl import (
-    BadRecordError,
-    OnBadRecord,
-    Rejects,
-    append_rows,
-    recover_jsonl,
-    rejects_path_for,
-)
 from healthai.decoding import answer_fields, load_answer_json
-from healthai.records import read_records as read_input_records
+from healthai.errors import ConfigError, UserError, check_at_least
+from healthai.jsonl import OnBadRecord, Rejects, append_rows, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
+from healthai.records import id_key
+from healthai.records import read_records as read_input_records
 
 API_KEY_ENV_VARS = ("HEALTHAI_API_KEY", "OPENAI_API_KEY")
 """Where the key is looked for, in this order. It is never a command-line flag."""
@@ -60,22 +60,26 @@ MIN_GIVE_UP_STREAK = 10
 """The run stops when this many records in a row (at least twice ``concurrency``) ran out of retries with no success
 in between: the server is down or the quota is spent, and hammering it with every remaining record helps nobody."""
 
-MAX_RETRY_AFTER_S = 600.0
-"""Upper bound on a server's ``Retry-After``, so a bogus header cannot stall the run for hours."""
+DEFAULT_PAUSE_S = 1.0
+"""How long a 429 without a readable ``Retry-After`` pauses every worker (the client backs off on its own besides)."""
+
+MAX_PAUSE_S = 120.0
+"""Upper bound on the shared pause: the client itself does not honour a ``Retry-After`` above two minutes."""
 
 MIN_SECRET_CHARS = 8
-"""Keys at least this long are treated as secrets and scrubbed from what the run writes."""
+"""Keys at least this long are treated as secrets and scrubbed; shorter ones are the dummies local servers take
+("EMPTY", "x"), and replacing those would garble every message for no gain."""
 
 MAX_MESSAGE_CHARS = 500
 """Server error bodies are cut to this length in failure reasons."""
 
 
-class MissingApiKeyError(RuntimeError):
+class MissingApiKeyError(UserError):
     """Neither key variable is set."""
 
 
-class InputError(ValueError):
-    """The run cannot start with these files or settings (e.g. the input file is the output file)."""
+class InputError(UserError):
+    """The run cannot start with these files (e.g. the input file is the output file)."""
 
 
 class BadResponseError(Exception):
@@ -114,38 +118,55 @@ def parse_teacher_reply(text: str, *, allow_repair: bool = True) -> tuple[str, s
 
 @dataclass(frozen=True)
 class LabelSettings:
-    """Everything a run needs except the API key (kept out so that no repr or saved config can show it)."""
+    """Label case records with a teacher model (OpenAI-compatible API; key from $HEALTHAI_API_KEY or $OPENAI_API_KEY).
+
+    The API key is read from the environment only (any dummy value for a local server that needs none); it is never a
+    flag, so it cannot land in a saved config, and it is scrubbed from everything the run prints or writes. Rerunning
+    the same command labels exactly the records that are not in --output yet. Exits with status 1 when any record
+    failed or the run stopped early, 143 / 130 after SIGTERM / SIGINT (rerun to resume).
+    """
 
     input: str
+    """JSONL file of records {"id": int|str, "feature_content": str}."""
     output: str
+    """JSONL file that results are appended to as {"id", "feature_content", "diseases", "reason"}; ids already in it
+    are skipped. Failures of this run go to <output>.failures.jsonl; rerun the same command to retry them."""
     base_url: str
+    """OpenAI-compatible endpoint, e.g. https://dashscope.aliyuncs.com/compatible-mode/v1 or http://127.0.0.1:8000/v1
+    (vLLM)."""
     model: str
+    """Teacher model name, e.g. qwen2.5-72b-instruct."""
     concurrency: int = 8
+    """Requests kept in flight at once."""
     max_retries: int = 5
+    """Retries per request after 408, 409, 429, 5xx, a timeout or a dropped connection (the openai client's
+    exponential backoff with jitter, honouring Retry-After); other 4xx fail the record at once."""
     timeout: float = 120.0
+    """Seconds allowed for one request."""
     temperature: float = 0.2
+    """Sampling temperature of the teacher."""
     max_tokens: int = 1024
+    """Most tokens the teacher may write per reply; a reply cut at this limit counts as failed."""
     json_mode: bool = True
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
+    """Request JSON output (response_format json_object). If the server answers 400 naming response_format, the run
+    turns it off by itself and carries on."""
     prompt_dir: Optional[str] = None
+    """Folder holding a prompt.json (e.g. an adapter/ folder) to label with that prompt; default prompt otherwise."""
     on_bad_record: OnBadRecord = "error"
+    """What to do with a bad input line: "error" stops with file:line, "skip" writes it to <output>.rejects.jsonl.
+    A duplicate id is always an error."""
     limit: Optional[int] = None
+    """Label at most this many of the pending records (a trial run)."""
     progress: bool = True
+    """Show a progress bar with rate and ETA."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "concurrency must be >= 1": self.concurrency >= 1,
-            "max_retries must be >= 0": self.max_retries >= 0,
-            "timeout must be > 0": self.timeout > 0,
-            "max_tokens must be >= 1": self.max_tokens >= 1,
-            "backoff_base must be >= 0": self.backoff_base >= 0,
-            "backoff_max must be >= backoff_base": self.backoff_max >= self.backoff_base,
-            "limit must be >= 0": self.limit is None or self.limit >= 0,
-        }
-        problems = [message for message, ok in checks.items() if not ok]
-        if problems:
-            raise InputError("; ".join(problems))
+        check_at_least("--concurrency", self.concurrency, 1)
+        check_at_least("--max_retries", self.max_retries, 0)
+        check_at_least("--max_tokens", self.max_tokens, 1)
+        check_at_least("--limit", self.limit, 0, allow_none=True)
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout must be > 0, got {self.timeout!r}")
 
 
 @dataclass(frozen=True)
@@ -169,17 +190,26 @@ class Summary:
     rejected: int = 0
     """Bad input lines skipped (``on_bad_record: skip``)."""
     not_attempted: int = 0
-    """Left unlabelled because the run stopped early (``--limit`` or a fatal error)."""
+    """Left unlabelled because the run stopped early (``--limit``, a fatal error, a signal), in flight ones included."""
     elapsed_s: float = 0.0
     output: str = ""
     failures: Optional[str] = None
     """The failures file, when there were failures."""
     aborted: Optional[str] = None
     """Why the run stopped early, when it did."""
+    signal: Optional[int] = None
+    """The signal that stopped the run (SIGTERM, SIGINT), when one did."""
 
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.aborted is None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when all is labelled, 128 + the signal after SIGTERM / SIGINT (the shell's convention), else 1."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return 0 if self.ok else 1
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,6 +225,9 @@ class Summary:
             text += f"\nlabel: failures written to {self.failures}; rerun the same command to retry them"
         if self.aborted:
             text += f"\nlabel: stopped early: {self.aborted}"
+        if self.signal is not None or (self.aborted and self.not_attempted):
+            text += (f"\nlabel: {self.skipped + self.done} labels are saved in {self.output}; rerun the same command "
+                     f"to label the {self.failed + self.not_attempted} left")  # fmt: skip
         return text
 
 
@@ -224,81 +257,109 @@ def read_records(path: str | Path, on_bad_record: OnBadRecord, rejects: Rejects)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Keeping the key out of everything the run emits
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Redactor:
+    """The one place the API key is scrubbed from text (replaced by ``***``).
+
+    :meth:`guard` puts it between the run and everything the run emits: stdout and stderr (summary, progress bar,
+    messages), the files it writes (:meth:`writer`), exceptions leaving the run, and the returned summary. So a key
+    echoed in a server's error body cannot leak through a message someone adds later either. (A key split across two
+    separate ``write`` calls would pass; every line is written whole.)
+    """
+
+    def __init__(self, secret: str):
+        self._secret = secret if len(secret) >= MIN_SECRET_CHARS else None
+
+    def __call__(self, text: str) -> str:
+        return text if self._secret is None else text.replace(self._secret, "***")
+
+    def writer(self, stream: Any) -> "_RedactingWriter":
+        """``stream`` (a text file or stream) with every write scrubbed."""
+        return _RedactingWriter(stream, self)
+
+    def scrub_exception(self, exc: Optional[BaseException]) -> None:
+        """Scrub the string arguments of ``exc`` and of the exceptions chained to it, in place."""
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            exc.args = tuple(self(a) if isinstance(a, str) else a for a in exc.args)
+            exc = exc.__cause__ or exc.__context__
+
+    def scrub_summary(self, summary: "Summary") -> "Summary":
+        return dataclasses.replace(summary, **{
+            f.name: self(v) for f in dataclasses.fields(summary) if isinstance(v := getattr(summary, f.name), str)
+        })  # fmt: skip
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Scrub stdout, stderr and any exception raised inside the block."""
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self.writer(out), self.writer(err)
+        try:
+            yield
+        except BaseException as e:
+            self.scrub_exception(e)
+            raise
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+class _RedactingWriter:
+    """A text stream or file whose writes go through a :class:`Redactor`; everything else is the wrapped object's."""
+
+    def __init__(self, inner: Any, redact: Callable[[str], str]):
+        self._inner, self._redact = inner, redact
+
+    def write(self, text: str) -> int:
+        return self._inner.write(self._redact(text))
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, close, encoding, ...
+        return getattr(self._inner, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Talking to the server
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ApiFailure:
-    """One failed request, classified."""
+    """One request that failed for good (the client's retries included), classified."""
 
     reason: str
-    retryable: bool
     status: Optional[int] = None
-    retry_after: Optional[float] = None
+    server_trouble: bool = False
+    """The server's health, not the record, is to blame: out of retries (429, 5xx, timeouts, connections)."""
 
 
-def parse_retry_after(headers: Any) -> Optional[float]:
-    """Seconds the server asks us to wait: ``retry-after-ms``, ``Retry-After`` as seconds or as an HTTP date."""
-    if headers is None:
-        return None
-    seconds = _as_float(headers.get("retry-after-ms"))  # OpenAI's finer-grained variant
-    if seconds is not None:
-        seconds /= 1000.0
-    else:
-        value = headers.get("retry-after")
-        if not value:
-            return None
-        seconds = _as_float(value)
-        if seconds is None:  # the other RFC 9110 form: an HTTP date
-            try:
-                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-            except (TypeError, ValueError):
-                return None  # unreadable: fall back to plain backoff
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
-def _as_float(value: Optional[str]) -> Optional[float]:
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-_ERROR_CODE_PREFIX = re.compile(r"^Error code: \d+ - ")
-
-
-def classify_error(exc: BaseException, timeout: float) -> ApiFailure:
-    """Sort a request error into retryable (429, 5xx, timeout, connection) or not (any other 4xx or API error)."""
-    # asyncio.TimeoutError: from wait_for (the builtin TimeoutError only from Python 3.11 on).
-    if isinstance(exc, (asyncio.TimeoutError, openai.APITimeoutError)):
-        return ApiFailure(f"timed out after {timeout:g}s", retryable=True)
+def classify_error(exc: openai.APIError, timeout: float) -> ApiFailure:
+    """Describe a request error the client gave up on (or does not retry: any other 4xx or API error)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return ApiFailure(f"timed out after {timeout:g}s", server_trouble=True)
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__
         detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-        return ApiFailure(f"connection error ({detail})", retryable=True)
+        return ApiFailure(f"connection error ({detail})", server_trouble=True)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         # The client prefixes "Error code: 429 - "; the status is in our own prefix already.
-        message = _ERROR_CODE_PREFIX.sub("", str(exc.message))[:MAX_MESSAGE_CHARS]
-        retryable = status == 429 or status >= 500
-        retry_after = parse_retry_after(exc.response.headers) if retryable else None
-        return ApiFailure(f"HTTP {status}: {message}", retryable=retryable, status=status, retry_after=retry_after)
+        message = str(exc.message).removeprefix(f"Error code: {status} - ")[:MAX_MESSAGE_CHARS]
+        retried = status in (408, 409, 429) or status >= 500  # the statuses the client retries
+        return ApiFailure(f"HTTP {status}: {message}", status=status, server_trouble=retried)
     # APIResponseValidationError and friends: the server answered, but not with a chat completion.
-    return ApiFailure(f"{type(exc).__name__}: {str(exc)[:MAX_MESSAGE_CHARS]}", retryable=False)
+    return ApiFailure(f"{type(exc).__name__}: {str(exc)[:MAX_MESSAGE_CHARS]}")
 
 
-def backoff_delay(retry_no: int, base: float, cap: float, retry_after: Optional[float] = None) -> float:
-    """Delay before retry ``retry_no`` (1-based): exponential with "equal jitter", but never below ``retry_after``.
-
-    Half of the exponential step is fixed and half random, so retries spread out (no thundering herd after a shared
-    failure) while still growing.
-    """
-    step = min(cap, base * 2 ** (retry_no - 1))
-    delay = step / 2 + random.uniform(0, step / 2)
-    return max(delay, retry_after or 0.0)
+def attempts_of(exc: openai.APIError) -> int:
+    """Requests the client sent for the call that raised ``exc``: it numbers its retries in a header of each."""
+    request = getattr(exc, "request", None)
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, ValueError):
+        return 1
 
 
 class PauseGate:
@@ -314,12 +375,42 @@ class PauseGate:
         while (remaining := self._until - time.monotonic()) > 0:
             await asyncio.sleep(remaining)
 
+    # httpx event hooks: every request the client sends, its own retries included, passes through these.
+
+    async def hold_request(self, request: Any) -> None:
+        await self.wait()
+
+    async def note_response(self, response: Any) -> None:
+        if response.status_code == 429:
+            self.pause(retry_after_s(response.headers))
+
+
+def retry_after_s(headers: Any) -> float:
+    """The pause a 429 asks for (``retry-after-ms`` or ``Retry-After`` in seconds; the HTTP-date form, which the
+    client's own retry honours, pauses the others :data:`DEFAULT_PAUSE_S`)."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return min(max(float(headers[name]) * scale, 0.0), MAX_PAUSE_S)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return DEFAULT_PAUSE_S
+
+
+def make_client(settings: LabelSettings, api_key: str, gate: PauseGate) -> openai.AsyncOpenAI:
+    """The async client: its retries, backoff and timeouts, plus the shared pause hooked into every request."""
+    http_client = openai.DefaultAsyncHttpxClient(
+        event_hooks={"request": [gate.hold_request], "response": [gate.note_response]}
+    )
+    return openai.AsyncOpenAI(
+        base_url=settings.base_url, api_key=api_key, timeout=settings.timeout, max_retries=settings.max_retries,
+        http_client=http_client,
+    )  # fmt: skip
+
 
 @dataclass
 class Labelled:
     diseases: str
     reason: str
-    attempts: int
 
 
 @dataclass
@@ -340,9 +431,9 @@ class DurableAppender:
     a crash before that leaves it out of the output, and the rerun labels it again — never twice.
     """
 
-    def __init__(self, path: str | Path, mode: str):
+    def __init__(self, path: str | Path, mode: str, redactor: Redactor):
         self.path = Path(path)
-        self._file = open(self.path, mode, encoding="utf-8")
+        self._file = redactor.writer(open(self.path, mode, encoding="utf-8"))
         self._pending: list[dict] = []
         self._drain: Optional[asyncio.Future] = None
 
@@ -373,15 +464,15 @@ class _Run:
     """State shared by the workers of one run. The event loop is single-threaded, so no locks are needed."""
 
     def __init__(
-        self, settings: LabelSettings, prompt: PromptStyle, client: openai.AsyncOpenAI, api_key: str, summary: Summary
-    ):
+        self, settings: LabelSettings, prompt: PromptStyle, client: openai.AsyncOpenAI, redactor: Redactor,
+        summary: Summary,
+    ):  # fmt: skip
         self.settings = settings
         self.client = client
-        self.api_key = api_key
+        self.redactor = redactor
         self.summary = summary
         self.prompt = prompt
         self.json_mode = settings.json_mode
-        self.gate = PauseGate()
         self.out: Optional[DurableAppender] = None
         self.failures: Optional[DurableAppender] = None
         self.bar: Optional[tqdm] = None
@@ -391,22 +482,16 @@ class _Run:
     # -- the API -----------------------------------------------------------------------------------------------------
 
     async def request(self, record: Record, json_mode: bool) -> tuple[Optional[str], Optional[str]]:
-        """One chat completion: ``(content, finish_reason)``."""
+        """One chat completion (the client retries what is worth retrying): ``(content, finish_reason)``."""
         s = self.settings
         kwargs: dict[str, Any] = {}
         if json_mode:
             kwargs["response_format"] = {"type": "json_object"}
-        create = self.client.chat.completions.create(
-            model=s.model,
-            messages=self.prompt.messages(record.text),
-            temperature=s.temperature,
-            max_tokens=s.max_tokens,
-            **kwargs,
-        )
         try:
-            # wait_for bounds the whole call; the client's own timeout only bounds each read, so a server that
-            # trickles bytes could otherwise hold a slot forever.
-            response = await asyncio.wait_for(create, s.timeout)
+            response = await self.client.chat.completions.create(
+                model=s.model, messages=self.prompt.messages(record.text), temperature=s.temperature,
+                max_tokens=s.max_tokens, **kwargs,
+            )  # fmt: skip
         except json.JSONDecodeError as e:  # the client parses a JSON content-type body without wrapping errors
             raise BadResponseError(f"the server's answer is not valid JSON ({e.msg}); check --base_url") from None
         if not isinstance(response, ChatCompletion):  # a non-JSON body (e.g. an HTML page) comes back as a str
@@ -418,41 +503,31 @@ class _Run:
         return choice.message.content, choice.finish_reason
 
     async def label_record(self, record: Record) -> Labelled | Failed | None:
-        """Label one record, retrying what is worth retrying. None means the run was stopped before it finished."""
-        s = self.settings
-        attempts = 0
+        """Label one record. None means the run was stopped before it started."""
         while True:
-            await self.gate.wait()
             if self.summary.aborted:
                 return None
             json_mode = self.json_mode
-            attempts += 1
             try:
                 content, finish_reason = await self.request(record, json_mode)
-            except (asyncio.TimeoutError, openai.APIError) as exc:
-                failure = classify_error(exc, s.timeout)
+            except openai.APIError as exc:
+                failure = classify_error(exc, self.settings.timeout)
                 # Checked against this request's json_mode, not the shared flag: with N requests in flight, N may
                 # come back refused, and each must retry even though the first one already switched it off.
                 if json_mode and _rejects_json_mode(failure):
                     self.disable_json_mode(failure.reason)
-                    attempts -= 1  # the server's limitation, not the record's: this try does not count
                     continue
+                attempts = attempts_of(exc)
                 if failure.status in FATAL_STATUSES:
                     self.abort(f"{failure.reason} (check --base_url, --model and the API key)")
                     return Failed(failure.reason, attempts)
-                if not failure.retryable:
-                    return Failed(failure.reason, attempts)
-                if attempts > s.max_retries:
+                if failure.server_trouble and attempts > 1:
                     why = f"gave up after {attempts} attempts; last error: {failure.reason}"
                     return Failed(why, attempts, server_trouble=True)
-                delay = backoff_delay(attempts, s.backoff_base, s.backoff_max, failure.retry_after)
-                if failure.status == 429:
-                    self.gate.pause(delay)
-                await asyncio.sleep(delay)
-                continue
+                return Failed(failure.reason, attempts, server_trouble=failure.server_trouble)
             except BadResponseError as exc:
-                return Failed(str(exc), attempts, server_trouble=True)
-            return _outcome_from_reply(content, finish_reason, attempts, s.max_tokens)
+                return Failed(str(exc), 1, server_trouble=True)
+            return _outcome_from_reply(content, finish_reason, self.settings.max_tokens)
 
     def disable_json_mode(self, reason: str) -> None:
         """The server refused ``response_format``: carry on without it for the rest of the run (the prompt still asks
@@ -467,19 +542,15 @@ class _Run:
             self.summary.aborted = reason
             self.log(f"label: stopping: {reason}")
 
+    def stop_on_signal(self, signum: int) -> None:
+        """SIGTERM / SIGINT: record why; the caller cancels the workers (in-flight requests are dropped)."""
+        if self.summary.signal is None:
+            self.summary.signal = signum
+            self.abort(f"interrupted by {signal.Signals(signum).name}")
+
     # -- output --------------------------------------------------------------------------------------------------------
 
-    def redact(self, text: str) -> str:
-        """Scrub the key out of any text we write: some servers echo the key they were sent in their error bodies.
-
-        Keys shorter than :data:`MIN_SECRET_CHARS` are the dummies local servers take ("EMPTY", "x"); replacing
-        those would garble every message for no gain."""
-        if len(self.api_key) < MIN_SECRET_CHARS:
-            return text
-        return text.replace(self.api_key, "***")
-
     def log(self, message: str) -> None:
-        message = self.redact(message)
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message, file=sys.stderr)
         else:
@@ -488,7 +559,6 @@ class _Run:
     def record_outcome(self, record: Record, outcome: Labelled | Failed | None) -> None:
         """Write one finished record: a good row to the output, a failure to the failures file."""
         if outcome is None:
-            self.summary.not_attempted += 1
             return
         if isinstance(outcome, Labelled):
             assert self.out is not None
@@ -514,19 +584,19 @@ class _Run:
 
     def write_failure(self, record: Record, failure: Failed) -> None:
         if self.failures is None:  # created on the first failure, so a clean run leaves no failures file
-            self.failures = DurableAppender(failures_path_for(self.settings.output), "w")
+            self.failures = DurableAppender(failures_path_for(self.settings.output), "w", self.redactor)
             self.summary.failures = str(self.failures.path)
-        row: dict[str, Any] = {"id": record.id, "reason": self.redact(failure.reason), "attempts": failure.attempts}
+        row: dict[str, Any] = {"id": record.id, "reason": failure.reason, "attempts": failure.attempts}
         if failure.raw is not None:
-            row["raw"] = self.redact(failure.raw)
+            row["raw"] = failure.raw
         self.failures.add(row)
         self.summary.failed += 1
         if self.bar is not None:
             self.bar.set_postfix(failed=self.summary.failed, refresh=False)
-        self.log(f"label: id {record.id!r} failed: {row['reason']}")
+        self.log(f"label: id {record.id!r} failed: {failure.reason}")
 
     async def aclose(self) -> None:
-        """Finish the pending writes and close the files and the progress bar."""
+        """Finish the pending writes (fsync'ed) and close the files and the progress bar."""
         try:
             for appender in (self.out, self.failures):
                 if appender is not None:
@@ -542,9 +612,7 @@ def _rejects_json_mode(failure: ApiFailure) -> bool:
     return failure.status == 400 and ("response_format" in text or "json_object" in text)
 
 
-def _outcome_from_reply(
-    content: Optional[str], finish_reason: Optional[str], attempts: int, max_tokens: int
-) -> Labelled | Failed:
+def _outcome_from_reply(content: Optional[str], finish_reason: Optional[str], max_tokens: int) -> Labelled | Failed:
     """Parse a reply into a label, or a failure that keeps the raw reply for inspection."""
     cut = finish_reason == "length"
     try:
@@ -553,8 +621,8 @@ def _outcome_from_reply(
         why = f"unusable reply: {e}"
         if cut:
             why += f" (cut off at max_tokens={max_tokens}; raise --max_tokens)"
-        return Failed(why, attempts, raw=content)
-    return Labelled(diseases, reason, attempts)
+        return Failed(why, 1, raw=content)
+    return Labelled(diseases, reason)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -567,8 +635,8 @@ def _pending_records(settings: LabelSettings, rejects: Rejects) -> tuple[list[Re
     if Path(settings.input).resolve() == Path(settings.output).resolve():
         raise InputError(f"--output must differ from --input ({settings.input})")
     records = read_records(settings.input, settings.on_bad_record, rejects)
-    done_ids = set(recover_jsonl(settings.output))  # also cuts a torn last line left by a crash
-    pending = [r for r in records if r.id not in done_ids]
+    done = {id_key(i) for i in recover_jsonl(settings.output)}  # also cuts a torn last line left by a crash
+    pending = [r for r in records if id_key(r.id) not in done]
     return pending, len(records), len(records) - len(pending)
 
 
@@ -576,17 +644,46 @@ async def _worker(run: _Run, queue: Iterator[Record]) -> None:
     # All workers pull from one iterator; the loop is single-threaded, so next() is never called concurrently.
     for record in queue:
         if run.summary.aborted:
-            run.summary.not_attempted += 1
-            continue
+            return
         run.record_outcome(record, await run.label_record(record))
 
 
+@contextlib.contextmanager
+def _on_stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
+    """Call ``handler(signum)`` on SIGTERM / SIGINT inside the block (main thread only; elsewhere signals keep their
+    default handling)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, handler, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals (Windows)
+            pass
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
 async def _run_workers(run: _Run, pending: list[Record]) -> None:
-    """``concurrency`` workers over one queue; if one dies of a bug, the others are stopped before files close."""
+    """``concurrency`` workers over one queue, until done, a fatal error or a stop signal. If one worker dies of a
+    bug, the others are stopped before the files close."""
     queue = iter(pending)
     workers = [asyncio.ensure_future(_worker(run, queue)) for _ in range(min(run.settings.concurrency, len(pending)))]
+
+    def stop(signum: int) -> None:
+        run.stop_on_signal(signum)
+        for worker in workers:  # drop the requests in flight: they are not in the output, so a rerun redoes them
+            worker.cancel()
+
     try:
-        await asyncio.gather(*workers)
+        with _on_stop_signals(stop):
+            results = await asyncio.gather(*workers, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
     finally:
         for worker in workers:
             worker.cancel()
@@ -597,10 +694,18 @@ async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) 
     """Label every input record that is not in the output yet and return what happened.
 
     ``api_key`` defaults to :func:`api_key_from_env`. Raises :class:`MissingApiKeyError`, :class:`InputError` or
-    :class:`BadRecordError` before any request is made when the run cannot start.
+    :class:`~healthai.jsonl.BadRecordError` before any request is made when the run cannot start. Everything the run
+    prints, writes, raises and returns is scrubbed of the key (:class:`Redactor`).
     """
-    started = time.monotonic()
     api_key = api_key if api_key is not None else api_key_from_env()
+    redactor = Redactor(api_key)
+    with redactor.guard():
+        summary = await _label_pending(settings, api_key, redactor)
+    return redactor.scrub_summary(summary)
+
+
+async def _label_pending(settings: LabelSettings, api_key: str, redactor: Redactor) -> Summary:
+    started = time.monotonic()
     # An explicit prompt_dir must hold a prompt.json: silently labelling with the default prompt would be worse.
     prompt = PromptStyle.load(settings.prompt_dir) if settings.prompt_dir else PromptStyle()
     rejects = Rejects(rejects_path_for(settings.output))
@@ -611,89 +716,33 @@ async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) 
     summary = Summary(total=total, skipped=skipped, rejected=rejects.count, output=settings.output)
     if rejects.count:
         print(f"label: skipped {rejects.count} bad input line(s); see {rejects.path}", file=sys.stderr)
-    if settings.limit is not None and len(pending) > settings.limit:
-        summary.not_attempted = len(pending) - settings.limit
-        pending = pending[: settings.limit]
+    to_label = pending if settings.limit is None else pending[: settings.limit]
     # Previous failures are retried because they are not in the output; the failures file only describes this run.
     failures_path_for(settings.output).unlink(missing_ok=True)
 
-    # max_retries=0: the retry loop above owns retries, so that Retry-After, jitter and the attempt count are ours.
-    client = openai.AsyncOpenAI(base_url=settings.base_url, api_key=api_key, timeout=settings.timeout, max_retries=0)
-    run = _Run(settings, prompt, client, api_key, summary)
+    gate = PauseGate()
+    client = make_client(settings, api_key, gate)
+    run = _Run(settings, prompt, client, redactor, summary)
     try:
         Path(settings.output).parent.mkdir(parents=True, exist_ok=True)
-        run.out = DurableAppender(settings.output, "a")
-        run.bar = tqdm(total=len(pending), unit="rec", desc="label", disable=not settings.progress, file=sys.stderr)
-        await _run_workers(run, pending)
+        run.out = DurableAppender(settings.output, "a", redactor)
+        run.bar = tqdm(total=len(to_label), unit="rec", desc="label", disable=not settings.progress, file=sys.stderr)
+        await _run_workers(run, to_label)
     finally:
         try:
             await run.aclose()
         finally:
             await client.close()
+    summary.not_attempted = len(pending) - summary.done - summary.failed
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-def label(
-    input: str,
-    output: str,
-    base_url: str,
-    model: str,
-    concurrency: int = 8,
-    max_retries: int = 5,
-    timeout: float = 120.0,
-    temperature: float = 0.2,
-    max_tokens: int = 1024,
-    json_mode: bool = True,
-    backoff_base: float = 1.0,
-    backoff_max: float = 60.0,
-    prompt_dir: Optional[str] = None,
-    on_bad_record: OnBadRecord = "error",
-    limit: Optional[int] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Label case records with a teacher model (OpenAI-compatible API; key from $HEALTHAI_API_KEY or $OPENAI_API_KEY).
-
-    The API key is read from the environment only (any dummy value for a local server that needs none); it is never a
-    flag, so it cannot land in a saved config. Rerunning the same command retries exactly the records that are not in
-    --output yet. Exits with status 1 when any record failed or the run stopped early.
-
-    Args:
-        input: JSONL file of records {"id": int|str, "feature_content": str}.
-        output: JSONL file that results are appended to as {"id", "feature_content", "diseases", "reason"}; ids
-            already in it are skipped. Failures of this run go to <output>.failures.jsonl; rerun the same command
-            to retry them.
-        base_url: OpenAI-compatible endpoint, e.g. https://dashscope.aliyuncs.com/compatible-mode/v1 or
-            http://127.0.0.1:8000/v1 (vLLM).
-        model: Teacher model name, e.g. qwen2.5-72b-instruct.
-        concurrency: Requests kept in flight at once.
-        max_retries: Retries per record after 429, 5xx, a timeout or a dropped connection (other 4xx fail at once).
-        timeout: Seconds allowed for one request.
-        temperature: Sampling temperature of the teacher.
-        max_tokens: Most tokens the teacher may write per reply; a reply cut at this limit counts as failed.
-        json_mode: Request JSON output (response_format json_object). If the server answers 400 naming
-            response_format, the run turns it off by itself and carries on.
-        backoff_base: Seconds before the first retry; doubles per retry, with jitter, never below Retry-After.
-        backoff_max: Most seconds between two retries (a server's Retry-After can ask for more).
-        prompt_dir: Folder holding a prompt.json (e.g. an adapter/ folder) to label with that prompt; default
-            prompt otherwise.
-        on_bad_record: What to do with a bad input line: "error" stops with file:line, "skip" writes it to
-            <output>.rejects.jsonl. A duplicate id is always an error.
-        limit: Label at most this many of the pending records (a trial run).
-        progress: Show a progress bar with rate and ETA.
-    """
-    try:
-        settings = LabelSettings(
-            input=input, output=output, base_url=base_url, model=model, concurrency=concurrency,
-            max_retries=max_retries, timeout=timeout, temperature=temperature, max_tokens=max_tokens,
-            json_mode=json_mode, backoff_base=backoff_base, backoff_max=backoff_max, prompt_dir=prompt_dir,
-            on_bad_record=on_bad_record, limit=limit, progress=progress,
-        )  # fmt: skip
-        summary = asyncio.run(run_labelling(settings))
-    except (MissingApiKeyError, InputError, BadRecordError, FileNotFoundError) as e:
-        # User errors: one clear line instead of a traceback. None of these messages can contain the key.
-        raise SystemExit(f"label: error: {e}") from None
+def label(settings: LabelSettings) -> dict[str, Any]:
+    """Run ``python -m healthai label`` (the flags are :class:`LabelSettings`'s fields): print the summary, and exit
+    with status 1 when anything is left to redo, 128 + the signal after SIGTERM / SIGINT. Returns the summary."""
+    summary = asyncio.run(run_labelling(settings))
     print(summary.format())
-    if not summary.ok:
-        raise SystemExit(1)
+    if summary.exit_code:
+        raise SystemExit(summary.exit_code)
     return summary.as_dict()

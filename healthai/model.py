@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from healthai.data import IGNORE_INDEX, end_of_turn_id
 from healthai.decoding import GenerationSettings, JsonConstraint, ParsedAnswer, parse_answer
+from healthai.errors import ConfigError, check_at_least, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.prompts import DISEASE_SEPARATOR, join_diseases
 
@@ -80,9 +81,21 @@ class DiagnosisLoRA(L.LightningModule):
                 ``pip install -e '.[gpu]'``); the loss stays the project's answer-only loss. Liger patches
                 transformers' Qwen2 code for the whole process, not only this model.
         """
+        # Bad values are the user's config errors, named here before anything loads.
+        check_model_source(model_name_or_path, "model.model_name_or_path")
+        check_at_least("model.lora_r", lora_r, 1)
+        check_at_least("model.learning_rate", learning_rate, 0)
+        check_at_least("model.generate_every_n_epochs", generate_every_n_epochs, 0)
+        check_at_least("model.val_generate_limit", val_generate_limit, 0)
+        check_at_least("model.generation.max_new_tokens", generation.max_new_tokens, 1)
+        if not 0 <= lora_dropout < 1:
+            raise ConfigError(f"model.lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if not 0 <= warmup_ratio <= 1 or not 0 <= min_lr_ratio <= 1:
+            raise ConfigError(f"model.warmup_ratio and model.min_lr_ratio must be in [0, 1], got {warmup_ratio!r}, "
+                              f"{min_lr_ratio!r}")  # fmt: skip
         super().__init__()
         if random_init and quantization is not None:
-            raise ValueError("random_init builds unquantized weights; it cannot be combined with quantization")
+            raise ConfigError("model.random_init builds unquantized weights; it cannot be combined with quantization")
         if liger_kernel:
             check_liger_kernel()  # before anything is loaded: a CPU machine learns it at once, not after the base
         self.save_hyperparameters()

@@ -1,19 +1,28 @@
-"""Reading and validating case records: one set of rules for every stage (fit, predict, label).
+"""Reading and validating case records: one set of rules for every stage (fit, predict, label, evaluate).
 
 Light on purpose (no torch): the label command reads its input through it too.
+
+Ids: an ``id`` is a JSON integer or string, and records are matched by the id's text — ``5`` and ``"5"`` are the same
+record in every stage (:func:`id_key`). So a file holding both is a duplicate-id error, a label output resumed with
+the other form counts the record as done, and evaluate joins prediction ``"5"`` to reference ``5``. An id is written
+back exactly as it was read. (Predict resumes only an output written from the same input, so its ids match as read.)
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, iter_jsonl, rejects_path_for
 from healthai.prompts import join_diseases
 
 log = logging.getLogger(__name__)
 
+
+def id_key(record_id: int | str) -> str:
+    """The form ids are compared in: ``5`` and ``"5"`` are the same record (see the module docstring)."""
+    return str(record_id)
 
 
 def check_record(obj: dict, labelled: bool) -> str | None:
@@ -61,29 +70,28 @@ def read_records(
 
     A bad line (malformed JSON, non-UTF-8 bytes, a missing/wrong-typed field, empty text) raises
     :class:`BadRecordError` naming ``file:line``; with ``on_bad_record="skip"`` it goes to ``rejects`` instead. A
-    repeated id is always an error.
+    repeated id (``5`` and ``"5"`` included, see :func:`id_key`) is always an error.
     Each returned record carries ``_file`` and ``_line`` (its source) for later messages.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
     if on_bad_record == "skip" and rejects is None:
         rejects = Rejects(rejects_path_for(path))
     records: list[dict] = []
-    seen: dict[Any, int] = {}
+    seen: dict[str, int] = {}  # id_key -> line
     for line_no, obj, error in iter_jsonl(path):
         if error is None:
             error = check_record(obj, labelled)
-        if error is None and obj["id"] in seen:
+        if error is None and id_key(obj["id"]) in seen:
             # Always an error, also when skipping: which of the two is meant only the user can say, and every
             # output (labels, predictions) is keyed by id.
-            raise BadRecordError(path, line_no, f"duplicate id {obj['id']!r} (first at line {seen[obj['id']]})")
+            first = seen[id_key(obj["id"])]
+            raise BadRecordError(path, line_no, f"duplicate id {obj['id']!r} (first at line {first})")
         if error is not None:
             if on_bad_record != "skip":
                 raise BadRecordError(path, line_no, error + " (set on_bad_record: skip to write it to a rejects file)")
             rejects.add(path, line_no, error, obj)
             continue
-        seen[obj["id"]] = line_no
+        seen[id_key(obj["id"])] = line_no
         record = dict(obj, _file=str(path), _line=line_no)
         if labelled:
             record["diseases"] = join_diseases(record["diseases"])

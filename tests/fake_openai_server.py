@@ -19,6 +19,7 @@ user message has been seen, so every fault is hit deterministically whatever ord
 ``400``               400 Bad Request
 ``echo_key``          400 whose error message echoes the Authorization header (as some gateways do)
 ``auth``              401 (a wrong key)
+``auth_echo``         401 that echoes the key it was sent, as OpenAI's own does ("Incorrect API key provided: sk-…")
 ``html``              200 with an HTML page (a wrong base URL, a captive gateway)
 ====================  ===============================================================================================
 
@@ -199,6 +200,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, f"invalid request; header was {self.headers.get('Authorization', '')}")
         elif fault == "auth":
             self._error(401, "Incorrect API key provided.")
+        elif fault == "auth_echo":
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            self._error(401, f"Incorrect API key provided: {key}. You can find your API key at https://example.invalid.")
         elif fault == "html":
             self._send(200, b"<html><body>gateway login</body></html>", "text/html")
         else:

@@ -1,6 +1,7 @@
 """Teacher labelling (`healthai.label`) against a local scripted OpenAI-compatible server (tests/fake_openai_server.py).
 
-Every test talks to 127.0.0.1 only; timeouts and backoffs are shrunk so that the whole file runs in seconds.
+Every test talks to 127.0.0.1 only; timeouts and the client's backoff are shrunk so that the whole file runs in
+seconds.
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fake server live
 
 from fake_openai_server import GOOD_ANSWER, FakeOpenAIServer  # noqa: E402
 
+from healthai.__main__ import main  # noqa: E402
+from healthai.errors import ConfigError  # noqa: E402
 from healthai.jsonl import BadRecordError, rejects_path_for  # noqa: E402
 from healthai.label import (  # noqa: E402
+    InputError,
     LabelSettings,
     MissingApiKeyError,
+    Redactor,
     Summary,
-    backoff_delay,
     failures_path_for,
     label,
-    parse_retry_after,
     parse_teacher_reply,
+    retry_after_s,
     run_labelling,
 )
 
@@ -54,6 +58,16 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("HEALTHAI_API_KEY", KEY)
     return KEY
+
+
+@pytest.fixture(autouse=True)
+def fast_client_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The openai client waits 0.5 s, 1 s, ... between retries (it honours Retry-After either way); a tenth of that
+    keeps this file fast. Private constants: if a client version renames them, the tests only get slower."""
+    import openai._base_client as base_client
+
+    monkeypatch.setattr(base_client, "INITIAL_RETRY_DELAY", 0.05, raising=False)
+    monkeypatch.setattr(base_client, "MAX_RETRY_DELAY", 0.2, raising=False)
 
 
 @pytest.fixture
@@ -87,8 +101,6 @@ def fast_settings(tmp_path: Path, base_url: str, **overrides: Any) -> LabelSetti
         concurrency=4,
         max_retries=2,
         timeout=1.0,
-        backoff_base=0.05,
-        backoff_max=0.2,
         progress=False,
     )
     kwargs.update(overrides)
@@ -173,21 +185,32 @@ def test_parse_teacher_reply_no_repair_for_cut_replies() -> None:
         parse_teacher_reply(GOOD[:30], allow_repair=False)
 
 
-def test_parse_retry_after_forms() -> None:
-    assert parse_retry_after({"retry-after": "3"}) == 3.0
-    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    assert parse_retry_after({"retry-after": "soon"}) is None
-    assert parse_retry_after({}) is None
-    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 < parse_retry_after({"retry-after": date}) <= 31
-    assert parse_retry_after({"retry-after": "999999"}) == 600.0  # capped
+def test_retry_after_of_a_429() -> None:
+    """The shared pause a 429 asks for (the client's own retry honours Retry-After by itself)."""
+    assert retry_after_s({"retry-after": "3"}) == 3.0
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_s({"retry-after": "soon"}) == 1.0  # unreadable: the default pause
+    assert retry_after_s({}) == 1.0
+    assert retry_after_s({"retry-after": "999999"}) == 120.0  # capped
 
 
-def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
-    for n in range(1, 6):
-        step = min(10.0, 1.0 * 2 ** (n - 1))
-        assert step / 2 <= backoff_delay(n, 1.0, 10.0) <= step
-    assert backoff_delay(1, 1.0, 10.0, retry_after=7.0) == 7.0
+def test_redactor_scrubs_streams_exceptions_and_summaries() -> None:
+    redact = Redactor(KEY)
+    assert redact(f"Incorrect API key provided: {KEY}.") == "Incorrect API key provided: ***."
+    assert Redactor("EMPTY")("EMPTY key") == "EMPTY key"  # a local server's dummy is no secret
+    import io
+
+    sink = io.StringIO()
+    redact.writer(sink).write(f"x {KEY} y\n")
+    assert sink.getvalue() == "x *** y\n"
+    with pytest.raises(RuntimeError) as info:
+        with redact.guard():
+            try:
+                raise ValueError(f"inner {KEY}")
+            except ValueError as e:
+                raise RuntimeError(f"outer {KEY}") from e
+    assert str(info.value) == "outer ***" and str(info.value.__cause__) == "inner ***"
+    assert redact.scrub_summary(Summary(total=1, aborted=f"HTTP 401: {KEY}")).aborted == "HTTP 401: ***"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,12 +270,12 @@ def test_label_command_exit_code_summary_and_no_key(
     tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_input(tmp_path / "in.jsonl", ["ok", "echo_key", "invalid"])
-    args = dict(
+    settings = LabelSettings(
         input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"), base_url=server.base_url,
-        model="m", timeout=1.0, backoff_base=0.05, backoff_max=0.2,
+        model="m", timeout=1.0, max_retries=2,
     )  # fmt: skip
     with pytest.raises(SystemExit) as info:
-        label(**args)
+        label(settings)
     assert info.value.code == 1
     captured = capsys.readouterr()
     assert "done 1, failed 2, skipped 0" in captured.out and "elapsed" in captured.out
@@ -260,7 +283,7 @@ def test_label_command_exit_code_summary_and_no_key(
     assert "Bearer ***" in fail_rows[1]["reason"]  # the key the server echoed is scrubbed
 
     server.healed = True
-    result = label(**args)
+    result = label(settings)
     assert (result["done"], result["failed"], result["skipped"]) == (2, 0, 1)
     captured2 = capsys.readouterr()
     assert_no_key(tmp_path, captured.out, captured.err, captured2.out, captured2.err, caplog.text, str(info.value))
@@ -271,8 +294,9 @@ def test_missing_key_names_both_variables(tmp_path: Path, monkeypatch: pytest.Mo
     write_input(tmp_path / "in.jsonl", ["ok"])
     with pytest.raises(MissingApiKeyError, match="HEALTHAI_API_KEY.*OPENAI_API_KEY"):
         run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
-    with pytest.raises(SystemExit, match="HEALTHAI_API_KEY"):
-        label(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), base_url="http://x/v1", model="m")
+    with pytest.raises(MissingApiKeyError, match="HEALTHAI_API_KEY"):
+        label(LabelSettings(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), base_url="http://x/v1",
+                            model="m"))  # fmt: skip
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the fallback variable is enough
     with FakeOpenAIServer() as srv:
         assert run(fast_settings(tmp_path, srv.base_url)).done == 1
@@ -313,7 +337,7 @@ def test_unreachable_server_stops_after_a_streak_of_give_ups(tmp_path: Path) -> 
         sock.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     faults = write_input(tmp_path / "in.jsonl", ["ok"] * 40)
-    summary = run(fast_settings(tmp_path, dead_url, max_retries=1, backoff_base=0.01, backoff_max=0.01, concurrency=2))
+    summary = run(fast_settings(tmp_path, dead_url, max_retries=1, concurrency=2))
     assert summary.aborted and "in a row" in summary.aborted
     assert summary.failed >= 10 and summary.failed + summary.not_attempted == len(faults)
     assert all("connection error" in r["reason"] for r in read_rows(failures_path_for(tmp_path / "out.jsonl")))
@@ -348,8 +372,8 @@ def test_bad_input_lines(tmp_path: Path, server: FakeOpenAIServer) -> None:
     src.write_text('{"id": 1, "feature_content": "a"}\n{"id": 1, "feature_content": "b"}\n', encoding="utf-8")
     with pytest.raises(BadRecordError, match=r"in\.jsonl:2: duplicate id 1 \(first at line 1\)"):
         run(fast_settings(tmp_path, server.base_url, on_bad_record="skip"))
-    with pytest.raises(SystemExit, match="must differ"):
-        label(input=str(src), output=str(src), base_url=server.base_url, model="m")
+    with pytest.raises(InputError, match="must differ"):
+        label(LabelSettings(input=str(src), output=str(src), base_url=server.base_url, model="m"))
 
 
 @pytest.mark.slow
@@ -396,7 +420,110 @@ def test_help_lists_the_flags() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for flag in ("--input", "--output", "--base_url", "--model", "--concurrency", "--max_retries", "--timeout",
-                 "--temperature", "--max_tokens", "--json_mode", "--backoff_base"):  # fmt: skip
+                 "--temperature", "--max_tokens", "--json_mode", "--prompt_dir", "--limit"):  # fmt: skip
         assert flag in result.stdout
     assert "Requests kept in flight" in result.stdout  # the docstring reached the help
     assert KEY not in result.stdout + result.stderr
+
+
+def test_key_echoed_in_a_401_body_appears_nowhere(
+    tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture
+) -> None:
+    """OpenAI's own 401 says "Incorrect API key provided: sk-…"; the run stops on it, and neither its messages, the
+    final "stopped early" line, the failures file nor the output hold the key."""
+    write_input(tmp_path / "in.jsonl", ["auth_echo"] + ["ok"] * 5)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as info:
+        main(["label", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url", server.base_url,
+              "--model", "m", "--concurrency", "1", "--progress", "false"])  # fmt: skip
+    assert info.value.code == 1
+    captured = capsys.readouterr()
+    assert "stopped early: HTTP 401: Incorrect API key provided: ***." in captured.out
+    assert server.requests[0].authorization == f"Bearer {KEY}"  # the server did get the real key
+    failures = read_rows(failures_path_for(out))
+    assert [r["id"] for r in failures] == [0] and "Incorrect API key provided: ***." in failures[0]["reason"]
+    assert_no_key(tmp_path, captured.out, captured.err, str(info.value))
+
+
+def test_a_429_pauses_every_worker(tmp_path: Path) -> None:
+    """Rate limits belong to the key: after one record's 429 (Retry-After: 1) no worker sends anything for a second,
+    though the other three had records ready (without the pause they would send one every 0.2 s)."""
+    write_input(tmp_path / "in.jsonl", ["429"] + ["ok"] * 11)
+    with FakeOpenAIServer(latency=0.2) as server:
+        summary = run(fast_settings(tmp_path, server.base_url, concurrency=4))
+        # The 429 leaves the server 0.2 s after its request came in; requests sent before it reached the client
+        # may still arrive a little later, hence the margin at the start of the window.
+        answered = server.attempts_for("429")[0].at + 0.2
+        during_pause = [r for r in server.requests if answered + 0.25 < r.at < answered + 0.9]
+    assert (summary.done, summary.failed) == (12, 0)
+    assert not during_pause, f"{len(during_pause)} request(s) sent while the key was rate-limited"
+
+
+def test_settings_are_checked_naming_the_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConfigError, match="--concurrency must be >= 1, got 0"):
+        fast_settings(tmp_path, "http://127.0.0.1:9/v1", concurrency=0)
+    with pytest.raises(SystemExit) as info:
+        main(["label", "--input", "in.jsonl", "--output", "o.jsonl", "--base_url", "http://x/v1", "--model", "m",
+              "--max_retries", "-1"])  # fmt: skip
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "healthai label: error: --max_retries must be >= 0, got -1\n"
+
+
+def test_sigterm_keeps_what_is_done_and_says_how_to_resume(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM to a real `python -m healthai label` mid-run: exit 143, every written row whole and
+    fsync'ed, the summary says how to resume, and the rerun labels exactly the rest."""
+    n = 40
+    faults = write_input(tmp_path / "in.jsonl", ["ok"] * n)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "HEALTHAI_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    env.pop("OPENAI_API_KEY", None)
+    with FakeOpenAIServer(latency=0.2) as server:
+        cmd = [
+            sys.executable, "-m", "healthai", "label", "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+            "--base_url", server.base_url, "--model", "m", "--concurrency", "2", "--progress", "false",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(read_rows(out)) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no progress before the deadline"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 143, stderr
+        written = read_rows(out)  # every line parses: nothing torn
+        assert 2 <= len(written) < n and out.read_bytes().endswith(b"\n")
+        assert "stopped early: interrupted by SIGTERM" in stdout
+        left = n - len(written)
+        assert f"{len(written)} labels are saved in {out}; rerun the same command to label the {left} left" in stdout
+        assert "Traceback" not in stderr
+
+        server.latency = 0.0
+        summary = run(fast_settings(tmp_path, server.base_url))
+    assert (summary.done, summary.failed, summary.skipped) == (left, 0, len(written))
+    done, failed = assert_each_id_once(out, failures_path_for(out), set(faults))
+    assert done == set(faults) and not failed
+
+
+def test_ctrl_c_stops_with_130(tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture) -> None:
+    """SIGINT (Ctrl-C) in-process: the same clean stop, status 130, and what was written stays."""
+    import threading
+
+    n = 30
+    write_input(tmp_path / "in.jsonl", ["ok"] * n)
+    out = tmp_path / "out.jsonl"
+    server.latency = 0.1
+
+    def interrupt_after_two_rows() -> None:
+        deadline = time.monotonic() + 30
+        while len(read_rows(out)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, where the run's handler is
+
+    threading.Thread(target=interrupt_after_two_rows, daemon=True).start()
+    with pytest.raises(SystemExit) as info:
+        label(fast_settings(tmp_path, server.base_url, concurrency=2))
+    assert info.value.code == 130
+    written = len(read_rows(out))
+    assert 2 <= written < n
+    assert f"rerun the same command to label the {n - written} left" in capsys.readouterr().out

@@ -1,0 +1,45 @@
+"""The user's errors: what ``python -m healthai`` reports as one line (``healthai <command>: error: ...``), exit 2.
+
+Raise :class:`UserError` (or :class:`ConfigError` for a bad option value) for anything the user can fix by changing
+a file, a path or an option; the message must name that file (and line) or option. Everything else is a bug and keeps
+its traceback. ``HEALTHAI_DEBUG=1`` shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """An error the user can fix; the message names the file (and line) or the option, and says what is wrong."""
+
+
+class ConfigError(UserError, ValueError):
+    """An option has a value that cannot work (``batch_size 0``); the message names the option."""
+
+
+def check_at_least(option: str, value: Any, minimum: int | float, allow_none: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value >= minimum`` (``None`` passes when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ConfigError(f"{option} must be >= {minimum}, got {value!r}")
+
+
+def check_model_source(name: str, option: str) -> None:
+    """Raise :class:`ConfigError` when ``name`` means a local model folder that does not exist.
+
+    transformers takes a folder or a hub id (``org/name``), and for a missing folder it answers with a hub error ("Repo
+    id must be in the form ...") or a network timeout. A name is a local path when it cannot be a hub id (absolute,
+    ``./``, ``../``, ``~``, a backslash, more than one ``/``) or when its first part is a local folder
+    (``models/Qwen2.5-7B-Instruct`` next to an existing ``models/``); other names are left to transformers.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ConfigError(f"{option}: {name} is a file, not a model folder")
+    cannot_be_hub_id = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if cannot_be_hub_id or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
+        raise ConfigError(f"{option}: no such model folder: {name}")

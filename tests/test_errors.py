@@ -1,0 +1,225 @@
+"""Every command answers a user's mistake with one line naming the file (and line) or the option, and a non-zero exit.
+
+The matrix runs the real entry point (:func:`healthai.__main__.main`) in-process on each bad input: the errors are
+found before any model loads, so a case costs about one command-line parse. Two cases run as real subprocesses to
+check what a shell sees: the exit status and a stderr of one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import healthai.cli  # noqa: F401  (imported at collection, so Lightning's log handlers outlive each test's capture)
+from conftest import REPO, labelled_records, write_jsonl
+from healthai.__main__ import main
+
+CASES = ["missing file", "GBK bytes", "torn line", "duplicate id", "non-string field", "batch size 0",
+         "missing model folder", "missing adapter folder"]  # fmt: skip
+COMMANDS = ["fit", "validate", "predict", "label", "evaluate", "export"]
+
+NOT_APPLICABLE = {
+    # evaluate reads no case text and loads no model; its records' typed field is `diseases` (covered below).
+    ("evaluate", "batch size 0"), ("evaluate", "missing model folder"), ("evaluate", "missing adapter folder"),
+    # label's model is a name on the server, not a folder; its "adapter folder" is --prompt_dir (covered).
+    ("label", "missing model folder"),
+    # export reads only the first --parity_records records as parity inputs: ids play no part, and there is no batch.
+    ("export", "duplicate id"), ("export", "batch size 0"),
+}
+
+
+def bad_inputs(tmp: Path) -> dict[str, Path]:
+    """One file per broken-input case, each with the defect at line 2 (line 1 is a good record)."""
+    good = labelled_records(3)
+    lines = [json.dumps(r, ensure_ascii=False) for r in good]
+    files = {}
+
+    def write(name: str, data: bytes) -> None:
+        files[name] = tmp / f"{name.replace(' ', '_')}.jsonl"
+        files[name].write_bytes(data)
+
+    gbk = json.dumps({**good[1], "feature_content": "主诉: 头痛"}, ensure_ascii=False).encode("gbk")
+    write("GBK bytes", (lines[0] + "\n").encode() + gbk + b"\n" + (lines[2] + "\n").encode())
+    write("torn line", "\n".join([lines[0], lines[1][:40], lines[2]]).encode() + b"\n")
+    # 5 and "5": one record by the id rule of every stage (healthai/records.py)
+    dup = [dict(good[0], id=5), dict(good[1], id="5"), good[2]]
+    write("duplicate id", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dup).encode())
+    typed = [good[0], dict(good[1], feature_content=5, diseases=5), good[2]]
+    write("non-string field", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in typed).encode())
+    files["missing file"] = tmp / "no_such_file.jsonl"
+    return files
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    files = bad_inputs(tmp)
+    files["good"] = write_jsonl(tmp / "good.jsonl", labelled_records(3))
+    # An adapter folder as far as export reads it before the records (its weights are never reached).
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir)}))
+    files["adapter"] = adapter
+    files["model"] = tiny_model_dir
+    return files
+
+
+@pytest.fixture(autouse=True, scope="module")
+def tokenizer_loaded_once():
+    """fit/validate/predict load the tokenizer (~1 s, the bulk of a case) before reading their files; it is the same
+    small-model tokenizer every time, so load it once. Only the loading is shared: every case runs the whole CLI."""
+    import functools
+
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained
+    cached = functools.lru_cache(maxsize=4)(lambda source: original(source))
+    AutoTokenizer.from_pretrained = lambda source, **kwargs: original(source, **kwargs) if kwargs else cached(str(source))
+    yield
+    AutoTokenizer.from_pretrained = original
+
+
+def command_line(command: str, case: str, inputs: dict[str, Path], tmp: Path) -> tuple[list[str], str]:
+    """The argv of ``command`` run on ``case``, and the path or option its error line must name."""
+    bad = inputs.get(case, inputs["good"])
+    named = str(bad)
+    missing_model, missing_adapter = str(tmp / "no_such_model"), str(tmp / "no_such_adapter")
+    if command in ("fit", "validate", "predict"):
+        model = missing_model if case == "missing model folder" else str(inputs["model"])
+        argv = [command, "--model.model_name_or_path", model, "--model.dtype", "float32",
+                "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.logger", "false",
+                "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp)]  # fmt: skip
+        if command == "predict":
+            argv += ["--data.predict_file", str(bad), "--writer.output_path", str(tmp / "predictions.jsonl")]
+        elif command == "validate":
+            argv += ["--data.val_file", str(bad)]
+        else:
+            argv += ["--data.train_file", str(bad), "--data.val_file", str(inputs["good"])]
+        size = "data.eval_batch_size" if command != "fit" else "data.batch_size"
+        extra = {"batch size 0": [f"--{size}", "0"], "missing model folder": [],
+                 "missing adapter folder": ["--model.adapter_path", missing_adapter]}  # fmt: skip
+        named = {"batch size 0": size, "missing model folder": missing_model,
+                 "missing adapter folder": missing_adapter}.get(case, named)  # fmt: skip
+        return argv + extra.get(case, []), named
+    if command == "label":
+        argv = ["label", "--input", str(bad), "--output", str(tmp / "labels.jsonl"), "--base_url",
+                "http://127.0.0.1:9/v1", "--model", "m", "--progress", "false"]  # fmt: skip
+        if case == "batch size 0":
+            return argv + ["--concurrency", "0"], "--concurrency"
+        if case == "missing adapter folder":
+            return argv + ["--prompt_dir", missing_adapter], missing_adapter
+        return argv, named
+    if command == "evaluate":
+        return ["evaluate", "--predictions", str(inputs["good"]), "--references", str(bad)], named
+    assert command == "export"
+    adapter = missing_adapter if case == "missing adapter folder" else str(inputs["adapter"])
+    argv = ["export", "--adapter", adapter, "--out", str(tmp / "merged"), "--records", str(bad)]
+    if case == "missing model folder":
+        return argv + ["--base", missing_model], missing_model
+    return argv, (missing_adapter if case == "missing adapter folder" else named)
+
+
+def run_in_process(argv: list[str], capfd) -> tuple[int, str]:
+    """``(exit status, stderr)`` of one command run through the real entry point."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    code, err = info.value.code, capfd.readouterr().err
+    if isinstance(code, str):  # sys.exit("message"): the interpreter would print it and exit with 1
+        code, err = 1, err + code + "\n"
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "command, case", [(command, case) for command in COMMANDS for case in CASES if (command, case) not in NOT_APPLICABLE]
+)
+def test_user_error_is_one_line_naming_the_file_or_option(command, case, inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    argv, named = command_line(command, case, inputs, tmp_path)
+    code, err = run_in_process(argv, capfd)
+    assert code != 0
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, err
+    assert err.rstrip("\n").splitlines()[-1] == error_lines[0]  # the error is the last thing said
+    assert named in error_lines[0]
+    if case in ("GBK bytes", "torn line", "duplicate id", "non-string field"):
+        assert f"{named}:2:" in error_lines[0]  # file:line
+    if case == "GBK bytes":
+        assert "not valid UTF-8" in error_lines[0]
+    if case == "duplicate id":
+        assert "duplicate" in error_lines[0] and "id" in error_lines[0]
+
+
+def test_debug_env_var_shows_the_traceback(inputs, capfd, monkeypatch) -> None:
+    monkeypatch.setenv("HEALTHAI_DEBUG", "1")
+    from healthai.jsonl import BadRecordError
+
+    with pytest.raises(BadRecordError, match=r"GBK_bytes\.jsonl:2: not valid UTF-8"):
+        main(["evaluate", "--predictions", str(inputs["good"]), "--references", str(inputs["GBK bytes"])])
+
+
+def test_bom_is_accepted_everywhere_records_are_read(tmp_path, inputs, capfd) -> None:
+    """Excel and Windows tools start a UTF-8 file with a byte order mark: read as if it were not there."""
+    from healthai.records import read_records
+
+    rows = labelled_records(2)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    assert [r["id"] for r in read_records(path, labelled=True)] == [r["id"] for r in rows]
+    main(["evaluate", "--predictions", str(path), "--references", str(path), "--report", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert (report["n"], report["disease_f1"]) == (2, 1.0)
+
+
+def test_evaluate_with_empty_references_is_an_error(tmp_path, inputs, capfd) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    code, err = run_in_process(["evaluate", "--predictions", str(inputs["good"]), "--references", str(empty)], capfd)
+    assert (code, err) == (2, f"healthai evaluate: error: {empty}: no reference records; nothing to score against\n")
+
+
+def test_ids_5_and_string_5_are_one_record_in_evaluate_and_label_resume(tmp_path, capfd) -> None:
+    """The id rule, where it is not an error: evaluate joins "5" to 5, and a label output holding "5" makes 5 done."""
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"id": 5, "diseases": "高血压", "reason": "r"}])
+    preds = write_jsonl(tmp_path / "preds.jsonl", [{"id": "5", "diseases": "高血压", "reason": "r"}])
+    main(["evaluate", "--predictions", str(preds), "--references", str(refs), "--report", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert (report["n_predictions"], report["missing"], report["unknown"], report["disease_f1"]) == (1, [], [], 1.0)
+
+    import asyncio
+
+    from healthai.label import LabelSettings, run_labelling
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 5, "feature_content": "主诉: 头痛"}])
+    out = write_jsonl(tmp_path / "out.jsonl", [{"id": "5", "feature_content": "主诉: 头痛", "diseases": "d",
+                                               "reason": "r"}])  # fmt: skip
+    settings = LabelSettings(input=str(src), output=str(out), base_url="http://127.0.0.1:9/v1", model="m",
+                             progress=False)  # fmt: skip
+    summary = asyncio.run(run_labelling(settings, api_key="sk-test-0123456789"))
+    assert (summary.skipped, summary.done, summary.failed) == (1, 0, 0)
+
+
+def _subprocess(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HEALTHAI_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "healthai", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_shell_sees_status_2_and_one_line_of_stderr(inputs, tmp_path) -> None:
+    result = _subprocess(["evaluate", "--predictions", str(inputs["good"]), "--references", str(inputs["torn line"])])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        f"healthai evaluate: error: {inputs['torn line']}:2: malformed JSON"
+    ), result.stderr
+    argv, _ = command_line("fit", "batch size 0", inputs, tmp_path)
+    result = _subprocess(argv)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == "healthai fit: error: data.batch_size must be >= 1, got 0", result.stderr
+    assert "Traceback" not in result.stderr
