@@ -62,8 +62,11 @@ def check_adapter_path(path: str | Path, option: str = "--model.adapter_path") -
 def _load_checkpoint(path: str, mtime: float) -> dict[str, Any]:
     import torch
 
-    # A checkpoint written by fit holds only adapter weights, optimizer state and plain Python values.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # A checkpoint written by fit holds only adapter weights, optimizer state and plain Python values. The optimizer
+    # state (twice the adapter's size) is never needed here, so it is not kept in the cache.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt.pop("optimizer_states", None)
+    return ckpt
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

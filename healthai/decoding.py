@@ -197,6 +197,9 @@ class GenerationSettings:
             max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, repetition_penalty=self.repetition_penalty,
             eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id, use_cache=True,
         )  # fmt: skip
+        # max_new_tokens bounds the length; a max_length left at its default 20 is then ignored (set, it would
+        # only draw a "both set" warning from generate).
+        values["max_length"] = None
         if self.do_sample:  # greedy keeps the neutral values: no "flag only used when sampling" warnings
             values.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return GenerationConfig(**values)
