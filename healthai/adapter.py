@@ -125,7 +125,9 @@ def resolve_base(name_or_path: Optional[str], adapter: Optional[str | Path], opt
     same = recorded is not None and recorded.get("name_or_path") == given
     if same and recorded.get("path") and Path(recorded["path"]).is_dir():
         return recorded["path"]
-    if _looks_like_hub_id(given) and not Path(given).exists():
+    # A hub id looks like a relative path (org/name); the adapter's record tells a local folder from a hub snapshot.
+    was_local = same and recorded.get("path") and "models--" not in recorded["path"]
+    if _looks_like_hub_id(given) and not was_local:
         return given  # a hub id: transformers finds it in the cache or downloads it
     where = f" (the adapter recorded it at {recorded['path']}, which is gone too)" if same and recorded.get("path") else ""
     raise FileNotFoundError(f"base model {given}: no such folder from {os.getcwd()}{where}; pass {option} PATH")

@@ -103,6 +103,8 @@ class DiagnosisLoRA(L.LightningModule):
         self._base_record: Optional[dict[str, Any]] = None
         # Checkpoints hold only the adapter (see on_save_checkpoint), so loading them must not expect base weights.
         self.strict_loading = False
+        if adapter_path is not None and not random_init:
+            self._check_base(allow_base_mismatch)
         self._init_metrics()
 
     def _init_metrics(self) -> None:
@@ -145,6 +147,12 @@ class DiagnosisLoRA(L.LightningModule):
 
         return AutoTokenizer.from_pretrained(tokenizer_source(self.adapter_path, self._base_source()))
 
+    def _check_base(self, allow_mismatch: bool) -> None:
+        """Refuse an adapter trained on another base, before anything is loaded or written (every rank)."""
+        from healthai.adapter import check_base
+
+        check_base(self.adapter_path, self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
+
     def _base_source(self) -> str:
         """Where the base is loaded from: ``model_name_or_path``, or the absolute folder the adapter recorded for it
         when that relative path does not exist from this working directory."""
@@ -157,12 +165,7 @@ class DiagnosisLoRA(L.LightningModule):
     def _load_base(self):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from healthai.adapter import check_base
-
         source = self._base_source()
-        if self.adapter_path is not None and not self.random_init:
-            check_base(self.adapter_path, source, self.hparams.get("allow_base_mismatch", False),
-                       "--model.allow_base_mismatch")  # fmt: skip
         dtype = DTYPES[self.dtype_name]
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.attn_implementation}
         if self.random_init:
