@@ -419,7 +419,7 @@ class DiagnosisLoRA(L.LightningModule):
         base = self.base_record()
         (directory / BASE_FILE).write_text(json.dumps(base, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         card = dict(card or {})
-        card.setdefault("title", directory.name)
+        card.setdefault("title", f"HealthAI LoRA adapter ({directory.name})")
         card.setdefault("which", "as saved")
         write_model_card(directory, {**self.card_facts(), **card, "base": base, "prompt": dataclasses.asdict(prompt)})
         return directory
@@ -435,7 +435,7 @@ class DiagnosisLoRA(L.LightningModule):
             "generation": dataclasses.asdict(self.generation),
             "versions": package_versions("healthai", "torch", "transformers", "peft", "lightning", "xgrammar"),
         }
-        training = {k: v for k, v in hp.items() if k not in lora_keys and k != "generation"}
+        training = {k: v for k, v in hp.items() if k not in lora_keys and k != "generation" and not k.startswith("_")}
         trainer, datamodule = self._trainer, None
         if trainer is not None:
             datamodule = getattr(trainer, "datamodule", None)
