@@ -279,8 +279,8 @@ class DiagnosisDataModule(L.LightningDataModule):
             predict_file: JSONL of records (``id``, ``feature_content``) to predict.
             tokenizer_path: Tokenizer folder or hub id. Linked from ``model.model_name_or_path`` by the CLI; an
                 ``adapter_path`` holding a tokenizer takes precedence.
-            adapter_path: Adapter folder written by fit. Linked from ``model.adapter_path``: its saved prompt settings
-                (``prompt.json``) are used, so training and prediction prompts cannot drift.
+            adapter_path: Adapter folder (or fit ``.ckpt``) written by fit. Linked from ``model.adapter_path``: its saved
+                prompt settings (``prompt.json``) are used, so training and prediction prompts cannot drift.
             prompt: Prompt settings (system message, user template). Default: :class:`~healthai.prompts.PromptStyle`.
             max_length: Longest tokenised example (prompt + answer) in fit, and longest prompt in predict. Longer
                 records have their case text trimmed — never the answer; the count is logged.
@@ -334,7 +334,9 @@ class DiagnosisDataModule(L.LightningDataModule):
     def _resolve_prompt(prompt: Optional[PromptStyle], adapter_path: Optional[str]) -> PromptStyle:
         if adapter_path is None:
             return prompt or PromptStyle()
-        saved = PromptStyle.load(adapter_path)
+        from healthai.adapter import check_adapter_path, load_prompt
+
+        saved = load_prompt(check_adapter_path(adapter_path))  # a folder's prompt.json, or a fit .ckpt's record
         if prompt is not None and prompt != saved:
             log.warning("prompt settings given in the config differ from %s's; using the adapter's", adapter_path)
         return saved
@@ -345,9 +347,12 @@ class DiagnosisDataModule(L.LightningDataModule):
         """The tokenizer: the adapter's copy if it has one (saved by fit), else ``tokenizer_path``'s."""
         from transformers import AutoTokenizer
 
-        source = self.adapter_path
-        if source is None or not (Path(source) / "tokenizer_config.json").is_file():
-            source = self.tokenizer_path
+        from healthai.adapter import resolve_base, tokenizer_source
+
+        base = self.tokenizer_path
+        if base is not None and self.adapter_path is not None:  # found from another working directory too
+            base = resolve_base(base, self.adapter_path, "--model.model_name_or_path")
+        source = tokenizer_source(self.adapter_path, base)
         if source is None:
             raise ValueError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -11,6 +11,7 @@ Parsing: strict ``json.loads``, else json-repair, else failure → ``parse_statu
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
@@ -144,7 +145,12 @@ class JsonConstraint:
 
 @dataclass
 class GenerationSettings:
-    """How answers are generated, in validation and predict alike."""
+    """How answers are generated, in validation and predict alike.
+
+    These are the only decoding settings in play: :meth:`transformers_config` turns them into a complete
+    ``GenerationConfig``, so nothing is inherited from a checkpoint's ``generation_config.json`` (Qwen2.5-7B-Instruct
+    ships ``do_sample``, ``temperature 0.7``, ``top_p 0.8``, ``top_k 20`` and ``repetition_penalty 1.05``).
+    """
 
     max_new_tokens: int = 512
     """Most tokens generated per record (the answer and its end-of-turn token)."""
@@ -158,6 +164,13 @@ class GenerationSettings:
     top_p: float = 0.8
     """Nucleus sampling mass (only with ``do_sample``)."""
 
+    top_k: int = 0
+    """Sample only among the k most likely tokens (only with ``do_sample``; 0 = no top-k filter)."""
+
+    repetition_penalty: float = 1.0
+    """Divide the scores of tokens already in the prompt or answer by this (1.0 = none, greedy or not). The model is
+    trained without one, and a penalty discourages copying findings from the case text into ``reason``."""
+
     constrained: bool = True
     """Constrain decoding to the answer's JSON schema (xgrammar), so every answer parses."""
 
@@ -166,4 +179,96 @@ class GenerationSettings:
 
     max_reason_chars: Optional[int] = 400
     """``maxLength`` of the ``reason`` string under the constraint (None = unbounded). Keep the two bounds within
-    ``max_new_tokens`` so that the object always closes before the budget runs out."""
+    ``max_new_tokens`` so that the object always closes before the budget runs out (checked at start-up)."""
+
+    def transformers_config(self, eos_token_ids: Sequence[int], pad_token_id: int):
+        """A complete ``transformers.GenerationConfig`` of these settings.
+
+        ``generate`` fills every field of a passed config that is ``None`` from the model's own generation config
+        (``GenerationMixin._prepare_generation_config``, transformers 5). Every field with a global default is
+        therefore set here — to that neutral default unless these settings say otherwise — so a checkpoint's
+        ``top_k`` or ``repetition_penalty`` cannot leak in. (The caller also installs this config as the model's own,
+        which closes the fields that have no global default, such as ``min_p``.)
+        """
+        from transformers import GenerationConfig
+
+        values = GenerationConfig._get_default_generation_params()
+        values.update(
+            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, repetition_penalty=self.repetition_penalty,
+            eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id, use_cache=True,
+        )  # fmt: skip
+        # max_new_tokens bounds the length; a max_length left at its default 20 is then ignored (set, it would
+        # only draw a "both set" warning from generate).
+        values["max_length"] = None
+        if self.do_sample:  # greedy keeps the neutral values: no "flag only used when sampling" warnings
+            values.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return GenerationConfig(**values)
+
+    def serving_config(self, eos_token_ids: Sequence[int], pad_token_id: int, bos_token_id: Optional[int]) -> dict:
+        """The ``generation_config.json`` of an exported model: vLLM and ``generate`` decode as predict does.
+
+        vLLM takes its default sampling parameters from this file (``repetition_penalty``, ``temperature``,
+        ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``) and ignores ``do_sample``: greedy is ``temperature 0``
+        there, and a file that leaves the temperature out samples at 1.0. transformers ignores the sampling fields
+        when ``do_sample`` is false. ``top_k`` 0 (off) is written only when sampling: it is what transformers reads as
+        "no filter" (vLLM before 0.9 rejects 0; it is absent, hence off, in a greedy file). The JSON constraint is not
+        a file setting: a server applies it per request (``response_format`` with the answer schema).
+        """
+        config: dict[str, Any] = {"bos_token_id": bos_token_id, "eos_token_id": list(eos_token_ids),
+                                  "pad_token_id": pad_token_id, "do_sample": self.do_sample,
+                                  "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}  # fmt: skip
+        if self.do_sample:
+            config.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            config.update(temperature=0.0, top_p=1.0)
+        return {k: v for k, v in config.items() if v is not None}
+
+
+# Characters an answer is written in: ASCII, full-width punctuation, a newline, common and rare (Extension A / late
+# BMP) CJK ideographs. Each is measured in a run of its own kind, inside the answer's JSON string.
+_BUDGET_PROBE = ("A", "1", "；", "、", "（", "\n", "病", "\u3400", "\u4db5", "\u9fa5", "\u9fd5")
+
+
+def worst_tokens_per_char(tokenizer) -> int:
+    """The most tokens this tokenizer spends per character of an answer string, over :data:`_BUDGET_PROBE`.
+
+    Qwen2.5's byte-level BPE: 1 for ASCII and common Chinese, 2 for rare ideographs whose three UTF-8 bytes have no
+    merged token.
+    """
+    from healthai.prompts import answer_text
+
+    def n(text: str) -> int:
+        return len(tokenizer.encode(answer_text("", text), add_special_tokens=False))
+
+    empty, run = n(""), 16
+    return max(math.ceil((n(ch * run) - empty) / run) for ch in _BUDGET_PROBE)
+
+
+def check_answer_budget(tokenizer, settings: GenerationSettings) -> Optional[str]:
+    """Does an answer at the schema's length caps fit in ``max_new_tokens``? ``None`` if it does, else a warning.
+
+    Needed: the JSON scaffolding (``{"diseases": "", "reason": ""}``) and the end-of-turn token, plus the caps'
+    characters at :func:`worst_tokens_per_char`. An answer that runs out of tokens is cut and comes back
+    ``repaired`` with a truncated reason. Raises ValueError when not even the scaffolding fits (no answer could
+    ever close).
+    """
+    from healthai.prompts import answer_text
+
+    if not settings.constrained:
+        return None
+    scaffold = len(tokenizer.encode(answer_text("", ""), add_special_tokens=False)) + 1
+    budget = settings.max_new_tokens
+    if budget < scaffold:
+        raise ValueError(f"generation.max_new_tokens={budget} is below the {scaffold} tokens of an empty answer "
+                         f"object: no answer can be complete; raise it")  # fmt: skip
+    caps = (settings.max_diseases_chars, settings.max_reason_chars)
+    if None in caps:
+        return (f"generation.max_diseases_chars/max_reason_chars unbounded: an answer longer than "
+                f"max_new_tokens={budget} is cut (parse_status 'repaired'); set both caps")  # fmt: skip
+    per_char = worst_tokens_per_char(tokenizer)
+    needed = scaffold + per_char * sum(caps)
+    if needed <= budget:
+        return None
+    return (f"generation.max_new_tokens={budget} may cut answers at the caps: max_diseases_chars + max_reason_chars = "
+            f"{sum(caps)} characters at up to {per_char} token(s) each plus {scaffold} for the JSON scaffolding need "
+            f"{needed}; raise max_new_tokens to {needed} or lower the caps (cut answers are parsed as 'repaired')")

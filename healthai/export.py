@@ -17,9 +17,11 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from healthai.data import check_record, fit_case_text
+from healthai.data import check_record, end_of_turn_id, fit_case_text
+from healthai.decoding import GenerationSettings
 from healthai.errors import check_model_source
 from healthai.jsonl import BadRecordError, iter_jsonl
+from healthai.adapter import is_checkpoint
 from healthai.prompts import PromptStyle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,24 +82,21 @@ def first_records(path: Path, n: int) -> list[dict[str, Any]]:
 
 
 def base_of(adapter: Path, base: Optional[str]) -> str:
-    """The base model to merge into: ``--base`` if given, else the one the adapter was trained on."""
-    if base is not None:
-        return base
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing; --adapter must be an adapter/ folder written by fit")
-    name = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not name:
-        raise ValueError(f"{config_file} names no base_model_name_or_path; pass --base")
-    return name
+    """The base model to merge into: ``--base`` if given, else the one the adapter was trained on (its recorded
+    absolute folder when the recorded relative path does not exist from here)."""
+    from healthai.adapter import check_adapter_path, resolve_base
+
+    check_adapter_path(adapter, "--adapter")
+    return resolve_base(base, adapter, "--base")
 
 
 def load_tokenizer(adapter: Path, base: str):
     """The adapter's tokenizer (saved by fit, the one the adapter was trained with), else the base's."""
     from transformers import AutoTokenizer
 
-    source = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    return AutoTokenizer.from_pretrained(source)
+    from healthai.adapter import tokenizer_source
+
+    return AutoTokenizer.from_pretrained(tokenizer_source(adapter, base))
 
 
 def parity_inputs(
@@ -142,19 +141,25 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(device)).logits[0].float().cpu()
 
 
-def save_merged(model, tokenizer, prompt: PromptStyle, out: Path) -> None:
+def save_merged(model, tokenizer, prompt: PromptStyle, out: Path, generation: GenerationSettings) -> None:
     """Write the merged weights (safetensors), tokenizer, generation config and ``prompt.json`` to ``out``.
 
-    ``prompt.json`` is not read by servers; it sits there so whoever calls the served model can build the prompt the
-    adapter was trained on (``PromptStyle.load(out)``).
+    ``generation_config.json`` is the project's decoding settings (:meth:`GenerationSettings.serving_config`), not
+    the base's (Qwen's samples at temperature 0.7 with repetition_penalty 1.05): vLLM and ``generate`` take their
+    defaults from it. ``prompt.json`` is not read by servers; it sits there so whoever calls the served model can
+    build the prompt the adapter was trained on (``PromptStyle.load(out)``).
     """
     out.mkdir(parents=True, exist_ok=True)
     # safe_serialization is the default (and the only format) in transformers 5; 4.x needs it spelled out.
     model.save_pretrained(out, safe_serialization=True)
-    if not (out / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     prompt.save(out)
+    eot = end_of_turn_id(tokenizer)
+    config = generation.serving_config([eot, tokenizer.pad_token_id], tokenizer.pad_token_id,
+                                       getattr(model.config, "bos_token_id", None))  # fmt: skip
+    # Written as JSON rather than through GenerationConfig.save_pretrained, which refuses a greedy config that sets
+    # temperature 0 — the value vLLM needs to decode greedily.
+    (out / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def release_memory() -> None:
@@ -177,6 +182,8 @@ def export(
     records: Optional[Path] = None,
     parity_max_tokens: int = 256,
     device: str = "cpu",
+    generation: GenerationSettings = GenerationSettings(),
+    allow_base_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Merge a LoRA adapter into its base model and save one servable folder (safetensors), checked for parity.
 
@@ -187,10 +194,12 @@ def export(
 
     Args:
         adapter: An adapter/ folder written by fit (adapter_config.json, adapter_model.safetensors, tokenizer,
-            prompt.json), e.g. checkpoints/qwen2.5-7b-lora/version_0/adapter.
+            prompt.json, base.json), e.g. checkpoints/qwen2.5-7b-lora/version_0/adapter, or one of fit's checkpoints
+            (.ckpt).
         out: Folder to write the merged model to (created if missing), e.g. models/healthai-merged.
-        base: Base model (hub id or local folder). Default: base_model_name_or_path in the adapter's
-            adapter_config.json.
+        base: Base model (hub id or local folder). Default: the one the adapter records (base.json; its absolute
+            folder when the recorded relative path is not found from here). A base whose fingerprint differs from
+            the recorded one is refused.
         dtype: Dtype to load, merge and save in. float32 gives a tight parity check (use it on CPU); bfloat16 halves
             the folder and is what a GPU serves, at the cost of a looser check.
         tolerance: Largest accepted max |logit difference|. Default per dtype: float32 1e-3 (a correct merge
@@ -203,6 +212,11 @@ def export(
         parity_max_tokens: Longest prompt (tokens) of a parity record; longer case texts are cut at the end.
             Bounds the memory of the kept reference logits (~0.6 MB per token with Qwen's vocabulary).
         device: Where to load and run the models: cpu, cuda, cuda:1, ...
+        generation: Decoding settings written to the merged folder's generation_config.json, which vLLM and
+            ``generate`` use as defaults. Give the same ``--generation.*`` as predict (default: predict's defaults,
+            greedy, no repetition penalty, at most 512 new tokens).
+        allow_base_mismatch: Merge even into a base whose fingerprint differs from the one the adapter was trained
+            on.
 
     Returns:
         ``out``, ``base``, ``dtype``, ``max_abs_diff``, ``tolerance``, ``adapter_effect`` (max |logit change| the
@@ -210,21 +224,25 @@ def export(
     """
     adapter, out = Path(adapter), Path(out)
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    from healthai.adapter import check_base, load_prompt
+
     try:
         base_name = base_of(adapter, base)
         check_model_source(base_name, "--base")  # a missing folder, not transformers' "Repo id must be in the form"
         records_file = Path(records) if records is not None else default_records_file()
         parity_set = first_records(records_file, parity_records)
+        prompt = load_prompt(adapter) if is_checkpoint(adapter) else PromptStyle.from_dir_or_default(adapter)
     except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError
         raise SystemExit(f"export: error: {e}") from None
     if out.resolve() == adapter.resolve():
         raise SystemExit("export: error: --out must differ from --adapter")
+    check_base(adapter, base_name, allow_base_mismatch, "--allow_base_mismatch")
 
-    prompt = PromptStyle.from_dir_or_default(adapter)
     tokenizer = load_tokenizer(adapter, base_name)
     inputs = parity_inputs(tokenizer, prompt, parity_set, parity_max_tokens)
 
-    effect, diff = _merge_save_compare(adapter, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt)
+    effect, diff = _merge_save_compare(adapter, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
+                                       generation)  # fmt: skip
     tokens = sum(ids.shape[1] for ids in inputs)
     print(f"parity: max |logits(base + adapter) - logits(merged)| = {diff:.3g} over {len(inputs)} records "
           f"({tokens} tokens), tolerance {tolerance:g}; the adapter itself moves logits by up to {effect:.3g}")
@@ -242,21 +260,21 @@ def export(
 
 def _merge_save_compare(
     adapter: Path, out: Path, base: str, dtype: torch.dtype, device: str, inputs: list[torch.Tensor], tokenizer,
-    prompt: PromptStyle,
+    prompt: PromptStyle, generation: GenerationSettings,
 ) -> tuple[float, float]:
     """Merge, save and compare; returns ``(adapter effect, merge difference)`` as max absolute logit differences
     (base + adapter vs the base; base + adapter vs the merged model reloaded from ``out``).
 
     The reference logits are taken before ``merge_and_unload``, which rewrites the base weights in place.
     """
-    from peft import PeftModel
+    from healthai.adapter import apply_adapter
 
-    model = PeftModel.from_pretrained(load_model(base, dtype, device), adapter).eval()
+    model = apply_adapter(load_model(base, dtype, device), adapter).eval()
     expected = logits_of(model, inputs)
     with model.disable_adapter():
         effect = max_abs_diff(model, inputs, expected)
     merged = model.merge_and_unload()
-    save_merged(merged, tokenizer, prompt, out)
+    save_merged(merged, tokenizer, prompt, out, generation)
     del model, merged  # the merged weights are on disk now; what is compared is the copy reloaded from there
     release_memory()
     reloaded = load_model(out, dtype, device)

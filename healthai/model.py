@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
+import json
 import math
 import time
 from pathlib import Path
@@ -10,10 +13,10 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from healthai.data import IGNORE_INDEX, end_of_turn_id
-from healthai.decoding import GenerationSettings, JsonConstraint, ParsedAnswer, parse_answer
+from healthai.decoding import GenerationSettings, JsonConstraint, ParsedAnswer, check_answer_budget, parse_answer
 from healthai.errors import ConfigError, check_at_least, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.prompts import DISEASE_SEPARATOR, join_diseases
@@ -49,12 +52,14 @@ class DiagnosisLoRA(L.LightningModule):
         random_init: bool = False,
         val_log_samples: int = 8,
         liger_kernel: bool = False,
+        allow_base_mismatch: bool = False,
     ):
         """
         Args:
             model_name_or_path: Base model: a hub id (``Qwen/Qwen2.5-7B-Instruct``) or a local folder.
-            adapter_path: A LoRA ``adapter/`` folder written by fit. In predict it is applied to the base (null = the
-                zero-shot base model); in fit, training continues from it.
+            adapter_path: A LoRA ``adapter/`` folder written by fit, or one of fit's checkpoints (``.ckpt``, e.g. a
+                best-by-F1 one). In predict and validate it is applied to the base (null = the zero-shot base model);
+                in fit, training continues from it. A base other than the one it was trained on is refused.
             dtype: Dtype of the base weights. bfloat16 on GPU; float32 for exact CPU tests.
             attn_implementation: Attention kernel passed to transformers (``sdpa``, ``flash_attention_2``, ``eager``).
             lora_r: LoRA rank. Higher = more capacity and memory.
@@ -80,6 +85,8 @@ class DiagnosisLoRA(L.LightningModule):
             liger_kernel: Replace the base's RoPE, RMSNorm and SwiGLU with Liger's fused Triton kernels (CUDA only;
                 ``pip install -e '.[gpu]'``); the loss stays the project's answer-only loss. Liger patches
                 transformers' Qwen2 code for the whole process, not only this model.
+            allow_base_mismatch: Apply ``adapter_path`` even to a base whose fingerprint differs from the one the
+                adapter was trained on (recorded in its ``base.json``); by default that is refused.
         """
         # Bad values are the user's config errors, named here before anything loads.
         check_model_source(model_name_or_path, "model.model_name_or_path")
@@ -121,8 +128,12 @@ class DiagnosisLoRA(L.LightningModule):
         self._constraint: Optional[JsonConstraint] = None
         self._val_generated = 0
         self._batch_start: Optional[float] = None
+        self._budget_checked = False
+        self._base_record: Optional[dict[str, Any]] = None
         # Checkpoints hold only the adapter (see on_save_checkpoint), so loading them must not expect base weights.
         self.strict_loading = False
+        if adapter_path is not None and not random_init:
+            self._check_base(allow_base_mismatch)
         self._init_metrics()
 
     def _init_metrics(self) -> None:
@@ -161,10 +172,24 @@ class DiagnosisLoRA(L.LightningModule):
             return datamodule.tokenizer
         from transformers import AutoTokenizer
 
-        source = self.adapter_path
-        if source is None or not (Path(source) / "tokenizer_config.json").is_file():
-            source = self.model_name_or_path
-        return AutoTokenizer.from_pretrained(source)
+        from healthai.adapter import tokenizer_source
+
+        return AutoTokenizer.from_pretrained(tokenizer_source(self.adapter_path, self._base_source()))
+
+    def _check_base(self, allow_mismatch: bool) -> None:
+        """Refuse an adapter trained on another base, before anything is loaded or written (every rank)."""
+        from healthai.adapter import check_base
+
+        check_base(self.adapter_path, self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
+
+    def _base_source(self) -> str:
+        """Where the base is loaded from: ``model_name_or_path``, or the absolute folder the adapter recorded for it
+        when that relative path does not exist from this working directory."""
+        from healthai.adapter import check_adapter_path, resolve_base
+
+        if self.adapter_path is not None:
+            check_adapter_path(self.adapter_path)
+        return resolve_base(self.model_name_or_path, self.adapter_path, "--model.model_name_or_path")
 
     def _load_base(self):
         base = self._build_base()
@@ -175,12 +200,13 @@ class DiagnosisLoRA(L.LightningModule):
     def _build_base(self):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        source = self._base_source()
         dtype = DTYPES[self.dtype_name]
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.attn_implementation}
         if self.random_init:
             # Lightning runs configure_model inside the strategy's init context (default device = the GPU), so the
             # weights are created straight on the device: no 15 GB CPU copy of a 7B model.
-            config = AutoConfig.from_pretrained(self.model_name_or_path)
+            config = AutoConfig.from_pretrained(source)
             return AutoModelForCausalLM.from_config(config, **kwargs)
         if self.quantization == "nf4":
             from transformers import BitsAndBytesConfig
@@ -189,7 +215,7 @@ class DiagnosisLoRA(L.LightningModule):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True,
             )  # fmt: skip
-        base = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if self.quantization == "nf4":
             from peft import prepare_model_for_kbit_training
 
@@ -197,10 +223,12 @@ class DiagnosisLoRA(L.LightningModule):
         return base
 
     def _apply_lora(self, base):
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
-        if self.adapter_path is not None:
-            return PeftModel.from_pretrained(base, self.adapter_path, is_trainable=True)
+        from healthai.adapter import apply_adapter
+
+        if self.adapter_path is not None:  # an adapter/ folder or a fit checkpoint (.ckpt)
+            return apply_adapter(base, self.adapter_path, is_trainable=True)
         config = LoraConfig(
             r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             target_modules=self.target_modules, task_type="CAUSAL_LM",
@@ -258,6 +286,10 @@ class DiagnosisLoRA(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
         self._val_samples = []
+
+    def on_validation_start(self) -> None:
+        if self.generate_every_n_epochs > 0:
+            self.check_answer_budget()
 
     def _generate_this_epoch(self) -> bool:
         n = self.generate_every_n_epochs
@@ -325,24 +357,36 @@ class DiagnosisLoRA(L.LightningModule):
             )  # fmt: skip
         return self._constraint
 
+    def check_answer_budget(self) -> None:
+        """Say at start-up, once, when the schema's length caps may not fit in ``max_new_tokens`` for this tokenizer
+        (a warning: such answers are cut and parsed as ``repaired``, not lost); an error when no answer can fit."""
+        if self._budget_checked:
+            return
+        self._budget_checked = True
+        message = check_answer_budget(self.tokenizer, self.generation)
+        if message is not None:
+            rank_zero_warn(f"WARNING: {message}")
+
+    def on_predict_start(self) -> None:
+        self.check_answer_budget()
+
     @torch.no_grad()
     def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         """Generate from left-padded prompts; returns each row's new text (special tokens removed)."""
         g = self.generation
-        eot = end_of_turn_id(self.tokenizer)
         base = self.base_model
         base.config.use_cache = True  # training turned the KV cache off
-        sampling = {"temperature": g.temperature, "top_p": g.top_p} if g.do_sample else {}
+        pad = self.tokenizer.pad_token_id
+        config = g.transformers_config([end_of_turn_id(self.tokenizer), pad], pad)
+        # generate() fills unset fields of a passed config from the model's own (the checkpoint's
+        # generation_config.json: Qwen's sampling and repetition_penalty 1.05); with ours as the model's own too,
+        # every decoding parameter is the project's.
+        base.generation_config = copy.deepcopy(config)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=g.max_new_tokens,
-            do_sample=g.do_sample,
-            eos_token_id=[eot, self.tokenizer.pad_token_id],
-            pad_token_id=self.tokenizer.pad_token_id,
+            generation_config=config,
             logits_processor=[self.constraint().logits_processor()] if g.constrained else None,
-            use_cache=True,
-            **sampling,
         )
         return self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
 
@@ -385,39 +429,144 @@ class DiagnosisLoRA(L.LightningModule):
         return names
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable (adapter) weights: a checkpoint of the 7B is then tens of MB, not 15 GB."""
+        """Keep only trainable (adapter) weights: a checkpoint of the 7B is then tens of MB, not 15 GB. Record the
+        base, the prompt and the validation metrics too, so that the ``.ckpt`` is an adapter predict can take."""
         trainable = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        from healthai.adapter import CKPT_KEY
 
-    def adapter_dir(self) -> Path:
-        """``<run folder>/adapter``: next to the TensorBoard events and config of this run. Call it on every rank."""
+        checkpoint[CKPT_KEY] = {"base": self.base_record(), "prompt": dataclasses.asdict(self._prompt()),
+                                "val_metrics": self._val_metrics()}  # fmt: skip
+
+    def base_record(self) -> dict[str, Any]:
+        """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once."""
+        if self._base_record is None:
+            from healthai.adapter import base_record
+
+            # The name as given, with the folder it was found in from here (which may be the adapter's record).
+            record = base_record(self._base_source())
+            record["name_or_path"] = self.model_name_or_path
+            self._base_record = record
+        return self._base_record
+
+    def _prompt(self):
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        prompt = getattr(datamodule, "prompt", None)
+        if prompt is not None:
+            return prompt
+        from healthai.adapter import load_prompt
+        from healthai.prompts import PromptStyle
+
+        return load_prompt(self.adapter_path) if self.adapter_path is not None else PromptStyle()
+
+    def _val_metrics(self) -> dict[str, float]:
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+
+    def adapter_dir(self, name: str = "adapter") -> Path:
+        """``<run folder>/<name>``: next to the TensorBoard events and config of this run. Call it on every rank."""
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(run_dir) / "adapter"
+        return Path(run_dir) / name
 
-    def save_adapter(self, directory: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
-        """Write the PEFT adapter (from ``state_dict`` if given, e.g. gathered under FSDP), the tokenizer and the
-        prompt settings to ``directory``."""
+    def save_adapter(self, directory: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                     card: Optional[dict[str, Any]] = None) -> Path:  # fmt: skip
+        """Write the PEFT adapter (from ``state_dict`` if given, e.g. gathered under FSDP), the tokenizer, the prompt
+        settings, the base it was trained on (``base.json``) and a model card (``README.md``) to ``directory``."""
+        from healthai.adapter import BASE_FILE, write_model_card
+
         directory = Path(directory)
         self.model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        prompt = getattr(datamodule, "prompt", None)
-        if prompt is None:
-            from healthai.prompts import PromptStyle
-
-            prompt = PromptStyle.from_dir_or_default(self.adapter_path)
+        prompt = self._prompt()
         prompt.save(directory)
+        base = self.base_record()
+        (directory / BASE_FILE).write_text(json.dumps(base, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        card = dict(card or {})
+        card.setdefault("title", f"HealthAI LoRA adapter ({directory.name})")
+        card.setdefault("which", "as saved")
+        write_model_card(directory, {**self.card_facts(), **card, "base": base, "prompt": dataclasses.asdict(prompt)})
         return directory
 
+    def card_facts(self) -> dict[str, Any]:
+        """Hyperparameters, data files and versions for the model card."""
+        from healthai.provenance import package_versions, sha256_file
+
+        hp = dict(self.hparams)
+        lora_keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+        facts: dict[str, Any] = {
+            "lora": {k: hp.get(k) for k in lora_keys},
+            "generation": dataclasses.asdict(self.generation),
+            "versions": package_versions("healthai", "torch", "transformers", "peft", "lightning", "xgrammar"),
+        }
+        training = {k: v for k, v in hp.items() if k not in lora_keys and k != "generation" and not k.startswith("_")}
+        trainer, datamodule = self._trainer, None
+        if trainer is not None:
+            datamodule = getattr(trainer, "datamodule", None)
+            training.update(max_epochs=trainer.max_epochs, max_steps=trainer.max_steps,
+                            accumulate_grad_batches=trainer.accumulate_grad_batches,
+                            precision=str(trainer.precision), devices=trainer.world_size,
+                            optimizer_steps=trainer.global_step, epochs_done=trainer.current_epoch)  # fmt: skip
+        if datamodule is not None:
+            training.update(batch_size=getattr(datamodule, "batch_size", None),
+                            max_length=getattr(datamodule, "max_length", None),
+                            seed=getattr(datamodule, "seed", None))  # fmt: skip
+            data = []
+            for split, file, dataset in (("train", datamodule.train_file, datamodule.train_set),
+                                         ("validation", datamodule.val_file, datamodule.val_set)):  # fmt: skip
+                if file is not None and dataset is not None and Path(file).is_file():
+                    data.append({"split": split, "file": str(Path(file).resolve()), "records": len(dataset),
+                                 "sha256": sha256_file(file)})  # fmt: skip
+            if datamodule.val_file is None and datamodule.val_set is not None:
+                data.append({"split": f"validation ({datamodule.val_fraction:g} of train, seed {datamodule.seed})",
+                             "file": str(Path(datamodule.train_file).resolve()), "records": len(datamodule.val_set),
+                             "sha256": sha256_file(datamodule.train_file)})  # fmt: skip
+            facts["data"] = data
+        facts["training"] = training
+        return facts
+
+    def _monitored_best(self):
+        """``(callback, path)`` of the best checkpoint of the first ModelCheckpoint that monitors a metric, or None."""
+        for callback in self.trainer.checkpoint_callbacks:
+            path = getattr(callback, "best_model_path", "")
+            if getattr(callback, "monitor", None) and path and Path(path).is_file():
+                return callback, Path(path)
+        return None
+
     def on_train_end(self) -> None:
+        """Write ``adapter/`` — the best checkpoint by the monitored metric when a ModelCheckpoint monitors one,
+        else the last step — and, in the first case, ``adapter-last/`` with the last step's weights; say which is
+        which."""
         # Every rank takes part: under FSDP this gathers the sharded weights; elsewhere it is a plain state_dict.
         state = self.trainer.strategy.lightning_module_state_dict()
         directory = self.adapter_dir()  # collective too: trainer.log_dir broadcasts rank zero's folder
-        if self.trainer.is_global_zero:
-            trainable = self.trainable_names()
-            adapter = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
-            path = self.save_adapter(directory, adapter)
-            rank_zero_info(f"adapter saved to {path}")
+        if not self.trainer.is_global_zero:
+            return
+        step = self.trainer.global_step
+        if step == 0:
+            rank_zero_warn("WARNING: no optimizer step was taken: no adapter written (it would equal the base)")
+            return
+        trainable = self.trainable_names()
+        last = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
+        last_metrics = self._val_metrics()
+        best = self._monitored_best()
+        if best is None:
+            self.save_adapter(directory, last, {"which": f"the last step ({step})", "metrics": last_metrics})
+            rank_zero_info(f"adapter saved to {directory} (last step {step}; no checkpoint monitors a metric)")
+            return
+        from healthai.adapter import CKPT_KEY, load_checkpoint
+
+        callback, path = best
+        ckpt = load_checkpoint(path)
+        weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        score = float(callback.best_model_score)
+        best_step = ckpt.get("global_step")
+        which = f"best {callback.monitor} = {score:.4g} at step {best_step} (epoch {ckpt.get('epoch')}, {path})"
+        best_metrics = ckpt.get(CKPT_KEY, {}).get("val_metrics") or {callback.monitor: score}
+        self.save_adapter(directory, weights, {"which": which, "metrics": best_metrics})
+        last_dir = self.adapter_dir("adapter-last")
+        self.save_adapter(last_dir, last, {"which": f"the last step ({step})", "metrics": last_metrics})
+        rank_zero_info(f"adapter saved to {directory}: {which}")
+        rank_zero_info(f"last step's adapter saved to {last_dir} (step {step})")
 
 
 def check_liger_kernel() -> None:

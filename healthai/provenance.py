@@ -77,6 +77,8 @@ def base_fingerprint(name_or_path: str) -> Optional[str]:
 def adapter_fingerprint(adapter_dir: str | Path) -> Optional[str]:
     """A fingerprint of an adapter folder's weights and LoRA config, or ``None`` for no adapter."""
     folder = Path(adapter_dir)
+    if folder.is_file():  # a fit checkpoint (.ckpt) given as the adapter
+        return sha256_file(folder)[:16]
     h = hashlib.sha256()
     files = [folder / "adapter_config.json", *sorted(folder.glob("adapter_model*.safetensors"))]
     for f in files:

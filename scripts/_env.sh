@@ -12,7 +12,6 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
 python -m pip install -q -e ".[${HEALTHAI_EXTRAS:-tiny}]"
-# The small random-weight Qwen2.5-architecture model every test and the demo run on (no model hub needed).
-if [ ! -f models/tiny-qwen2.5/model.safetensors ]; then
-  python scripts/make_tiny_model.py --out models/tiny-qwen2.5
-fi
+# The small random-weight Qwen2.5-architecture model every test and the demo run on (no model hub needed). Rebuilt
+# whenever its builder (the script or the 7B config files it copies) changed since it was written (a hash stamp).
+python scripts/make_tiny_model.py --out models/tiny-qwen2.5 --if_stale

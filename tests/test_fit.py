@@ -88,12 +88,14 @@ def test_saved_adapter_reloads_with_peft_and_gives_same_logits(tmp_path, tiny_mo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    # dtype given: the small model's config says bfloat16, as the 7B's does.
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                         adapter).eval()  # fmt: skip
     trained = cli.model.model.eval()
     ids = torch.tensor([[151644, 8948, 198, 104383, 109478, 151645, 198]])
     with torch.no_grad():
         expected, got = trained(input_ids=ids).logits, reloaded(input_ids=ids).logits
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=ids).logits
     assert torch.allclose(expected, got, atol=1e-5)
     assert not torch.allclose(base, got, atol=1e-3)  # the adapter did change the model
 

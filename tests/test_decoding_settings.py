@@ -1,0 +1,112 @@
+"""Decoding settings are the project's own: the small model brings Qwen2.5-7B-Instruct's config and generation config
+(sampling, top_k 20, repetition_penalty 1.05), and none of it reaches predict; the length caps are checked against
+max_new_tokens at start-up."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from healthai.cli import cli_main
+from healthai.decoding import GenerationSettings, check_answer_budget, worst_tokens_per_char
+
+QWEN7B = REPO / "scripts" / "qwen2.5-7b-instruct"
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_model_is_qwen7b_in_every_field_but_size(tiny_model_dir):
+    from transformers import AutoConfig
+
+    sizes = set(_builder().SIZE_FIELDS) | {"layer_types"}  # one layer type per layer
+    ignore = {"transformers_version", "_name_or_path"}
+    tiny = AutoConfig.from_pretrained(tiny_model_dir).to_dict()
+    real = AutoConfig.from_pretrained(QWEN7B).to_dict()
+    assert {k: v for k, v in tiny.items() if k not in sizes | ignore} == {
+        k: v for k, v in real.items() if k not in sizes | ignore
+    }
+    assert real["vocab_size"] == 152064 and real["tie_word_embeddings"] is False  # what the comparison covers
+    assert json.loads((tiny_model_dir / "generation_config.json").read_text()) == json.loads(
+        (QWEN7B / "generation_config.json").read_text()
+    )
+
+
+def test_transformers_config_leaves_nothing_for_the_checkpoint_to_fill(tiny_model_dir):
+    """generate() fills a passed config's unset fields from the model's generation_config.json (Qwen's here)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
+    ours = GenerationSettings().transformers_config([151645, 151643], 151643)
+    merged, _ = model._prepare_generation_config(ours)
+    assert (merged.do_sample, merged.repetition_penalty, merged.max_new_tokens) == (False, 1.0, 512)
+    sampled = GenerationSettings(do_sample=True, temperature=0.5, top_p=0.9, top_k=0)
+    merged, _ = model._prepare_generation_config(sampled.transformers_config([151645], 151643))
+    assert (merged.temperature, merged.top_p, merged.top_k, merged.repetition_penalty) == (0.5, 0.9, 0, 1.0)
+    # The neutral config a careless caller would pass does inherit Qwen's penalty: what the above guards against.
+    merged, _ = model._prepare_generation_config(GenerationConfig(do_sample=False))
+    assert merged.repetition_penalty == 1.05
+
+
+def _neutral_copy(tiny_model_dir: Path, dest: Path) -> Path:
+    """The small model with a neutral generation config (greedy, no penalty) instead of Qwen's."""
+    dest.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "generation_config.json":
+            os.symlink(f, dest / f.name)
+    neutral = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}
+    (dest / "generation_config.json").write_text(json.dumps(neutral))
+    return dest
+
+
+def test_predictions_with_qwens_generation_config_equal_those_with_a_neutral_one(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):  # fmt: skip
+    monkeypatch.chdir(REPO)
+    neutral = _neutral_copy(tiny_model_dir, tmp_path / "neutral")
+    # Records on which the small model's greedy answer changes under Qwen's repetition_penalty 1.05 (the random
+    # weights' logit margins are wide, so on most records a 5% penalty changes nothing), and two on which it does not.
+    records = [seed_records(1, offset=i)[0] for i in (4, 17, 27, 0, 1)]
+    src = write_jsonl(tmp_path / "records.jsonl", records)
+    rows = {}
+    for name, model in (("qwen", tiny_model_dir), ("neutral", neutral)):
+        out = tmp_path / f"{name}.jsonl"
+        cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(model),
+                  "--data.predict_file", str(src), "--writer.output_path", str(out), "--writer.progress", "false",
+                  "--data.eval_batch_size", "3", "--data.max_length", "256"])  # fmt: skip
+        rows[name] = read_jsonl(out)
+    assert [r["id"] for r in rows["qwen"]] == [r["id"] for r in records]
+    assert rows["qwen"] == rows["neutral"]
+
+
+def test_worst_tokens_per_char_of_qwens_tokenizer(tokenizer):
+    # Rare ideographs (U+3400, U+9FA5) have no token of their own: their three UTF-8 bytes take two tokens.
+    assert worst_tokens_per_char(tokenizer) == 2
+
+
+def test_answer_budget_check_names_the_numbers(tokenizer):
+    # 64 + 400 characters at 2 tokens each + 12 for {"diseases": "", "reason": ""} and <|im_end|> = 940 tokens.
+    message = check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=512))
+    assert message is not None and "max_new_tokens=512" in message and "raise max_new_tokens to 940" in message
+    assert check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=940)) is None
+    assert check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=940, constrained=False)) is None
+    with pytest.raises(ValueError, match=r"max_new_tokens=8 is below the 12 tokens of an empty answer"):
+        check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=8))
+
+
+def test_predict_warns_at_start_up_when_the_caps_do_not_fit(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(REPO)
+    src = write_jsonl(tmp_path / "records.jsonl", seed_records(1))
+    with pytest.warns(UserWarning, match=r"max_new_tokens=24 may cut answers .* raise max_new_tokens to 108"):
+        cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
+                  "--data.predict_file", str(src), "--writer.output_path", str(tmp_path / "p.jsonl"),
+                  "--writer.progress", "false", "--model.generation.max_new_tokens", "24"])  # fmt: skip
