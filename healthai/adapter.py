@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
+from healthai.errors import UserError
 from healthai.prompts import PromptStyle
 from healthai.provenance import base_fingerprint, resolve_model_dir
 
@@ -31,11 +32,8 @@ ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_at
 """Config fields recorded with the base, to say whether a mismatching base differs in shape or only in weights."""
 
 
-class BaseMismatchError(SystemExit):
-    """An adapter applied to a base other than its own: one line on stderr and exit status 1 (a user error)."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+class BaseMismatchError(UserError):
+    """An adapter applied to a base other than its own: a user error (one line on stderr, exit status 2)."""
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -119,7 +117,7 @@ def resolve_base(name_or_path: Optional[str], adapter: Optional[str | Path], opt
     recorded = recorded_base(adapter) if adapter is not None else None
     given = name_or_path if name_or_path is not None else (recorded or {}).get("name_or_path")
     if given is None:
-        raise ValueError(f"no base model: pass {option}")
+        raise UserError(f"no base model: pass {option}")
     if Path(given).expanduser().is_dir():
         return given
     same = recorded is not None and recorded.get("name_or_path") == given
@@ -166,7 +164,7 @@ def load_prompt(adapter: str | Path) -> PromptStyle:
     if is_checkpoint(adapter):
         saved = load_checkpoint(adapter).get(CKPT_KEY, {}).get("prompt")
         if saved is None:
-            raise ValueError(f"{adapter}: records no prompt settings; was it written by `healthai fit`?")
+            raise UserError(f"{adapter}: records no prompt settings; was it written by `healthai fit`?")
         return PromptStyle(**saved)
     return PromptStyle.load(adapter)
 
@@ -197,7 +195,7 @@ def apply_adapter(base, adapter: str | Path, is_trainable: bool = False):
     result = model.load_state_dict(weights, strict=False)
     lora = {n for n, _ in model.named_parameters() if "lora_" in n}
     if result.unexpected_keys or not lora or lora & set(result.missing_keys):
-        raise ValueError(f"{adapter}: its weights do not fit a LoRA adapter of r={config.r} on {sorted(config.target_modules)}"
+        raise UserError(f"{adapter}: its weights do not fit a LoRA adapter of r={config.r} on {sorted(config.target_modules)}"
                          f" (unexpected {result.unexpected_keys[:3]}, missing {sorted(lora & set(result.missing_keys))[:3]})")
     if not is_trainable:
         model.requires_grad_(False)

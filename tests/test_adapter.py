@@ -142,7 +142,7 @@ def test_an_adapter_on_another_base_of_the_same_shape_is_refused_unless_allowed(
     assert [r["id"] for r in rows] == [r["id"] for r in seed_records(2)]
 
 
-def test_predict_on_another_base_exits_1_with_one_line(run, other_base, tmp_path):
+def test_predict_on_another_base_exits_2_with_one_line(run, other_base, tmp_path):
     adapter = run / "ckpt" / "best-step=1.ckpt"  # a checkpoint records its base too
     records = write_jsonl(tmp_path / "records.jsonl", seed_records(1))
     cmd = [sys.executable, "-m", "healthai", "predict", "--config", PREDICT_CONFIG,
@@ -150,9 +150,9 @@ def test_predict_on_another_base_exits_1_with_one_line(run, other_base, tmp_path
            "--data.predict_file", str(records), "--writer.output_path", str(tmp_path / "p.jsonl")]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
                             text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: adapter {adapter} was trained on base ") and "Traceback" not in result.stderr
+    assert last.startswith(f"healthai predict: error: adapter {adapter} was trained on base ") and "Traceback" not in result.stderr
     assert "--model.allow_base_mismatch true" in last
 
 
