@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -72,26 +71,17 @@ class DiagnosisLoRA(L.LightningModule):
         super().__init__()
         if random_init and quantization is not None:
             raise ValueError("random_init builds unquantized weights; it cannot be combined with quantization")
-        self.save_hyperparameters()
-        self.model_name_or_path = model_name_or_path
-        self.adapter_path = adapter_path
-        self.dtype_name = dtype
-        self.attn_implementation = attn_implementation
-        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
-        self.target_modules = list(target_modules)
-        self.gradient_checkpointing = gradient_checkpointing
-        self.learning_rate, self.weight_decay = learning_rate, weight_decay
-        self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
+        self.save_hyperparameters()  # every argument above is read back as self.hparams.<name>
+        # Decoding settings are also replaced at run time (scripts/bench_gpu.py shortens them), so they stay an attribute.
         self.generation = generation
-        self.generate_every_n_epochs = generate_every_n_epochs
-        self.val_generate_limit = val_generate_limit
-        self.quantization = quantization
-        self.random_init = random_init
         self.model = None
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
         self._val_generated = 0
         self._batch_start: Optional[float] = None
+        # Summed over the micro-batches of the optimizer step under way (see on_before_optimizer_step).
+        self._step_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._step_tokens = torch.zeros((), dtype=torch.float64)
         # Checkpoints hold only the adapter (see on_save_checkpoint), so loading them must not expect base weights.
         self.strict_loading = False
         self._init_metrics()
@@ -114,7 +104,7 @@ class DiagnosisLoRA(L.LightningModule):
         base = self._load_base()
         self.model = self._apply_lora(base)
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in fit
-        if self.gradient_checkpointing:
+        if self.hparams.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs and PEFT. transformers 5 renamed the method (the old
             # name is a deprecated alias there); 4.x has only the old one.
             if hasattr(base, "activation_checkpointing_enable"):
@@ -132,30 +122,31 @@ class DiagnosisLoRA(L.LightningModule):
             return datamodule.tokenizer
         from transformers import AutoTokenizer
 
-        source = self.adapter_path
+        source = self.hparams.adapter_path
         if source is None or not (Path(source) / "tokenizer_config.json").is_file():
-            source = self.model_name_or_path
+            source = self.hparams.model_name_or_path
         return AutoTokenizer.from_pretrained(source)
 
     def _load_base(self):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        dtype = DTYPES[self.dtype_name]
-        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.attn_implementation}
-        if self.random_init:
+        hp = self.hparams
+        dtype = DTYPES[hp.dtype]
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": hp.attn_implementation}
+        if hp.random_init:
             # Lightning runs configure_model inside the strategy's init context (default device = the GPU), so the
             # weights are created straight on the device: no 15 GB CPU copy of a 7B model.
-            config = AutoConfig.from_pretrained(self.model_name_or_path)
+            config = AutoConfig.from_pretrained(hp.model_name_or_path)
             return AutoModelForCausalLM.from_config(config, **kwargs)
-        if self.quantization == "nf4":
+        if hp.quantization == "nf4":
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True,
             )  # fmt: skip
-        base = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kwargs)
-        if self.quantization == "nf4":
+        base = AutoModelForCausalLM.from_pretrained(hp.model_name_or_path, **kwargs)
+        if hp.quantization == "nf4":
             from peft import prepare_model_for_kbit_training
 
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -164,11 +155,12 @@ class DiagnosisLoRA(L.LightningModule):
     def _apply_lora(self, base):
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if self.adapter_path is not None:
-            return PeftModel.from_pretrained(base, self.adapter_path, is_trainable=True)
+        hp = self.hparams
+        if hp.adapter_path is not None:
+            return PeftModel.from_pretrained(base, hp.adapter_path, is_trainable=True)
         config = LoraConfig(
-            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-            target_modules=self.target_modules, task_type="CAUSAL_LM",
+            r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+            target_modules=list(hp.target_modules), task_type="CAUSAL_LM",
         )  # fmt: skip
         return get_peft_model(base, config)
 
@@ -179,8 +171,9 @@ class DiagnosisLoRA(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------------------------
 
-    def answer_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens, computing LM-head logits only where a label is set.
+    def answer_loss(self, batch: dict[str, torch.Tensor], reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Cross-entropy over the batch's answer tokens (their mean, or with ``reduction="sum"`` their sum),
+        computing LM-head logits only where a label is set.
 
         Prompts are long and answers short, and the 152k-column LM head dominates compute: gathering the hidden
         states at answer positions before the head skips most of that work, and the frozen head's loss is computed in
@@ -191,13 +184,38 @@ class DiagnosisLoRA(L.LightningModule):
         hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
-        return head_cross_entropy(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep])
+        return head_cross_entropy(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep], reduction)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.answer_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # The sum, not the mean: on_before_optimizer_step divides the step's gradient by all of its answer tokens.
+        loss_sum = self.answer_loss(batch, reduction="sum")
+        self._step_loss_sum = self._step_loss_sum.to(loss_sum.device) + loss_sum.detach()
+        self._step_tokens = self._step_tokens.to(loss_sum.device) + answer_tokens(batch["labels"])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the step's gradient the mean over every answer token of the step, on every rank.
+
+        Each micro-batch back-propagated its summed loss, which Lightning divided by ``accumulate_grad_batches``
+        (also in an epoch's last, shorter window) and DDP/FSDP averaged over the ranks. Multiplying by
+        ``accumulate_grad_batches × world_size / N``, N the answer tokens of the step on all ranks, leaves
+        ``d(sum of token losses)/N``: every token weighs the same, however the micro-batches and ranks split them
+        (the weighting transformers' ``num_items_in_batch``, torchtune and TRL use). Lightning calls this hook after
+        the last backward (gradients already all-reduced) and before gradient clipping, so clipping sees the true
+        gradient.
+        """
+        totals = torch.stack([self._step_loss_sum, self._step_tokens]).to(self.device)
+        loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        self._step_loss_sum = torch.zeros_like(self._step_loss_sum)
+        self._step_tokens = torch.zeros_like(self._step_tokens)
+        tokens = max(tokens, 1.0)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        self.log("train/loss", loss_sum / tokens, prog_bar=True)
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -211,11 +229,16 @@ class DiagnosisLoRA(L.LightningModule):
             self.log("train/tokens_per_sec", real * self.trainer.world_size / max(seconds, 1e-9))
 
     def configure_optimizers(self):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total * self.warmup_ratio)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.min_lr_ratio))
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=int(total * hp.warmup_ratio), num_training_steps=total,
+            min_lr_rate=hp.min_lr_ratio,
+        )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation ---------------------------------------------------------------------------------------------------
@@ -224,15 +247,15 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_generated = 0
 
     def _generate_this_epoch(self) -> bool:
-        n = self.generate_every_n_epochs
+        n = self.hparams.generate_every_n_epochs
         return n > 0 and (self.current_epoch + 1) % n == 0 and not self.trainer.sanity_checking
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch_size = batch["input_ids"].shape[0]
         self.log("val/loss", self.answer_loss(batch), prog_bar=True, sync_dist=True, batch_size=batch_size)
-        if not self._generate_this_epoch() or self._val_generated >= self.val_generate_limit:
+        if not self._generate_this_epoch() or self._val_generated >= self.hparams.val_generate_limit:
             return
-        take = min(batch_size, self.val_generate_limit - self._val_generated)
+        take = min(batch_size, self.hparams.val_generate_limit - self._val_generated)
         self._val_generated += take
         answers = self.generate_answers(batch["prompt_ids"][:take], batch["prompt_mask"][:take])
         refs = batch["references"][:take]
@@ -342,7 +365,7 @@ class DiagnosisLoRA(L.LightningModule):
         if prompt is None:
             from healthai.prompts import PromptStyle
 
-            prompt = PromptStyle.from_dir_or_default(self.adapter_path)
+            prompt = PromptStyle.from_dir_or_default(self.hparams.adapter_path)
         prompt.save(directory)
         return directory
 
@@ -357,13 +380,8 @@ class DiagnosisLoRA(L.LightningModule):
             rank_zero_info(f"adapter saved to {path}")
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier: linear warm-up from 0 to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Answer tokens in a batch: the positions :meth:`DiagnosisLoRA.answer_loss` scores (labels shifted by one). A
+    tensor on the labels' device, so counting does not wait for the GPU."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
