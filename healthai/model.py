@@ -72,7 +72,7 @@ class DiagnosisLoRA(L.LightningModule):
         if random_init and quantization is not None:
             raise ValueError("random_init builds unquantized weights; it cannot be combined with quantization")
         self.save_hyperparameters()  # every argument above is read back as self.hparams.<name>
-        # Decoding settings are also replaced at run time (scripts/bench_gpu.py shortens them), so they stay an attribute.
+        # Decoding settings are also replaced at run time (scripts/bench_gpu.py shortens them): they stay an attribute.
         self.generation = generation
         self.model = None
         self.tokenizer = None
