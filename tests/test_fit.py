@@ -3,6 +3,7 @@ the saved adapter, and validation metrics in TensorBoard."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,49 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_the_same_ex
     assert w.norm() > 0
     assert (a - w).norm() <= 1e-5 * w.norm()
     assert torch.allclose(accumulated_loss, whole_loss, rtol=1e-5)  # train/loss: the step's per-token mean
+
+
+def test_resume_from_every_kind_of_checkpoint_sees_exactly_the_uninterrupted_runs_remaining_batches(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    # 8 records, batch 2: 4 batches an epoch, 2 epochs; validation twice an epoch (val_check_interval 0.5), a checkpoint
+    # kept at every validation by the monitored metric, one every 3 steps and one at each epoch's end.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    run = {"name": "full"}
+    batches: dict[str, list] = {}
+
+    class BatchProbe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batches.setdefault(run["name"], []).append((trainer.global_step, batch["input_ids"].sum().item()))
+
+    def add_callbacks(cli):
+        kept = tmp_path / "kept"
+        cli.trainer.callbacks += [
+            BatchProbe(),
+            ModelCheckpoint(kept, "val-{step}", monitor="val/loss", save_top_k=-1),
+            ModelCheckpoint(kept, "every3-{step}", every_n_train_steps=3, save_top_k=-1),
+            ModelCheckpoint(kept, "epochend-{step}", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1),
+        ]
+
+    monkeypatch.setattr(HealthAICLI, "before_fit", add_callbacks, raising=False)
+    common = ["--data.batch_size", "2", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "0.5",
+              "--trainer.limit_val_batches", "1", "--data.max_length", "160"]  # fmt: skip
+    fit(tmp_path / "full", tiny_model_dir, *common, records=8)
+    full = batches["full"]
+    assert [s for s, _ in full] == list(range(8))
+    kept = {p.stem: p for p in (tmp_path / "kept").glob("*.ckpt")}
+    kinds = {
+        "every3-step=3": 3,  # mid-epoch, by step
+        "val-step=2": 2,  # at a validation's end, mid-epoch
+        "val-step=4": 4,  # at a validation's end, at the epoch's end
+        "epochend-step=4": 4,  # at the epoch's end
+    }
+    assert set(kinds) <= set(kept), sorted(kept)
+    for name, step in kinds.items():
+        run["name"] = name
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path / name, tiny_model_dir, *common, "--ckpt_path", str(kept[name]), records=8)
+        assert batches[name] == full[step:], name
+        assert not [w for w in caught if "resuming from a checkpoint that ended before" in str(w.message)]
