@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from healthai.data import IGNORE_INDEX, end_of_turn_id
 from healthai.decoding import GenerationSettings, JsonConstraint, parse_answer
@@ -216,6 +216,16 @@ class DiagnosisLoRA(L.LightningModule):
                 if param.grad is not None:
                     param.grad.mul_(scale)
         self.log("train/loss", loss_sum / tokens, prog_bar=True)
+
+    def on_train_start(self) -> None:
+        every, accumulate = self.trainer.val_check_batch, self.trainer.accumulate_grad_batches
+        if isinstance(every, int) and every % accumulate and every < self.trainer.num_training_batches:
+            # A checkpoint written there holds neither the window's gradient so far nor its token count.
+            rank_zero_warn(
+                f"validation runs every {every} batches, inside windows of accumulate_grad_batches={accumulate}: "
+                f"checkpoints it writes resume without that window's partial gradient; make val_check_interval a "
+                f"multiple of {accumulate} batches for exact resumes"
+            )
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
