@@ -206,8 +206,8 @@ def test_resume_from_every_kind_of_checkpoint_sees_exactly_the_uninterrupted_run
     assert [s for s, _ in full] == list(range(8))
     kept = {p.stem: p for p in (tmp_path / "kept").glob("*.ckpt")}
     kinds = {
-        "every3-step=3": 3,  # mid-epoch, by step
         "val-step=2": 2,  # at a validation's end, mid-epoch
+        "every3-step=3": 3,  # mid-epoch, by step
         "val-step=4": 4,  # at a validation's end, at the epoch's end
         "epochend-step=4": 4,  # at the epoch's end
     }
