@@ -219,3 +219,15 @@ def test_resume_from_every_kind_of_checkpoint_sees_exactly_the_uninterrupted_run
             fit(tmp_path / name, tiny_model_dir, *common, "--ckpt_path", str(kept[name]), records=8)
         assert batches[name] == full[step:], name
         assert not [w for w in caught if "resuming from a checkpoint that ended before" in str(w.message)]
+
+
+@pytest.mark.parametrize(("every", "warns"), [(12, True), (16, False), (100, False)])
+def test_fit_warns_when_validation_splits_accumulation_windows(every, warns):
+    from types import SimpleNamespace
+
+    model = DiagnosisLoRA("unused", generate_every_n_epochs=0)
+    model._trainer = SimpleNamespace(val_check_batch=every, accumulate_grad_batches=8, num_training_batches=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.on_train_start()
+    assert bool([w for w in caught if "inside windows of accumulate_grad_batches=8" in str(w.message)]) == warns
