@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -10,11 +9,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from healthai.data import DiagnosisDataModule
 from healthai.model import DiagnosisLoRA
 from healthai.writer import DiagnosisWriter
-
-
-# DiagnosisDataModule records the batches an epoch has trained on in each checkpoint and its sampler skips them on
-# resume (see LengthGroupedSampler), so Lightning's caution about mid-epoch resumption does not apply here.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class HealthAICLI(LightningCLI):

@@ -180,9 +180,12 @@ class LengthGroupedSampler(DistributedSampler):
 
     Sequences of similar length share a batch, so dynamic padding adds little, while the epoch stays random. It is a
     ``DistributedSampler`` (Lightning then leaves it in place and calls :meth:`set_epoch`): every rank draws the same
-    global order from ``seed + epoch`` and takes its own slice of each global batch, so ranks see disjoint data and the
-    same number of batches. When the dataset does not divide into ``batch_size × num_replicas``, the last global batch
-    is topped up with indices from the start of the epoch's order (as ``DistributedSampler`` does).
+    global order from ``seed + epoch`` and takes its share of each global batch, so ranks see disjoint data and the
+    same number of batches. Within a global batch (sorted longest first) rank ``r`` takes positions ``r, r + R, …``:
+    the longest sequences are spread over the ranks instead of all landing on rank 0, which the others would wait
+    for. The epoch's longest global batch comes first, so a batch too large for the GPU fails in the first minute,
+    not hours in. When the dataset does not fill ``batch_size × num_replicas × batches``, the epoch's order is
+    repeated to fill it (as ``DistributedSampler`` pads), however few records there are.
     """
 
     def __init__(
@@ -194,11 +197,11 @@ class LengthGroupedSampler(DistributedSampler):
         seed: int = 0,
         mega_batch_mult: int = 50,
         shuffle: bool = True,
-        resume_epoch: int = 0,
-        resume_batches: int = 0,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        if not lengths:
+            raise ValueError("no training examples")
         # DistributedSampler.__init__ would query torch.distributed; set its fields directly instead.
         self.lengths = list(lengths)
         self.batch_size = batch_size
@@ -208,9 +211,8 @@ class LengthGroupedSampler(DistributedSampler):
         self.epoch = 0
         self.shuffle = shuffle
         self.mega_batch_mult = mega_batch_mult
-        # A run resumed mid-epoch skips the batches that epoch already trained on, so the data order after the
-        # resume is the uninterrupted run's (the length stays the full epoch's: Lightning restores its batch count).
-        self.resume_epoch, self.resume_batches = resume_epoch, resume_batches
+        self.start_batch = 0
+        """Batches of the epoch to skip at the next iteration (set by :class:`ResumableLoader` when resuming)."""
         global_batch = batch_size * num_replicas
         self.num_batches = max(1, math.ceil(len(self.lengths) / global_batch))
         self.num_samples = self.num_batches * batch_size
@@ -218,12 +220,13 @@ class LengthGroupedSampler(DistributedSampler):
         self.drop_last = False
 
     def global_batches(self) -> list[list[int]]:
-        """The epoch's batches over all ranks, each ``batch_size × num_replicas`` indices of similar length."""
+        """The epoch's batches over all ranks, each ``batch_size × num_replicas`` indices of similar length, longest
+        first within a batch, and the batch holding the epoch's longest sequence first."""
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)
-        order += order[: self.total_size - len(order)]  # top up so every rank gets full batches
+        order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]  # every rank gets full batches
         global_batch = self.batch_size * self.num_replicas
         mega = global_batch * self.mega_batch_mult
         batches = []
@@ -232,17 +235,57 @@ class LengthGroupedSampler(DistributedSampler):
             batches += [chunk[j : j + global_batch] for j in range(0, len(chunk), global_batch)]
         if self.shuffle:
             rng.shuffle(batches)
+        longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+        batches.insert(0, batches.pop(longest))
         return batches
 
     def __iter__(self) -> Iterator[int]:
-        batches = self.global_batches()
-        if self.epoch == self.resume_epoch:
-            batches = batches[self.resume_batches :]
-        for batch in batches:
-            yield from batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        start, self.start_batch = self.start_batch, 0  # only the iteration right after a resume skips
+        for batch in self.global_batches()[start:]:
+            yield from batch[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader``, resumable at the exact batch: Lightning saves its :meth:`state_dict` (the epoch and
+    the batches handed out in it) in every checkpoint, and after :meth:`load_state_dict` the next iteration of that
+    epoch starts at the following batch; its sampler (a :class:`LengthGroupedSampler`) skips the batches before it
+    without loading them.
+
+    Batches are counted as they are handed out, which is when Lightning trains on them: Lightning prefetches nothing
+    from a loader whose length is known, and worker processes' prefetching is invisible here.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._position = {"epoch": 0, "batches": 0}
+        self._resume: Optional[dict[str, int]] = None
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._position)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: nothing starts (no sampler, no worker) until the first batch is asked for. Lightning creates
+        # the iterator before it restores a checkpoint when configure_optimizers asks for estimated_stepping_batches
+        # (Lightning issue #20550), so the resume position must be read only then.
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        epoch = self.sampler.epoch
+        skip = 0
+        if self._resume is not None:
+            skip = self._resume["batches"] if self._resume["epoch"] == epoch else 0
+            self._resume = None
+        self.sampler.start_batch = skip
+        self._position = {"epoch": epoch, "batches": skip}
+        for batch in super().__iter__():
+            self._position["batches"] += 1
+            yield batch
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -323,7 +366,8 @@ class DiagnosisDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.tokenizer = None
         self._rejects: dict[str, Rejects] = {}
-        self._resume: dict[str, Any] = {}  # from a checkpoint: the epoch and batches done when it was taken
+        self._train_loader: Optional[ResumableLoader] = None
+        self._resume: Optional[dict[str, int]] = None  # the train loader's position, from a checkpoint
         self.train_set: Optional[EncodedDataset] = None
         self.val_set: Optional[EncodedDataset] = None
         self.predict_set: Optional[EncodedDataset] = None
@@ -446,26 +490,34 @@ class DiagnosisDataModule(L.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def state_dict(self) -> dict[str, Any]:
-        """Where in the epoch a checkpoint was taken (saved in it by Lightning), so a resume can skip ahead."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.training:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        # `processed`, not `completed`: a checkpoint written in on_train_batch_end has processed the batch already.
-        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+        """The train loader's position (:class:`ResumableLoader`), whenever Lightning writes a checkpoint."""
+        return self._train_loader.state_dict() if self._train_loader is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = state_dict
+        # Lightning also restores the loader itself from its fit loop's state, but not when configure_optimizers has
+        # built the loader before the checkpoint was read (estimated_stepping_batches; Lightning issue #20550), which
+        # is always the case here. This hook runs in every resume, before the first batch is fetched.
+        if not state_dict:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state_dict)
+        else:
+            self._resume = dict(state_dict)  # for the loader train_dataloader() builds next
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         num_replicas, rank = self._replicas()
-        resume = self._resume
         sampler = LengthGroupedSampler(
-            self.train_set.lengths, self.batch_size, num_replicas, rank, self.seed, self.mega_batch_mult,
-            resume_epoch=resume.get("epoch", 0), resume_batches=resume.get("batches_done", 0),
+            self.train_set.lengths, self.batch_size, num_replicas, rank, self.seed, self.mega_batch_mult
+        )
+        loader = ResumableLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of),
         )  # fmt: skip
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of))  # fmt: skip
+        if self._resume is not None:
+            loader.load_state_dict(self._resume)
+            self._resume = None
+        self._train_loader = loader
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

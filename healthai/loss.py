@@ -8,6 +8,8 @@ written with plain matmuls. Same matmul count as the unfused head + loss; far le
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -37,23 +39,25 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum of CE)/d logits = softmax - onehot
             grad_hidden[start : start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
-        ctx.n = n
-        return total / n
+        return total  # the sum: the caller divides by whatever count the mean is over
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * (grad_output / ctx.n).to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``hidden``: n × d, ``targets``: n).
+def head_cross_entropy(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of ``head(hidden)`` against ``targets`` (``hidden``: n × d, ``targets``: n), averaged over the n
+    rows or (``reduction="sum"``) summed — training sums, so that a step can average over all of its tokens.
 
     Fused and chunked when the head is frozen and bias-free (LoRA's case); the plain computation otherwise (a trained
     head needs its weight gradient).
     """
     if head.weight.requires_grad or head.bias is not None:
-        return F.cross_entropy(head(hidden).float(), targets)
+        return F.cross_entropy(head(hidden).float(), targets, reduction=reduction)
     weight = head.weight
     if torch.is_autocast_enabled(hidden.device.type):
         # Match what autocast would do to head(hidden): one dtype for the chunk matmuls.
@@ -61,8 +65,10 @@ def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: tor
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     rows = chunk_rows(weight.shape[0], hidden.device)
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _FrozenHeadCrossEntropy.apply(hidden, weight, targets, rows)
-    return _chunked_loss(hidden, weight, targets, rows)  # validation: no gradient to prepare
+        total = _FrozenHeadCrossEntropy.apply(hidden, weight, targets, rows)
+    else:
+        total = _chunked_loss(hidden, weight, targets, rows)  # validation: no gradient to prepare
+    return total if reduction == "sum" else total / hidden.shape[0]
 
 
 def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
@@ -70,4 +76,4 @@ def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     for start in range(0, hidden.shape[0], rows):
         logits = (hidden[start : start + rows] @ weight.t()).float()
         total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum")
-    return total / hidden.shape[0]
+    return total

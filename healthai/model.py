@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import importlib.util
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -105,24 +104,10 @@ class DiagnosisLoRA(L.LightningModule):
             raise ConfigError("model.random_init builds unquantized weights; it cannot be combined with quantization")
         if liger_kernel:
             check_liger_kernel()  # before anything is loaded: a CPU machine learns it at once, not after the base
-        self.save_hyperparameters()
-        self.model_name_or_path = model_name_or_path
-        self.adapter_path = adapter_path
-        self.dtype_name = dtype
-        self.attn_implementation = attn_implementation
-        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
-        self.target_modules = list(target_modules)
-        self.gradient_checkpointing = gradient_checkpointing
-        self.learning_rate, self.weight_decay = learning_rate, weight_decay
-        self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
+        self.save_hyperparameters()  # every argument above is read back as self.hparams.<name>
+        # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
         self.generation = generation
-        self.generate_every_n_epochs = generate_every_n_epochs
-        self.val_generate_limit = val_generate_limit
-        self.quantization = quantization
-        self.random_init = random_init
-        self.val_log_samples = val_log_samples
         self._val_samples: list[dict[str, str]] = []
-        self.liger_kernel = liger_kernel
         self.model = None
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
@@ -130,6 +115,9 @@ class DiagnosisLoRA(L.LightningModule):
         self._batch_start: Optional[float] = None
         self._budget_checked = False
         self._base_record: Optional[dict[str, Any]] = None
+        # Summed over the micro-batches of the optimizer step under way (see on_before_optimizer_step).
+        self._step_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._step_tokens = torch.zeros((), dtype=torch.float64)
         # Checkpoints hold only the adapter (see on_save_checkpoint), so loading them must not expect base weights.
         self.strict_loading = False
         if adapter_path is not None and not random_init:
@@ -154,7 +142,7 @@ class DiagnosisLoRA(L.LightningModule):
         base = self._load_base()
         self.model = self._apply_lora(base)
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in fit
-        if self.gradient_checkpointing:
+        if self.hparams.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs and PEFT. transformers 5 renamed the method (the old
             # name is a deprecated alias there); 4.x has only the old one.
             if hasattr(base, "activation_checkpointing_enable"):
@@ -174,26 +162,26 @@ class DiagnosisLoRA(L.LightningModule):
 
         from healthai.adapter import tokenizer_source
 
-        return AutoTokenizer.from_pretrained(tokenizer_source(self.adapter_path, self._base_source()))
+        return AutoTokenizer.from_pretrained(tokenizer_source(self.hparams.adapter_path, self._base_source()))
 
     def _check_base(self, allow_mismatch: bool) -> None:
         """Refuse an adapter trained on another base, before anything is loaded or written (every rank)."""
         from healthai.adapter import check_base
 
-        check_base(self.adapter_path, self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
+        check_base(self.hparams.adapter_path, self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
 
     def _base_source(self) -> str:
         """Where the base is loaded from: ``model_name_or_path``, or the absolute folder the adapter recorded for it
         when that relative path does not exist from this working directory."""
         from healthai.adapter import check_adapter_path, resolve_base
 
-        if self.adapter_path is not None:
-            check_adapter_path(self.adapter_path)
-        return resolve_base(self.model_name_or_path, self.adapter_path, "--model.model_name_or_path")
+        if self.hparams.adapter_path is not None:
+            check_adapter_path(self.hparams.adapter_path)
+        return resolve_base(self.hparams.model_name_or_path, self.hparams.adapter_path, "--model.model_name_or_path")
 
     def _load_base(self):
         base = self._build_base()
-        if self.liger_kernel:
+        if self.hparams.liger_kernel:
             apply_liger_kernel(base)
         return base
 
@@ -201,14 +189,14 @@ class DiagnosisLoRA(L.LightningModule):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         source = self._base_source()
-        dtype = DTYPES[self.dtype_name]
-        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.attn_implementation}
-        if self.random_init:
+        dtype = DTYPES[self.hparams.dtype]
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.hparams.attn_implementation}
+        if self.hparams.random_init:
             # Lightning runs configure_model inside the strategy's init context (default device = the GPU), so the
             # weights are created straight on the device: no 15 GB CPU copy of a 7B model.
             config = AutoConfig.from_pretrained(source)
             return AutoModelForCausalLM.from_config(config, **kwargs)
-        if self.quantization == "nf4":
+        if self.hparams.quantization == "nf4":
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -216,7 +204,7 @@ class DiagnosisLoRA(L.LightningModule):
                 bnb_4bit_use_double_quant=True,
             )  # fmt: skip
         base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if self.quantization == "nf4":
+        if self.hparams.quantization == "nf4":
             from peft import prepare_model_for_kbit_training
 
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -227,11 +215,12 @@ class DiagnosisLoRA(L.LightningModule):
 
         from healthai.adapter import apply_adapter
 
-        if self.adapter_path is not None:  # an adapter/ folder or a fit checkpoint (.ckpt)
-            return apply_adapter(base, self.adapter_path, is_trainable=True)
+        if self.hparams.adapter_path is not None:  # an adapter/ folder or a fit checkpoint (.ckpt)
+            return apply_adapter(base, self.hparams.adapter_path, is_trainable=True)
+        hp = self.hparams
         config = LoraConfig(
-            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-            target_modules=self.target_modules, task_type="CAUSAL_LM",
+            r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+            target_modules=list(hp.target_modules), task_type="CAUSAL_LM",
         )  # fmt: skip
         return get_peft_model(base, config)
 
@@ -242,8 +231,9 @@ class DiagnosisLoRA(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------------------------
 
-    def answer_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens, computing LM-head logits only where a label is set.
+    def answer_loss(self, batch: dict[str, torch.Tensor], reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Cross-entropy over the batch's answer tokens (their mean, or with ``reduction="sum"`` their sum),
+        computing LM-head logits only where a label is set.
 
         Prompts are long and answers short, and the 152k-column LM head dominates compute: gathering the hidden
         states at answer positions before the head skips most of that work, and the frozen head's loss is computed in
@@ -254,13 +244,48 @@ class DiagnosisLoRA(L.LightningModule):
         hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
-        return head_cross_entropy(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep])
+        return head_cross_entropy(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep], reduction)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.answer_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # The sum, not the mean: on_before_optimizer_step divides the step's gradient by all of its answer tokens.
+        loss_sum = self.answer_loss(batch, reduction="sum")
+        self._step_loss_sum = self._step_loss_sum.to(loss_sum.device) + loss_sum.detach()
+        self._step_tokens = self._step_tokens.to(loss_sum.device) + answer_tokens(batch["labels"])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the step's gradient the mean over every answer token of the step, on every rank.
+
+        Each micro-batch back-propagated its summed loss, which Lightning divided by ``accumulate_grad_batches``
+        (also in an epoch's last, shorter window) and DDP/FSDP averaged over the ranks. Multiplying by
+        ``accumulate_grad_batches × world_size / N``, N the answer tokens of the step on all ranks, leaves
+        ``d(sum of token losses)/N``: every token weighs the same, however the micro-batches and ranks split them
+        (the weighting transformers' ``num_items_in_batch``, torchtune and TRL use). Lightning calls this hook after
+        the last backward (gradients already all-reduced) and before gradient clipping, so clipping sees the true
+        gradient.
+        """
+        totals = torch.stack([self._step_loss_sum, self._step_tokens]).to(self.device)
+        loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        self._step_loss_sum = torch.zeros_like(self._step_loss_sum)
+        self._step_tokens = torch.zeros_like(self._step_tokens)
+        tokens = max(tokens, 1.0)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        self.log("train/loss", loss_sum / tokens, prog_bar=True)
+
+    def on_train_start(self) -> None:
+        every, accumulate = self.trainer.val_check_batch, self.trainer.accumulate_grad_batches
+        if isinstance(every, int) and every % accumulate and every < self.trainer.num_training_batches:
+            # A checkpoint written there holds neither the window's gradient so far nor its token count.
+            rank_zero_warn(
+                f"validation runs every {every} batches, inside windows of accumulate_grad_batches={accumulate}: "
+                f"checkpoints it writes resume without that window's partial gradient; make val_check_interval a "
+                f"multiple of {accumulate} batches for exact resumes"
+            )
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -274,11 +299,16 @@ class DiagnosisLoRA(L.LightningModule):
             self.log("train/tokens_per_sec", real * self.trainer.world_size / max(seconds, 1e-9))
 
     def configure_optimizers(self):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total * self.warmup_ratio)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.min_lr_ratio))
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=int(total * hp.warmup_ratio), num_training_steps=total,
+            min_lr_rate=hp.min_lr_ratio,
+        )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation ---------------------------------------------------------------------------------------------------
@@ -288,26 +318,26 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_samples = []
 
     def on_validation_start(self) -> None:
-        if self.generate_every_n_epochs > 0:
+        if self.hparams.generate_every_n_epochs > 0:
             self.check_answer_budget()
 
     def _generate_this_epoch(self) -> bool:
-        n = self.generate_every_n_epochs
+        n = self.hparams.generate_every_n_epochs
         return n > 0 and (self.current_epoch + 1) % n == 0 and not self.trainer.sanity_checking
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch_size = batch["input_ids"].shape[0]
         self.log("val/loss", self.answer_loss(batch), prog_bar=True, sync_dist=True, batch_size=batch_size)
-        if not self._generate_this_epoch() or self._val_generated >= self.val_generate_limit:
+        if not self._generate_this_epoch() or self._val_generated >= self.hparams.val_generate_limit:
             return
-        take = min(batch_size, self.val_generate_limit - self._val_generated)
+        take = min(batch_size, self.hparams.val_generate_limit - self._val_generated)
         self._val_generated += take
         answers = self.generate_answers(batch["prompt_ids"][:take], batch["prompt_mask"][:take])
         refs = batch["references"][:take]
         self.val_disease.update([a.diseases or "" for a in answers], [r["diseases"] for r in refs])
         self.val_json_valid.update([a.status for a in answers])
         self.val_rouge.update([a.reason or "" for a in answers], [r["reason"] for r in refs])
-        keep = max(0, self.val_log_samples - len(self._val_samples))
+        keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
         for record_id, case_text, ref, answer in list(zip(batch["ids"], batch["case_texts"], refs, answers))[:keep]:
             self._val_samples.append(sample_row(record_id, case_text, ref, answer))
 
@@ -329,13 +359,13 @@ class DiagnosisLoRA(L.LightningModule):
         rank zero logs the first ``val_log_samples`` records of the whole validation set, the same records as on one
         device. Collective: every rank must call it (they all do, at the same epochs).
         """
-        if self.val_log_samples <= 0:
+        if self.hparams.val_log_samples <= 0:
             return
         rows = self._val_samples
         if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             shards: list[Any] = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(shards, rows)
-            rows = merge_rank_samples(shards, self.val_log_samples)
+            rows = merge_rank_samples(shards, self.hparams.val_log_samples)
         if not self.trainer.is_global_zero or not rows:
             return
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -445,7 +475,7 @@ class DiagnosisLoRA(L.LightningModule):
 
             # The name as given, with the folder it was found in from here (which may be the adapter's record).
             record = base_record(self._base_source())
-            record["name_or_path"] = self.model_name_or_path
+            record["name_or_path"] = self.hparams.model_name_or_path
             self._base_record = record
         return self._base_record
 
@@ -457,7 +487,7 @@ class DiagnosisLoRA(L.LightningModule):
         from healthai.adapter import load_prompt
         from healthai.prompts import PromptStyle
 
-        return load_prompt(self.adapter_path) if self.adapter_path is not None else PromptStyle()
+        return load_prompt(self.hparams.adapter_path) if self.hparams.adapter_path is not None else PromptStyle()
 
     def _val_metrics(self) -> dict[str, float]:
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}
@@ -592,16 +622,11 @@ def apply_liger_kernel(base) -> None:
     )
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier: linear warm-up from 0 to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Answer tokens in a batch: the positions :meth:`DiagnosisLoRA.answer_loss` scores (labels shifted by one). A
+    tensor on the labels' device, so counting does not wait for the GPU."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 # -- validation samples for TensorBoard's text tab --------------------------------------------------------------------

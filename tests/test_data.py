@@ -132,6 +132,47 @@ def test_sampler_tops_up_uneven_datasets_and_reshuffles_per_epoch():
     assert per_epoch[0] != per_epoch[1]
 
 
+def rank_batches(lengths, batch_size, replicas, epoch, seed=0):
+    """Each rank's batches (lists of indices) for one epoch."""
+    out = []
+    for rank in range(replicas):
+        sampler = LengthGroupedSampler(lengths, batch_size=batch_size, num_replicas=replicas, rank=rank, seed=seed)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        assert len(indices) == len(sampler)
+        out.append([indices[i : i + batch_size] for i in range(0, len(indices), batch_size)])
+    return out
+
+
+@pytest.mark.parametrize("records", [1, 3, 5])
+def test_fewer_records_than_a_global_batch_still_give_every_rank_full_equal_batches(records):
+    # 4 ranks × batch 4 = 16 slots: a rank with fewer batches than the others would hang DDP's all-reduce.
+    per_rank = rank_batches([10 + i for i in range(records)], batch_size=4, replicas=4, epoch=0)
+    assert [[len(b) for b in batches] for batches in per_rank] == [[4]] * 4
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert set(seen) == set(range(records))
+    assert max(Counter(seen).values()) - min(Counter(seen).values()) <= 1  # repeated evenly, as DistributedSampler
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_every_epoch_starts_with_its_longest_batch(replicas):
+    lengths = [(i * 37) % 101 + 1 for i in range(96)]  # one longest sequence (101), 12 or 24 batches per rank
+    longest = lengths.index(max(lengths))
+    for epoch in range(6):
+        per_rank = rank_batches(lengths, batch_size=4, replicas=replicas, epoch=epoch, seed=5)
+        assert longest in per_rank[0][0], epoch
+
+
+def test_the_longest_sequences_of_a_step_are_spread_over_the_ranks():
+    lengths = list(range(1, 65))  # distinct lengths; 4 ranks × batch 4, 4 steps
+    per_rank = rank_batches(lengths, batch_size=4, replicas=4, epoch=0)
+    for step in range(len(per_rank[0])):
+        batches = [per_rank[rank][step] for rank in range(4)]
+        union = sorted((lengths[i] for b in batches for i in b), reverse=True)
+        maxima = sorted((max(lengths[i] for i in b) for b in batches), reverse=True)
+        assert maxima == union[:4]  # each rank holds one of the step's 4 longest sequences
+
+
 def test_sampler_groups_similar_lengths_so_padding_is_low(tokenizer):
     # Real records' prompt lengths plus a typical answer of ~150 tokens.
     # The fixture's records sit at evenly spaced length quantiles, so 512 seeded draws from them follow the real

@@ -50,3 +50,27 @@ def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny
     assert [r["id"] for r in ddp] == [r["id"] for r in records]  # every id exactly once, input order
     assert ddp == single
     assert not list(tmp_path.glob("ddp.jsonl.rank*"))
+
+
+def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(tmp_path, tiny_model_dir):
+    # 8 examples, one step of 2 accumulated global batches of 4: 1 process × batch 4, or 2 ranks × batch 2 (the
+    # sampler builds the same global batches). Ranks hold different numbers of answer tokens; the step must still
+    # weigh every token the same.
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
+    steps = {}
+    for devices, batch_size in ((1, 4), (2, 2)):
+        out = tmp_path / f"devices{devices}"
+        out.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "tests/ddp_grad_step.py", str(tiny_model_dir), str(train),
+                                 str(devices), str(batch_size), "2", str(out)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        steps[devices] = [torch.load(out / f"rank{r}.pt") for r in range(devices)]
+    ranks = steps[2]
+    assert ranks[0]["tokens"] != ranks[1]["tokens"]
+    assert ranks[0]["tokens"] + ranks[1]["tokens"] == steps[1][0]["tokens"]
+    flat = lambda grads: torch.cat([g.flatten() for _, g in sorted(grads.items())])  # noqa: E731
+    single = flat(steps[1][0]["grads"])
+    for rank in ranks:  # DDP leaves every rank with the same, all-reduced gradient
+        assert (flat(rank["grads"]) - single).norm() <= 1e-5 * single.norm()

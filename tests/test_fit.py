@@ -3,6 +3,7 @@ the saved adapter, and validation metrics in TensorBoard."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from conftest import labelled_records, write_jsonl
 from lightning.pytorch.callbacks import Callback
 
 from healthai.cli import HealthAICLI, cli_main
+from healthai.data import DiagnosisDataModule
+from healthai.model import DiagnosisLoRA
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -133,3 +136,100 @@ def test_resume_mid_epoch_continues_with_the_uninterrupted_runs_batches(tmp_path
     fit(tmp_path / "cut", tiny_model_dir, *common, "--ckpt_path", "last", records=16)
     assert [s for s, _ in batches["resumed"]] == [3, 4, 5]
     assert batches["resumed"] == batches["full"][3:6]
+
+
+class GradProbe(DiagnosisLoRA):
+    """Keeps the LoRA gradient of each optimizer step as the optimizer will see it."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        self.step_grads = getattr(self, "step_grads", [])
+        self.step_grads.append({n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None})
+
+
+def first_step(tiny_model_dir: Path, train: Path, batch_size: int, accumulate: int):
+    import lightning as L
+
+    L.seed_everything(0)  # the same LoRA initialisation in every run
+    model = GradProbe(str(tiny_model_dir), dtype="float32", lora_dropout=0.0, gradient_checkpointing=False,
+                      generate_every_n_epochs=0)  # fmt: skip
+    data = DiagnosisDataModule(train_file=str(train), tokenizer_path=str(tiny_model_dir), val_fraction=0,
+                               max_length=160, batch_size=batch_size)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=1, default_root_dir=train.parent,
+                        accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, data)
+    return model.step_grads[0], trainer.callback_metrics["train/loss"]
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_the_same_examples(tmp_path, tiny_model_dir):
+    # 6 examples with answers of different lengths: 3 micro-batches of 2 in one step (accumulate 4: the epoch ends
+    # first, so Lightning steps on a shorter window), against 1 batch of 6.
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(6))
+    accumulated, accumulated_loss = first_step(tiny_model_dir, train, batch_size=2, accumulate=4)
+    whole, whole_loss = first_step(tiny_model_dir, train, batch_size=6, accumulate=1)
+    assert accumulated.keys() == whole.keys() and any("lora_B" in k for k in whole)
+    flat = lambda grads: torch.cat([g.flatten() for _, g in sorted(grads.items())])  # noqa: E731
+    a, w = flat(accumulated), flat(whole)
+    assert w.norm() > 0
+    assert (a - w).norm() <= 1e-5 * w.norm()
+    assert torch.allclose(accumulated_loss, whole_loss, rtol=1e-5)  # train/loss: the step's per-token mean
+
+
+def test_resume_from_every_kind_of_checkpoint_sees_exactly_the_uninterrupted_runs_remaining_batches(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    # 8 records, batch 2: 4 batches an epoch, 2 epochs; validation twice an epoch (val_check_interval 0.5), a checkpoint
+    # kept at every validation by the monitored metric, one every 3 steps and one at each epoch's end.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    run = {"name": "full"}
+    batches: dict[str, list] = {}
+
+    class BatchProbe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batches.setdefault(run["name"], []).append((trainer.global_step, batch["input_ids"].sum().item()))
+
+    def add_callbacks(cli):
+        kept = tmp_path / "kept"
+        cli.trainer.callbacks += [
+            BatchProbe(),
+            ModelCheckpoint(kept, "val-{step}", monitor="val/loss", save_top_k=-1),
+            ModelCheckpoint(kept, "every3-{step}", every_n_train_steps=3, save_top_k=-1),
+            ModelCheckpoint(kept, "epochend-{step}", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1),
+        ]
+
+    monkeypatch.setattr(HealthAICLI, "before_fit", add_callbacks, raising=False)
+    common = ["--data.batch_size", "2", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "0.5",
+              "--trainer.limit_val_batches", "1", "--data.max_length", "160"]  # fmt: skip
+    fit(tmp_path / "full", tiny_model_dir, *common, records=8)
+    full = batches["full"]
+    assert [s for s, _ in full] == list(range(8))
+    kept = {p.stem: p for p in (tmp_path / "kept").glob("*.ckpt")}
+    kinds = {
+        "val-step=2": 2,  # at a validation's end, mid-epoch
+        "every3-step=3": 3,  # mid-epoch, by step
+        "val-step=4": 4,  # at a validation's end, at the epoch's end
+        "epochend-step=4": 4,  # at the epoch's end
+    }
+    assert set(kinds) <= set(kept), sorted(kept)
+    for name, step in kinds.items():
+        run["name"] = name
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path / name, tiny_model_dir, *common, "--ckpt_path", str(kept[name]), records=8)
+        assert batches[name] == full[step:], name
+        assert not [w for w in caught if "resuming from a checkpoint that ended before" in str(w.message)]
+
+
+@pytest.mark.parametrize(("every", "warns"), [(12, True), (16, False), (100, False)])
+def test_fit_warns_when_validation_splits_accumulation_windows(every, warns):
+    from types import SimpleNamespace
+
+    model = DiagnosisLoRA("unused", generate_every_n_epochs=0)
+    model._trainer = SimpleNamespace(val_check_batch=every, accumulate_grad_batches=8, num_training_batches=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.on_train_start()
+    assert bool([w for w in caught if "inside windows of accumulate_grad_batches=8" in str(w.message)]) == warns
