@@ -347,6 +347,9 @@ class DiagnosisLoRA(L.LightningModule):
         return directory
 
     def on_train_end(self) -> None:
+        if self.trainer.global_step == 0:  # e.g. max_steps 0: the adapter would be the untrained initialisation
+            rank_zero_info("no optimizer step was taken: no adapter written")
+            return
         # Every rank takes part: under FSDP this gathers the sharded weights; elsewhere it is a plain state_dict.
         state = self.trainer.strategy.lightning_module_state_dict()
         directory = self.adapter_dir()  # collective too: trainer.log_dir broadcasts rank zero's folder
