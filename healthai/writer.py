@@ -153,8 +153,8 @@ class DiagnosisWriter(BasePredictionWriter):
         unknown = set(done) - set(datamodule.predict_order)
         if unknown:
             raise ValueError(
-                f"{self.output_path}: holds {len(unknown)} id(s) not in the input (e.g. {sorted(map(str, unknown))[:3]});"
-                f" is this the output of another input file? {start_over}"
+                f"{self.output_path}: holds {len(unknown)} id(s) not in the input (e.g."
+                f" {sorted(map(str, unknown))[:3]}); is this the output of another input file? {start_over}"
             )
         texts = datamodule.predict_texts()
         changed = [i for i, text in done.items() if texts[i] != text]
@@ -291,7 +291,8 @@ def describe_run(datamodule, pl_module) -> dict[str, Any]:
         "input": {"path": str(predict_file), "sha256": sha256_file(predict_file)},
         "base": {"model_name_or_path": str(base), "fingerprint": base_fingerprint(str(base))},
         "adapter": None if adapter is None else {"path": str(adapter), "fingerprint": adapter_fingerprint(adapter)},
-        "model": {"dtype": getattr(pl_module, "dtype_name", None), "quantization": getattr(pl_module, "quantization", None)},
+        "model": {"dtype": getattr(pl_module, "dtype_name", None),
+                  "quantization": getattr(pl_module, "quantization", None)},
         "prompt": _as_dict(datamodule.prompt),
         "max_length": datamodule.max_length,
         "generation": _as_dict(pl_module.generation),
