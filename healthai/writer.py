@@ -41,6 +41,9 @@ SUBMISSION_KEYS = ("id", "reason", "diseases", "feature_content", "parse_status"
 PACKAGES = ("healthai", "torch", "transformers", "peft", "xgrammar", "lightning")
 """Distributions whose versions the meta file records."""
 
+SAMPLING_ONLY = ("temperature", "top_p")
+"""Generation settings that greedy decoding ignores: changing them does not change greedy rows."""
+
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 """Exit status after a stop signal: 128 + the signal's number, as a shell reports a process that signal ended."""
 
@@ -104,7 +107,10 @@ class DiagnosisWriter(BasePredictionWriter):
         done = self.done_rows()
         trainer.strategy.barrier("healthai-writer-read")
         run = describe_run(datamodule, pl_module)
-        self._check_resume(done, datamodule, run)
+        notes = self._check_resume(done, datamodule, run)
+        if trainer.is_global_zero:
+            for note in notes:
+                print(f"note: {note}", flush=True)
         self._run = run  # written to the meta file before the first row (and at the merge), not before: no litter
         todo = datamodule.exclude_predict_ids(set(done))
         if trainer.is_global_zero and done:
@@ -145,10 +151,11 @@ class DiagnosisWriter(BasePredictionWriter):
         """Ids already written to the output file or to any shard (read only)."""
         return set(self.done_rows())
 
-    def _check_resume(self, done: dict[Any, str], datamodule, run: dict[str, Any]) -> None:
-        """Refuse to add rows to ``done`` unless they were produced from this input, model and settings."""
+    def _check_resume(self, done: dict[Any, str], datamodule, run: dict[str, Any]) -> list[str]:
+        """Refuse to add rows to ``done`` unless they were produced from this input, model and settings; returns
+        notes on what changed without mattering (package versions, the input file beyond the rows done)."""
         if not done:
-            return
+            return []
         start_over = "rerun with --writer.overwrite true to start over, or choose another --writer.output_path"
         unknown = set(done) - set(datamodule.predict_order)
         if unknown:
@@ -179,13 +186,15 @@ class DiagnosisWriter(BasePredictionWriter):
                 f"{self.output_path}: its {len(done)} row(s) were written with other settings ("
                 + "; ".join(differences) + f"); {start_over}"
             )
-        for name, version in run["packages"].items():
-            if old.get("packages", {}).get(name, version) != version:
-                print(f"note: {self.output_path} was started with {name} {old['packages'][name]}, this run has "
-                      f"{version}", flush=True)  # fmt: skip
+        notes = [
+            f"{self.output_path} was started with {name} {old['packages'][name]}, this run has {version}"
+            for name, version in run["packages"].items()
+            if old.get("packages", {}).get(name, version) != version
+        ]
         if old.get("input", {}).get("sha256") != run["input"]["sha256"]:
-            print(f"note: {datamodule.predict_file} changed since {self.output_path} was started; the {len(done)} "
-                  "row(s) already written still match it by id and feature_content, so they are kept", flush=True)
+            notes.append(f"{datamodule.predict_file} changed since {self.output_path} was started; the {len(done)} "
+                         "row(s) already written still match it by id and feature_content, so they are kept")
+        return notes
 
     def _write_meta(self, run: dict[str, Any]) -> None:
         """Write the meta file atomically (a temporary file per process, then a rename)."""
@@ -318,10 +327,11 @@ def compare_runs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     old_adapter, new_adapter = old.get("adapter"), new["adapter"]
     if (old_adapter or {}).get("fingerprint") != (new_adapter or {}).get("fingerprint"):
         out.append(f"adapter {_adapter_name(old_adapter)}, now {_adapter_name(new_adapter)}")
+    greedy = not (old.get("generation") or {}).get("do_sample") and not new["generation"].get("do_sample")
     for section in ("model", "generation", "prompt"):
         before, now = old.get(section) or {}, new[section]
         for key in sorted(set(before) | set(now)):
-            if before.get(key) == now.get(key):
+            if before.get(key) == now.get(key) or (greedy and section == "generation" and key in SAMPLING_ONLY):
                 continue
             if section == "prompt":  # whole paragraphs of text: name the field only
                 out.append(f"prompt.{key} differs")
