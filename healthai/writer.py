@@ -237,8 +237,10 @@ class DiagnosisWriter(BasePredictionWriter):
         """End the run at this batch boundary: every row so far is on disk (fsync'ed per batch)."""
         self._close()
         name = signal.Signals(signum).name
+        # Resuming must not start over: the hint drops --writer.overwrite from the command.
+        how = "rerun the same command without writer.overwrite" if self.overwrite else "rerun the same command"
         print(f"stopped by {name}: the rows written so far are kept in {self.shard_path(trainer.global_rank)}; "
-              f"rerun the same command to resume: {_this_command()}", file=sys.stderr, flush=True)  # fmt: skip
+              f"{how} to resume: {_resume_command()}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(EXIT_CODES[signum])
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -352,12 +354,20 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return dict(vars(obj))
 
 
-def _this_command() -> str:
-    """The command line of this process, as the user can paste it to resume."""
-    argv = sys.argv
-    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "healthai":
-        return shlex.join(["python", "-m", "healthai", *argv[1:]])
-    return shlex.join(argv) if argv else "the same command"
+def _resume_command(argv: Optional[list[str]] = None) -> str:
+    """The command line of this process without ``--writer.overwrite``, as the user can paste it to resume."""
+    argv = list(sys.argv if argv is None else argv)
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--writer.overwrite":
+            skip = True  # and its value
+        elif not arg.startswith("--writer.overwrite="):
+            kept.append(arg)
+    if kept and Path(kept[0]).name == "__main__.py" and Path(kept[0]).parent.name == "healthai":
+        kept = ["python", "-m", "healthai", *kept[1:]]
+    return shlex.join(kept)
 
 
 def submission_row(row: dict) -> dict:

@@ -227,3 +227,13 @@ def test_stop_signal_ends_at_a_batch_boundary_and_the_rerun_completes_exactly_on
     by_id = {r["id"]: r for r in rows}
     assert all(by_id[r["id"]] == r for r in kept)  # the rows written before the signal are the ones kept
     assert set(files(tmp_path)) == {"records.jsonl", "stderr.txt", "pred.jsonl", "pred.jsonl.meta.json"}
+
+
+def test_the_resume_hint_never_starts_over():
+    """A run started with --writer.overwrite true and then stopped must be resumed without it (it would delete the
+    rows just written)."""
+    from healthai.writer import _resume_command
+
+    argv = ["/x/healthai/__main__.py", "predict", "--writer.overwrite", "true", "--data.predict_file", "a b.jsonl",
+            "--writer.overwrite=true"]  # fmt: skip
+    assert _resume_command(argv) == "python -m healthai predict --data.predict_file 'a b.jsonl'"
