@@ -347,7 +347,7 @@ class DiagnosisLoRA(L.LightningModule):
         return directory
 
     def on_train_end(self) -> None:
-        if self.trainer.global_step == 0:  # e.g. max_steps 0: the adapter would be the untrained initialisation
+        if self.trainer.global_step == 0:  # stopped before its first step: the adapter would be its initialisation
             rank_zero_info("no optimizer step was taken: no adapter written")
             return
         # Every rank takes part: under FSDP this gathers the sharded weights; elsewhere it is a plain state_dict.
