@@ -351,7 +351,7 @@ def _adapter_name(adapter: Optional[dict]) -> str:
 def _as_dict(obj: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
-    return dict(vars(obj))
+    return dict(obj) if isinstance(obj, dict) else dict(vars(obj))
 
 
 def _resume_command(argv: Optional[list[str]] = None) -> str:
