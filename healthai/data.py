@@ -436,6 +436,33 @@ class DiagnosisDataModule(L.LightningDataModule):
             train, val = split_records(records, self.val_fraction, self.seed)
         self.train_set = self._encode_examples(train, "train")
         self.val_set = self._encode_examples(val, "val") if val else None
+        if stage == "fit":
+            self._require_a_batch(self.train_set, self.train_file, "training")
+        if self.val_file is not None and not self.val_set:
+            raise ValueError(f"{self.val_file}: no usable validation records{self._rejected_note(self.val_file)}")
+        if stage == "validate" and not self.val_set:
+            raise ValueError("nothing to validate: set data.val_file (or data.val_fraction > 0 with data.train_file)")
+
+    def _require_a_batch(self, dataset: EncodedDataset, path: str, what: str) -> None:
+        """Refuse to train on less than one batch per device: a run on nothing would take no step and still "finish",
+        and a sampler topping a batch up from too few records would silently train on copies."""
+        num_replicas, _ = self._replicas()
+        need = self.batch_size * num_replicas
+        if len(dataset) == 0:
+            raise ValueError(f"{path}: no usable {what} records{self._rejected_note(path)}")
+        if len(dataset) < need:
+            devices = f"{num_replicas} device" + ("s" if num_replicas > 1 else "")
+            raise ValueError(
+                f"{path}: {len(dataset)} usable {what} record(s) (after the validation split, if any), fewer than one"
+                f" batch (data.batch_size {self.batch_size} x {devices}){self._rejected_note(path)};"
+                " lower data.batch_size or add records"
+            )
+
+    def _rejected_note(self, path: str) -> str:
+        rejects = self._rejects.get(str(path))
+        if rejects is None or not rejects.count:
+            return ""
+        return f" ({rejects.count} rejected, see {rejects.path})"
 
     def _encode_examples(self, records: list[dict], split: str) -> EncodedDataset:
         examples, trimmed = [], 0
@@ -475,6 +502,10 @@ class DiagnosisDataModule(L.LightningDataModule):
         examples.sort(key=lambda e: len(e["input_ids"]), reverse=True)
         self.predict_order = {e["record"]["id"]: e["order"] for e in examples}
         return EncodedDataset(examples)
+
+    def predict_texts(self) -> dict[Any, str]:
+        """``id → feature_content`` of the records still to predict (all of them before :meth:`exclude_predict_ids`)."""
+        return {e["record"]["id"]: e["record"]["feature_content"] for e in self.predict_set.examples}
 
     def exclude_predict_ids(self, done: set) -> int:
         """Drop records whose id is in ``done`` (already predicted, when resuming); returns how many remain."""

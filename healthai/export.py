@@ -19,7 +19,7 @@ import torch
 
 from healthai.data import check_record, end_of_turn_id, fit_case_text
 from healthai.decoding import GenerationSettings
-from healthai.errors import check_model_source
+from healthai.errors import UserError, check_model_source
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.adapter import is_checkpoint
 from healthai.prompts import PromptStyle
@@ -162,6 +162,38 @@ def save_merged(model, tokenizer, prompt: PromptStyle, out: Path, generation: Ge
     (out / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def check_out_folder(out: Path, overwrite: bool, inputs: dict[str, Any]) -> None:
+    """Raise ValueError unless ``out`` may be written: not one of the ``inputs`` (option → path or hub id) nor a
+    folder holding one (``--overwrite`` would delete it), and empty unless ``overwrite``."""
+    from healthai.provenance import resolve_model_dir
+
+    target = out.resolve()
+    for option, value in inputs.items():
+        if value is None:
+            continue
+        path = resolve_model_dir(str(value)) if option == "--base" else Path(value).resolve()
+        if path is not None and (path == target or target in path.parents):
+            raise ValueError(f"--out {out} would overwrite {option} {value}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; pass --overwrite true to replace its contents, or choose "
+                         "another folder")  # fmt: skip
+
+
+def clear_folder(folder: Path) -> None:
+    """Delete everything inside ``folder`` (kept itself): files of an earlier export must not mix with the new one."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def release_memory() -> None:
     """Return freed model memory before loading the next model, so peak memory stays at about one model."""
     gc.collect()
@@ -184,6 +216,7 @@ def export(
     device: str = "cpu",
     generation: GenerationSettings = GenerationSettings(),
     allow_base_mismatch: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Merge a LoRA adapter into its base model and save one servable folder (safetensors), checked for parity.
 
@@ -217,6 +250,9 @@ def export(
             greedy, no repetition penalty, at most 512 new tokens).
         allow_base_mismatch: Merge even into a base whose fingerprint differs from the one the adapter was trained
             on.
+        overwrite: Replace a non-empty --out folder: its contents are deleted first, so no file of an earlier
+            export (an old model.safetensors.index.json, other shards) is left next to the new one. Never allowed
+            for the base model's or the adapter's folder, or a folder holding them.
 
     Returns:
         ``out``, ``base``, ``dtype``, ``max_abs_diff``, ``tolerance``, ``adapter_effect`` (max |logit change| the
@@ -234,13 +270,17 @@ def export(
         prompt = load_prompt(adapter) if is_checkpoint(adapter) else PromptStyle.from_dir_or_default(adapter)
     except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError
         raise SystemExit(f"export: error: {e}") from None
-    if out.resolve() == adapter.resolve():
-        raise SystemExit("export: error: --out must differ from --adapter")
     check_base(adapter, base_name, allow_base_mismatch, "--allow_base_mismatch")
+    try:
+        check_out_folder(out, overwrite, {"--adapter": adapter, "--base": base_name, "--records": records_file})
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
     tokenizer = load_tokenizer(adapter, base_name)
     inputs = parity_inputs(tokenizer, prompt, parity_set, parity_max_tokens)
 
+    if overwrite:
+        clear_folder(out)
     effect, diff = _merge_save_compare(adapter, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
                                        generation)  # fmt: skip
     tokens = sum(ids.shape[1] for ids in inputs)

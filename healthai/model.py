@@ -566,15 +566,15 @@ class DiagnosisLoRA(L.LightningModule):
         """Write ``adapter/`` — the best checkpoint by the monitored metric when a ModelCheckpoint monitors one,
         else the last step — and, in the first case, ``adapter-last/`` with the last step's weights; say which is
         which."""
+        if self.trainer.global_step == 0:  # stopped before its first step: the adapter would be its initialisation
+            rank_zero_warn("WARNING: no optimizer step was taken: no adapter written (it would equal the base)")
+            return
         # Every rank takes part: under FSDP this gathers the sharded weights; elsewhere it is a plain state_dict.
         state = self.trainer.strategy.lightning_module_state_dict()
         directory = self.adapter_dir()  # collective too: trainer.log_dir broadcasts rank zero's folder
         if not self.trainer.is_global_zero:
             return
         step = self.trainer.global_step
-        if step == 0:
-            rank_zero_warn("WARNING: no optimizer step was taken: no adapter written (it would equal the base)")
-            return
         trainable = self.trainable_names()
         last = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
         last_metrics = self._val_metrics()

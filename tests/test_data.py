@@ -266,7 +266,8 @@ def test_answer_too_long_for_max_length_goes_to_rejects_when_skipping(tmp_path, 
     rows = labelled_records(3)
     rows[1]["reason"] = "很长的依据。" * 100
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    kwargs = dict(train_file=str(train), tokenizer_path=str(tiny_model_dir), max_length=300, val_fraction=0)
+    kwargs = dict(train_file=str(train), tokenizer_path=str(tiny_model_dir), max_length=300, val_fraction=0,
+                  batch_size=2)  # 2 records remain after the reject: one batch
     with pytest.raises(BadRecordError, match=r"train.jsonl:2: the answer alone"):
         DiagnosisDataModule(**kwargs).setup("fit")
     dm = DiagnosisDataModule(**kwargs, on_bad_record="skip")

@@ -1,0 +1,94 @@
+"""fit refuses to start without training data (case 3 of issue 10): no records after rejects, fewer records than one
+batch, an empty validation file; and a run that took no optimizer step writes no adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from conftest import REPO, labelled_records, write_jsonl
+from healthai.cli import HealthAICLI, cli_main
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def fit_args(tmp_path: Path, model: Path, train: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(model),
+        "--data.train_file", str(train), "--data.val_file", "null", "--data.val_fraction", "0",
+        "--data.max_length", "256", "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.callbacks.dirpath", str(tmp_path / "runs" / "ckpt"), "--trainer.enable_progress_bar", "false",
+        "--model.generate_every_n_epochs", "0", "--trainer.max_steps", "2", *extra,
+    ]  # fmt: skip
+
+
+def tree(folder: Path) -> set[str]:
+    """Every file under ``folder``, relative: what a run left behind. Lightning creates the TensorBoard event file
+    before the data is read (an empty log of a run that did not start), so it is left out."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "tfevents" not in p.name}
+
+
+def test_an_empty_train_file_is_refused_and_nothing_is_written(tmp_path, tiny_model_dir):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        cli_main(fit_args(tmp_path, tiny_model_dir, train))
+    assert str(err.value) == f"{train}: no usable training records"
+    assert tree(tmp_path) == {"train.jsonl"}  # no config.yaml, no checkpoint, no adapter/
+
+
+def test_every_record_rejected_is_refused_naming_the_rejects_file(tmp_path, tiny_model_dir):
+    rows = [dict(r, feature_content="") for r in labelled_records(3)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(ValueError) as err:
+        cli_main(fit_args(tmp_path, tiny_model_dir, train, "--data.on_bad_record", "skip"))
+    rejects = tmp_path / "train.rejects.jsonl"
+    assert str(err.value) == f"{train}: no usable training records (3 rejected, see {rejects})"
+    assert tree(tmp_path) == {"train.jsonl", "train.rejects.jsonl"}
+    assert rejects.read_text(encoding="utf-8").count("\n") == 3
+
+
+def test_fewer_records_than_one_batch_are_refused(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(3))
+    with pytest.raises(ValueError) as err:
+        cli_main(fit_args(tmp_path, tiny_model_dir, train, "--data.batch_size", "4"))
+    assert str(err.value) == (
+        f"{train}: 3 usable training record(s) (after the validation split, if any), fewer than one batch "
+        "(data.batch_size 4 x 1 device); lower data.batch_size or add records"
+    )
+    assert tree(tmp_path) == {"train.jsonl"}
+
+
+def test_an_empty_validation_file_is_refused(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
+    val = tmp_path / "val.jsonl"
+    val.write_bytes(b"\n")
+    with pytest.raises(ValueError) as err:
+        cli_main(fit_args(tmp_path, tiny_model_dir, train, "--data.val_file", str(val)))
+    assert str(err.value) == f"{val}: no usable validation records"
+    assert tree(tmp_path) == {"train.jsonl", "val.jsonl"}
+
+
+def test_a_run_that_took_no_optimizer_step_writes_no_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """Stopped before its first step (here by a callback, as an early stop or a scheduler could): the base model's
+    untrained LoRA initialisation must not be saved and announced as the adapter."""
+
+    class StopAtOnce(Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    add = lambda cli: cli.trainer.callbacks.append(StopAtOnce())  # noqa: E731
+    monkeypatch.setattr(HealthAICLI, "before_fit", add, raising=False)
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
+    cli = cli_main(fit_args(tmp_path, tiny_model_dir, train))
+    assert cli.trainer.global_step == 0
+    left = tree(tmp_path / "runs")
+    assert not any("adapter" in name for name in left), left
+    # Lightning's own records of the run (config, hparams, the epoch-end checkpoint at step 0) — and no adapter/.
+    assert left == {"tiny/version_0/config.yaml", "tiny/version_0/hparams.yaml", "ckpt/last.ckpt"}

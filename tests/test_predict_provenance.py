@@ -1,0 +1,238 @@
+"""Predict reruns: rows are resumed only from the same input, model and settings (``<output>.meta.json``), a set of
+shards that was never merged is merged, SIGTERM/SIGINT stop at a batch boundary, and no run leaves litter."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from healthai.cli import cli_main
+from healthai.prompts import PromptStyle
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def short_records(n: int, offset: int = 0, prefix: str = "") -> list[dict]:
+    """Real records cut to 60 characters: the prompt is what costs time on the CPU, not what is tested here."""
+    return [{"id": r["id"], "feature_content": prefix + r["feature_content"][:60]} for r in seed_records(n, offset)]
+
+
+def predict_args(model: Path, src: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(model),
+        "--data.predict_file", str(src), "--writer.output_path", str(out), "--writer.progress", "false",
+        "--model.generation.max_new_tokens", "12", "--data.eval_batch_size", "4", *extra,
+    ]  # fmt: skip
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file in ``folder`` with its bytes: the exact state a run left behind."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter with random non-zero weights, saved as fit saves one (PEFT files, tokenizer, prompt.json)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    path = tmp_path_factory.mktemp("provenance") / "adapter"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    PromptStyle().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir) -> Path:
+    """A folder holding records.jsonl (6 records) and the complete zero-shot run pred.jsonl (+ its meta file)."""
+    folder = tmp_path_factory.mktemp("finished")
+    src = write_jsonl(folder / "records.jsonl", short_records(6))
+    cli_main(predict_args(tiny_model_dir, src, folder / "pred.jsonl"))
+    return folder
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path) -> Path:
+    """A private copy of the finished run."""
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_finished_run_leaves_rows_and_a_meta_file_naming_what_produced_them(finished, tiny_model_dir):
+    assert set(files(finished)) == {"records.jsonl", "pred.jsonl", "pred.jsonl.meta.json"}
+    rows = read_jsonl(finished / "pred.jsonl")
+    pairs = [(r["id"], r["feature_content"]) for r in short_records(6)]
+    assert [(r["id"], r["feature_content"]) for r in rows] == pairs
+    meta = json.loads((finished / "pred.jsonl.meta.json").read_text(encoding="utf-8"))
+    from healthai.provenance import base_fingerprint, sha256_file
+
+    assert meta["input"]["sha256"] == sha256_file(finished / "records.jsonl")
+    fingerprint = base_fingerprint(str(tiny_model_dir))
+    assert meta["base"] == {"model_name_or_path": str(tiny_model_dir), "fingerprint": fingerprint} and fingerprint
+    assert meta["adapter"] is None
+    assert meta["generation"]["max_new_tokens"] == 12 and meta["prompt"]["system"] == PromptStyle().system
+    assert {"healthai", "torch", "transformers", "peft", "xgrammar"} <= set(meta["packages"])
+
+
+def test_same_ids_with_other_case_text_are_refused_and_overwrite_starts_over(run_dir, tiny_model_dir, capsys):
+    """Case 1: another input with the same ids must not be answered with the old rows."""
+    before = files(run_dir)
+    other = write_jsonl(run_dir / "other.jsonl", short_records(6, prefix="（复诊）"))
+    with pytest.raises(ValueError) as err:
+        cli_main(predict_args(tiny_model_dir, other, run_dir / "pred.jsonl"))
+    message = str(err.value)
+    assert "pred.jsonl: 6 of 6 row(s) already written have another feature_content than" in message
+    assert "--writer.overwrite true" in message and "\n" not in message
+    assert files(run_dir) == {**before, "other.jsonl": (run_dir / "other.jsonl").read_bytes()}  # nothing touched
+
+    cli_main(predict_args(tiny_model_dir, other, run_dir / "pred.jsonl", "--writer.overwrite", "true"))
+    rows = read_jsonl(run_dir / "pred.jsonl")
+    assert [r["feature_content"] for r in rows] == [r["feature_content"] for r in read_jsonl(other)]
+    assert set(files(run_dir)) == {"records.jsonl", "other.jsonl", "pred.jsonl", "pred.jsonl.meta.json"}
+    meta = json.loads((run_dir / "pred.jsonl.meta.json").read_text(encoding="utf-8"))
+    assert meta["input"]["path"] == str(other)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--model.generation.max_new_tokens", "10"], "generation.max_new_tokens 12, now 10"),
+    (["--data.max_length", "500"], "data.max_length 768, now 500"),
+    ("adapter", "adapter none (zero-shot), now "),
+])  # fmt: skip
+def test_other_adapter_or_settings_on_the_same_output_are_refused(run_dir, tiny_model_dir, adapter_dir, change,
+                                                                   expected):  # fmt: skip
+    before = files(run_dir)
+    extra = ["--model.adapter_path", str(adapter_dir)] if change == "adapter" else change
+    with pytest.raises(ValueError, match="were written with other settings") as err:
+        cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl", *extra))
+    assert expected in str(err.value) and "--writer.overwrite true" in str(err.value)
+    assert files(run_dir) == before
+
+
+def test_rows_without_a_meta_file_are_not_resumed(run_dir, tiny_model_dir):
+    (run_dir / "pred.jsonl.meta.json").unlink()
+    before = files(run_dir)
+    with pytest.raises(ValueError, match=r"holds 6 row\(s\) but no pred.jsonl.meta.json"):
+        cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl"))
+    assert files(run_dir) == before
+
+
+def test_output_equal_to_the_input_is_refused_and_leaves_no_litter(tmp_path, tiny_model_dir):
+    src = write_jsonl(tmp_path / "records.jsonl", short_records(3))
+    before = files(tmp_path)
+    with pytest.raises(ValueError, match="would overwrite the input --data.predict_file"):
+        cli_main(predict_args(tiny_model_dir, src, src))
+    assert files(tmp_path) == before  # no shard, no meta file
+
+
+def test_an_input_with_records_appended_resumes_and_predicts_only_the_new_ones(run_dir, tiny_model_dir, capsys):
+    """The input file changed, but every row already written still matches it: resuming is what the user wants."""
+    old_rows = read_jsonl(run_dir / "pred.jsonl")
+    grown = write_jsonl(run_dir / "records.jsonl", short_records(8))  # the same 6, then 2 more
+    cli_main(predict_args(tiny_model_dir, grown, run_dir / "pred.jsonl"))
+    out = capsys.readouterr().out
+    assert "6 record(s) already done, 2 to go" in out and "records.jsonl changed since" in out
+    rows = read_jsonl(run_dir / "pred.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for r in short_records(8)]
+    assert rows[:6] == old_rows  # kept as they were, not redone
+    assert set(files(run_dir)) == {"records.jsonl", "pred.jsonl", "pred.jsonl.meta.json"}
+
+
+def test_complete_shards_that_were_never_merged_are_merged_on_rerun(run_dir, tiny_model_dir, capsys):
+    """Case 2: a crash after the last batch, before the merge, leaves complete shards and no output."""
+    rows = read_jsonl(run_dir / "pred.jsonl")
+    (run_dir / "pred.jsonl").unlink()
+    write_jsonl(run_dir / "pred.jsonl.rank0.jsonl", rows[::2][::-1])  # as two DDP ranks would, out of input order
+    write_jsonl(run_dir / "pred.jsonl.rank1.jsonl", rows[1::2])
+    cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl"))
+    assert "6 record(s) already done, 0 to go" in capsys.readouterr().out
+    assert read_jsonl(run_dir / "pred.jsonl") == rows
+    assert set(files(run_dir)) == {"records.jsonl", "pred.jsonl", "pred.jsonl.meta.json"}
+
+
+def test_an_empty_input_writes_an_empty_output_and_no_shard(tmp_path, tiny_model_dir):
+    src = tmp_path / "records.jsonl"
+    src.write_bytes(b"")
+    for _ in range(2):  # the rerun finds the same state
+        cli_main(predict_args(tiny_model_dir, src, tmp_path / "pred.jsonl"))
+        assert set(files(tmp_path)) == {"records.jsonl", "pred.jsonl", "pred.jsonl.meta.json"}
+        assert (tmp_path / "pred.jsonl").read_bytes() == b""
+
+
+def test_a_run_failing_after_setup_leaves_no_empty_shard(tmp_path, tiny_model_dir):
+    src = write_jsonl(tmp_path / "records.jsonl", short_records(2))
+    before = files(tmp_path)
+    with pytest.raises(Exception):  # the model cannot be built: after the writer's setup, before any row
+        cli_main(predict_args(tiny_model_dir, src, tmp_path / "pred.jsonl", "--model.attn_implementation", "bogus"))
+    assert files(tmp_path) == before
+
+
+# -- stop signals (a real process: the signal is what is tested) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_signal_ends_at_a_batch_boundary_and_the_rerun_completes_exactly_once(tmp_path, tiny_model_dir, signum,
+                                                                                    code, capsys):  # fmt: skip
+    """Case 7: a scheduler's SIGTERM (or Ctrl+C) ends the run after the current batch, keeps every row written,
+    says how to resume and exits 128 + signal; rerunning the same command completes every id once."""
+    records = short_records(24, offset=20)
+    src = write_jsonl(tmp_path / "records.jsonl", records)
+    out = tmp_path / "pred.jsonl"
+    shard = tmp_path / "pred.jsonl.rank0.jsonl"
+    cmd = [sys.executable, "-m", "healthai", *predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "2")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(tmp_path / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 180
+            while proc.poll() is None and not (shard.exists() and shard.read_bytes().count(b"\n") >= 2):
+                assert time.time() < deadline, "no batch written in time"
+                time.sleep(0.02)
+            proc.send_signal(signum)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = (tmp_path / "stderr.txt").read_text(encoding="utf-8", errors="replace")
+    assert rc == code, stderr[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "rerun the same command to resume" in stderr
+    kept = read_jsonl(shard)
+    assert len(kept) % 2 == 0 and 2 <= len(kept) < len(records)  # whole batches only, and it did stop early
+    assert len({r["id"] for r in kept}) == len(kept)
+    assert set(files(tmp_path)) == {"records.jsonl", "stderr.txt", "pred.jsonl.rank0.jsonl", "pred.jsonl.meta.json"}
+    if signum == signal.SIGINT:
+        return  # the rerun is the same as after SIGTERM; once is enough for a test this slow
+
+    cli_main(cmd[3:])  # the same command, in this process (a second process start would only cost time)
+    assert f"{len(kept)} record(s) already done" in capsys.readouterr().out
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [r["id"] for r in records]  # every id once, in input order
+    by_id = {r["id"]: r for r in rows}
+    assert all(by_id[r["id"]] == r for r in kept)  # the rows written before the signal are the ones kept
+    assert set(files(tmp_path)) == {"records.jsonl", "stderr.txt", "pred.jsonl", "pred.jsonl.meta.json"}
+
+
+def test_the_resume_hint_never_starts_over():
+    """A run started with --writer.overwrite true and then stopped must be resumed without it (it would delete the
+    rows just written)."""
+    from healthai.writer import _resume_command
+
+    argv = ["/x/healthai/__main__.py", "predict", "--writer.overwrite", "true", "--data.predict_file", "a b.jsonl",
+            "--writer.overwrite=true"]  # fmt: skip
+    assert _resume_command(argv) == "python -m healthai predict --data.predict_file 'a b.jsonl'"
