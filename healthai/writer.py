@@ -295,15 +295,14 @@ class DiagnosisWriter(BasePredictionWriter):
 
 def describe_run(datamodule, pl_module) -> dict[str, Any]:
     """What produces this run's rows, as written to ``<output>.meta.json``."""
-    adapter = getattr(pl_module, "adapter_path", None)
-    base = pl_module.model_name_or_path
+    hp = pl_module.hparams
+    adapter, base = hp.adapter_path, hp.model_name_or_path
     predict_file = datamodule.predict_file
     return {
         "input": {"path": str(predict_file), "sha256": sha256_file(predict_file)},
         "base": {"model_name_or_path": str(base), "fingerprint": base_fingerprint(str(base))},
         "adapter": None if adapter is None else {"path": str(adapter), "fingerprint": adapter_fingerprint(adapter)},
-        "model": {"dtype": getattr(pl_module, "dtype_name", None),
-                  "quantization": getattr(pl_module, "quantization", None)},
+        "model": {"dtype": hp.dtype, "quantization": hp.quantization},
         "prompt": _as_dict(datamodule.prompt),
         "max_length": datamodule.max_length,
         "generation": _as_dict(pl_module.generation),
