@@ -424,10 +424,12 @@ def run_child(variant: str, args, train_file: Path) -> dict:
         *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     print(f"running ({variant}) ...", flush=True)
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
+            # The variants run one after the other: a change of the machine's load between them moves the ratios.
+            return {**json.loads(line[len(RESULT_PREFIX) :]), "load_average": [load, os.getloadavg()[0]]}
     sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
     raise SystemExit(f"variant {variant} failed (exit code {proc.returncode})")
 
@@ -500,15 +502,16 @@ def report(args, results: dict[str, dict]) -> None:
         "b": f"(b) seed recipe: 1 x accum {args.batch_size}, full-seq loss",
     }  # fmt: skip
     header = (f"{'variant':<60} {'steps':>5} {'real tok':>9} {'padding':>8} {'seconds':>8} {'real tok/s':>10} "
-              f"{'peak RSS':>9}")  # fmt: skip
+              f"{'peak RSS':>9} {'load':>9}")  # fmt: skip
     print()
     print(header)
     print("-" * len(header))
     for v, r in results.items():
         print(f"{names[v]:<60} {r['steps']:5d} {r['real_tokens']:9d} {r['padding_fraction']:8.1%} "
-              f"{r['seconds']:8.2f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:7.0f}MB")  # fmt: skip
+              f"{r['seconds']:8.2f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:7.0f}MB "
+              f"{r['load_average'][0]:4.1f}>{r['load_average'][1]:<4.1f}")  # fmt: skip
     print("(real tok = non-pad tokens over all steps; seconds and real tok/s over the timed steps; peak RSS per "
-          f"process; torch threads {a['torch_threads']})")  # fmt: skip
+          f"process; load = 1-min load average as the variant started > ended; torch threads {a['torch_threads']})")
     share = a["answer_tokens"] / a["real_tokens"]
     print(f"answer tokens (the labels of (a) and (t); (b) puts all real tokens in its loss): {a['answer_tokens']} = "
           f"{share:.0%} of the real tokens: where the LM head and loss dominate a step (the small model), answer-only "
