@@ -1,7 +1,7 @@
 """Benchmark `healthai label`: concurrent vs sequential against a local fake server with a fixed per-request latency.
 
-    python scripts/bench_label.py                     # 200 real records, 200 ms latency, --concurrency 16 vs 1
-    python scripts/bench_label.py --n 100 --latency 0.1 --records path/to/records.jsonl
+    python scripts/bench_label.py                      # the committed fixture's 96 records, 200 ms per request
+    python scripts/bench_label.py --records path/to/records.jsonl --n_records 200 --latency 0.1 --concurrency 16
 
 Both runs go through the real code path (async client, retry loop, parsing, fsync'ed appends) in this one process,
 against tests/fake_openai_server.py on 127.0.0.1. The server runs in a child process, as a real one would: in this
@@ -31,8 +31,10 @@ TARGET_RATIO = 12.0
 
 
 def take_records(path: Path, n: int, dest: Path) -> int:
-    """Copy the first ``n`` records' id and feature_content into ``dest``; returns how many there were."""
+    """Copy the first ``n`` records' id and feature_content into ``dest``; exits with one line if there are fewer."""
     count = 0
+    if not path.is_file():
+        raise SystemExit(f"--records {path}: no such file")
     with open(path, encoding="utf-8") as src, open(dest, "w", encoding="utf-8") as out:
         for line in src:
             if count == n:
@@ -43,6 +45,8 @@ def take_records(path: Path, n: int, dest: Path) -> int:
             row = {"id": obj["id"], "feature_content": obj["feature_content"]}
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
+    if count < n:
+        raise SystemExit(f"--n_records {n}: {path} holds only {count} records")
     return count
 
 
@@ -80,15 +84,16 @@ def bench_once(workdir: Path, base_url: str, concurrency: int) -> Summary:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS, help="JSONL with id and feature_content")
-    parser.add_argument("--n", type=int, default=200, help="records per run")
+    parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS,
+                        help="JSONL of real case records (id, feature_content) (default: the committed fixture)")
+    parser.add_argument("--n_records", "--n", type=int, default=96, help="records per run (default: %(default)s)")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds the server takes per request")
     parser.add_argument("--concurrency", type=int, default=16, help="compared against concurrency 1")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_label_") as tmp, fake_server(args.latency) as base_url:
         workdir = Path(tmp)
-        n = take_records(args.records.resolve(), args.n, workdir / "in.jsonl")
+        n = take_records(args.records.resolve(), args.n_records, workdir / "in.jsonl")
         print(f"{n} records from {args.records.resolve()}, {args.latency * 1000:.0f} ms per request, {base_url}")
         results = {c: bench_once(workdir, base_url, c) for c in (1, args.concurrency)}
 

@@ -1,43 +1,57 @@
-"""Benchmark training throughput: the project's fit path vs the old Hugging Face Trainer recipe, on the same tokens and
-the same number of optimizer steps. Not a test.
+"""Benchmark training throughput: the project's fit path vs TRL's ``SFTTrainer`` (the primary baseline: what a user
+choosing a tool would pick) and vs the seed project's own ``transformers.Trainer`` recipe (second line), on the same
+token sequences and the same number of optimizer steps. Not a test.
 
-    python scripts/bench_train.py                          # 256 real records, batch 8, 6 optimizer steps
-    python scripts/bench_train.py --steps 1 --records 16   # smoke run
-    python scripts/bench_train.py --steps 16 --batch_size 16
+    python scripts/bench_train.py --records path/to/records.jsonl   # 128 real records, batch 8, one epoch (16 steps)
+    python scripts/bench_train.py --steps 1 --n_records 16 --batch_size 4 --max_length 512   # smoke run
+    python scripts/bench_train.py --variants a,t                      # leave out the slow seed recipe
 
-Data: ``--records`` real case records (``feature_content`` of the seed file) with answers made up here, of realistic
-length (1–2 disease names; a numbered reason of about 150–400 characters, ~280 on average, composed from a fixed list
-of clinical phrases, deterministic with ``--seed``; the official example answers' reasons average ~180). Both variants
-train on exactly the same token sequences: those of the project's ``encode_example`` (prompt through the chat
-template, answer, end-of-turn; the case text trimmed to ``--max_length`` when too long, never the answer), consumed in
-the order the project's ``LengthGroupedSampler`` draws them. The answer share of the tokens sets the ceiling of the
-speed-up from answer-only logits, so the script prints it.
+TRL is an optional dependency: ``pip install -e .[bench]``.
+
+Data: the first ``--n_records`` real case records (``feature_content``) of ``--records`` (default: the committed
+fixture, 96 records spanning the length range; pass the competition's 3000-record file for real figures) with answers
+made up here, of realistic length (1–2 disease names; a numbered reason of about 150–400 characters, ~280 on average,
+composed from a fixed list of clinical phrases, deterministic with ``--seed``; the official example answers' reasons
+average ~180). By default every variant trains one epoch: ``--steps`` = ``--n_records`` / ``--batch_size``, so each
+sees every record exactly once and all three train on the same tokens: those of the project's ``encode_example``
+(prompt through the chat template, answer, end-of-turn; the case text trimmed to ``--max_length`` when too long,
+never the answer). The answer share of the tokens sets the ceiling of the speed-up from answer-only logits, so the
+script prints it.
 
 (a) project: ``DiagnosisDataModule`` (``val_fraction`` 0) → ``LengthGroupedSampler`` + ``TrainCollator`` (dynamic
     padding to the longest in the batch) → ``DiagnosisLoRA.training_step`` (``answer_loss``: LM-head logits only at
     answer positions), batch ``--batch_size``, one optimizer step per batch, driven by the real fit path: a Lightning
-    ``Trainer(accelerator="cpu", max_steps=N, logger=False, ...)`` and ``trainer.fit(model, datamodule)``. Lightning's
-    own per-step overhead is small next to a step of this size, so no manual loop is used.
-(b) old recipe: ``transformers.Trainer`` + ``DataCollatorForSeq2Seq`` (pads to the longest in the batch), no length
+    ``Trainer(accelerator="cpu", max_steps=N, logger=False, ...)`` and ``trainer.fit(model, datamodule)``.
+(t) TRL ``SFTTrainer`` (TRL's own loop, collator and loss), at its best CPU settings: a prompt–completion dataset whose
+    prompt is the chat template applied to the project's ``PromptStyle.messages`` (of the case text (a) kept after
+    trimming) and whose completion is the project's ``answer_text`` (TRL appends the end-of-turn token, the
+    tokenizer's EOS); ``completion_only_loss=True``; ``train_sampling_strategy="group_by_length"`` (the transformers
+    length-grouped sampler: TRL picks the order, so the order differs from (a)'s, but over one epoch the sequences
+    are the same); TRL's fused, chunked LM head (on CPU it scores every position: only with Triton does it skip the
+    masked ones); ``padding_free=True`` (``--trl_padding_free``): the batch is flattened into one row with
+    ``position_ids``, no pad tokens, and transformers' sdpa builds a block-diagonal causal mask from the
+    ``position_ids``, so it runs on CPU without FlashAttention. The script checks, before training, that TRL's
+    tokenised dataset equals (a)'s ``encode_example`` output token for token (``input_ids`` and the loss mask) and
+    prints the result.
+(b) seed recipe: ``transformers.Trainer`` + ``DataCollatorForSeq2Seq`` (pads to the longest in the batch), no length
     grouping, micro-batch 1 with gradient accumulation ``--batch_size``, the whole sequence in the loss
     (``labels = input_ids``, prompt not masked: standard causal-LM loss through ``model(input_ids, labels=...)``, with
-    full-vocabulary logits at every position).
-    The original recipe accumulated 16 micro-batches; here accumulation equals (a)'s batch size, so that both variants
-    take N optimizer steps over the same N x batch_size sequences (the same tokens per optimizer step). Run with
-    ``--batch_size 16`` for the original accumulation of 16. (b) reads the sequences in (a)'s order through a
-    sequential sampler: at micro-batch 1 order changes no padding, and the two runs then see identical data.
+    full-vocabulary logits at every position). The original recipe accumulated 16 micro-batches; here accumulation
+    equals (a)'s batch size, so that all variants take N optimizer steps of the same size. (b) reads the sequences in
+    (a)'s order through a sequential sampler (at micro-batch 1 order changes no padding).
 
-Shared: the small model (``--model``), fp32 on CPU, PEFT LoRA r=8 (alpha 16, dropout 0) on all seven projections,
-non-reentrant gradient checkpointing on, AdamW at ``--lr``, the same ``--max_length``.
+Shared: the model (``--model``), fp32 on CPU (TRL's default bf16 is turned off), sdpa attention, PEFT LoRA r=8
+(alpha 16, dropout 0) on all seven projections, non-reentrant gradient checkpointing, AdamW at ``--lr``, the same
+``--max_length`` and ``--batch_size``, one optimizer step per batch of (a) and (t).
 
-Each variant runs in its own child process (this script re-invoked with ``--variant a|b``), so peak RSS
-(``getrusage`` maxrss: the process's high-water mark, model loading included) is per variant. Real tokens/s counts
-non-pad tokens over the optimizer steps after ``--warmup_steps`` (untimed: first-step allocations); padding fraction is
-over all steps. Targets: (a)/(b) >= 3x real tokens/s, (a)'s padding fraction <= 5% at batch size 8.
+Each variant runs in its own child process (this script re-invoked with ``--variant a|t|b``), so peak RSS
+(``getrusage`` maxrss: the process's high-water mark, model loading and TRL's dataset preparation included) is per
+variant. Real tokens/s counts non-pad tokens over the optimizer steps after ``--warmup_steps`` (untimed: first-step
+allocations); padding fraction is over all steps. Targets: (a)/(t) >= 3x real tokens/s and (a)'s peak RSS <= 1/2 of
+(t)'s; (a)'s padding fraction <= 5% at batch size 8.
 
-The default of 6 steps keeps a run to about 4–5 minutes on 2 busy CPU cores, (b) taking most of it (about 0.5 s per
-sequence of the small model: its 152k-column LM head and loss over every position). On a shared, loaded machine two
-OpenMP threads can stall every small op on a descheduled thread; ``--threads 1`` then gives steadier numbers.
+The header prints the load average: on a shared, loaded machine two OpenMP threads can stall every small op on a
+descheduled thread; ``--threads 1`` then gives steadier numbers.
 """
 
 from __future__ import annotations
@@ -58,7 +72,8 @@ sys.path.insert(0, str(REPO))
 
 # Real case records committed with the tests (96, spanning the length range); pass a larger file for real figures.
 SEED_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
-TARGET_RATIO = 3.0
+TARGET_RATIO = 3.0  # (a)/(t) real tokens/s
+TARGET_RSS = 0.5  # (a)/(t) peak RSS
 TARGET_PADDING = 0.05
 RESULT_PREFIX = "BENCH_TRAIN_RESULT "
 
@@ -95,10 +110,13 @@ def make_answer(rng: random.Random) -> tuple[str, str]:
     return diseases, "\n".join(items)
 
 
-def write_train_file(path: Path, seed_file: Path, n: int, seed: int) -> Path:
+def write_train_file(path: Path, records: Path, n: int, seed: int) -> Path:
+    """The first ``n`` records of ``records`` with made-up answers; exits with one line if it holds fewer."""
     rng = random.Random(seed)
     count = 0
-    with open(seed_file, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as out:
+    if not records.is_file():
+        raise SystemExit(f"--records {records}: no such file")
+    with open(records, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as out:
         for line in src:
             if count == n:
                 break
@@ -110,7 +128,7 @@ def write_train_file(path: Path, seed_file: Path, n: int, seed: int) -> Path:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     if count < n:
-        raise SystemExit(f"{seed_file}: only {count} records, {n} wanted")
+        raise SystemExit(f"--n_records {n}: {records} holds only {count} records")
     return path
 
 
@@ -146,13 +164,17 @@ class Meter:
         self.real = self.padded = self.timed_real = self.answer = 0
         self.start = self.stop = None
 
-    def add(self, attention_mask, step: int, labels=None) -> None:
-        """Count one (micro-)batch; ``labels`` (−100 outside the answer) also counts answer tokens."""
+    def add(self, attention_mask, step: int, labels=None, real: int | None = None) -> None:
+        """Count one (micro-)batch; ``labels`` (−100 outside the answer) also counts answer tokens. A padding-free
+        batch has no ``attention_mask``: pass ``real`` (its every token) instead."""
         if labels is not None:
             self.answer += int((labels != -100).sum())
-        real = int(attention_mask.sum())
+        if real is None:
+            real, padded = int(attention_mask.sum()), attention_mask.numel()
+        else:
+            padded = real
         self.real += real
-        self.padded += attention_mask.numel()
+        self.padded += padded
         if step >= self.warmup:
             self.timed_real += real
 
@@ -281,9 +303,116 @@ def run_old_recipe(args) -> dict:
     return meter.result("b", trainer.state.global_step, len(dataset))
 
 
+def kept_case_text(tokenizer, style, case_text: str, ids: list[int]) -> str:
+    """The prefix of ``case_text`` whose prompt tokenises to ``ids``: what ``encode_example`` kept of a record it had
+    to trim (the same character bisection as ``fit_case_text``, aimed at a known prompt length)."""
+    from healthai.data import prompt_ids
+
+    if len(prompt_ids(tokenizer, style, case_text)) <= len(ids):
+        return case_text
+    lo, hi = 0, len(case_text)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(prompt_ids(tokenizer, style, case_text[:mid])) <= len(ids):
+            lo = mid
+        else:
+            hi = mid
+    return case_text[:lo]
+
+
+def trl_rows(dm, train_file: str) -> list[dict]:
+    """TRL's prompt–completion dataset: the chat-template text of the project's ``PromptStyle.messages`` (of the case
+    text (a) kept) and the project's ``answer_text``; TRL appends the tokenizer's EOS (``<|im_end|>``) itself."""
+    from healthai.prompts import answer_text
+
+    with open(train_file, encoding="utf-8") as f:
+        cases = {r["id"]: r["feature_content"] for r in map(json.loads, f)}
+    rows = []
+    for e in dm.train_set.examples:
+        prompt = e["input_ids"][: e["prompt_len"]]
+        case = kept_case_text(dm.tokenizer, dm.prompt, cases[e["id"]], prompt)
+        text = dm.tokenizer.apply_chat_template(dm.prompt.messages(case), tokenize=False, add_generation_prompt=True)
+        rows.append({"prompt": text, "completion": answer_text(e["diseases"], e["reason"])})
+    return rows
+
+
+def same_tokens(trl_dataset, examples: list[dict]) -> tuple[int, int]:
+    """How many of TRL's tokenised rows equal (a)'s ``encode_example`` output (``input_ids`` and −100 loss mask)."""
+    from healthai.data import IGNORE_INDEX
+
+    equal = 0
+    for row, e in zip(trl_dataset, examples):
+        if "labels" in row:
+            mask = [label != IGNORE_INDEX for label in row["labels"]]
+        else:
+            mask = [bool(m) for m in row["completion_mask"]]
+        equal += row["input_ids"] == e["input_ids"] and mask == [label != IGNORE_INDEX for label in e["labels"]]
+    return equal, len(examples)
+
+
+def run_trl(args) -> dict:
+    """(t): TRL's SFTTrainer on a prompt–completion dataset, completion-only loss, its best CPU settings."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from healthai.model import ALL_LINEAR
+
+    set_seed(args.seed)
+    dm = datamodule(args)
+    dm.setup("fit")
+    dataset = Dataset.from_list(trl_rows(dm, args.train_file))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
+    meter = Meter(args.warmup_steps)
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if state.global_step == args.warmup_steps:
+                meter.start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            if state.global_step == args.steps:
+                meter.stop = time.perf_counter()
+
+    class CountingSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *a, **k):
+            mask = inputs.get("attention_mask")  # padding-free batches have none: every token is real
+            real = None if mask is not None else int(inputs["position_ids"].numel())
+            meter.add(mask, self.state.global_step, inputs["labels"], real=real)
+            return super().training_step(model, inputs, *a, **k)
+
+    padding_free = args.trl_padding_free == "on"
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(
+            output_dir=out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0,
+            weight_decay=0.0, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False}, completion_only_loss=True,
+            train_sampling_strategy="group_by_length", padding_free=padding_free,
+            # Padding-free without packing refuses a max_length (it would not enforce it); the prompts are already
+            # trimmed to it, as (a)'s are, and the token check below proves nothing is longer.
+            max_length=None if padding_free else args.max_length,
+            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+            seed=args.seed, data_seed=args.seed,
+        )  # fmt: skip
+        trainer = CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=dm.tokenizer,
+                                     peft_config=lora, callbacks=[Timing()])  # fmt: skip
+        equal, total = same_tokens(trainer.train_dataset, dm.train_set.examples)
+        trainer.train()
+    result = meter.result("t", trainer.state.global_step, args.steps * args.batch_size)
+    result.update(same_tokens=equal, examples=total, padding_free=padding_free)
+    return result
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The parent: data, one child per variant, the table
 # --------------------------------------------------------------------------------------------------------------------
+
+
+VARIANTS = {"a": "run_project", "t": "run_trl", "b": "run_old_recipe"}
 
 
 def run_child(variant: str, args, train_file: Path) -> dict:
@@ -291,82 +420,120 @@ def run_child(variant: str, args, train_file: Path) -> dict:
         sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--train_file", str(train_file),
         "--model", args.model, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
         "--max_length", str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed),
-        "--warmup_steps", str(args.warmup_steps), *(["--threads", str(args.threads)] if args.threads else []),
+        "--warmup_steps", str(args.warmup_steps), "--trl_padding_free", args.trl_padding_free,
+        *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     print(f"running ({variant}) ...", flush=True)
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
+            # The variants run one after the other: a change of the machine's load between them moves the ratios.
+            return {**json.loads(line[len(RESULT_PREFIX) :]), "load_average": [load, os.getloadavg()[0]]}
     sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
     raise SystemExit(f"variant {variant} failed (exit code {proc.returncode})")
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "NOT met"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="models/tiny-qwen2.5", help="model folder (default: %(default)s)")
-    parser.add_argument("--records", type=int, default=256, help="real records to train on (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps of each variant (default: %(default)s)")
+    parser.add_argument("--records", default=str(SEED_RECORDS),
+                        help="JSONL of real case records (id, feature_content) (default: the committed fixture)")
+    parser.add_argument("--n_records", type=int, default=128,
+                        help="how many of them to train on, from the top (default: %(default)s)")
+    parser.add_argument("--steps", type=int,
+                        help="optimizer steps of each variant (default: one epoch, n_records / batch_size)")
     parser.add_argument("--batch_size", type=int, default=8,
-                        help="(a)'s batch size = (b)'s gradient accumulation (default: %(default)s)")
+                        help="(a)'s and (t)'s batch size = (b)'s gradient accumulation (default: %(default)s)")
     parser.add_argument("--max_length", type=int, default=1024, help="longest example, tokens (default: %(default)s)")
     parser.add_argument("--warmup_steps", type=int, default=1, help="first steps left out of the timing (default: 1)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seed_file", default=str(SEED_RECORDS), help="JSONL of real records")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads in both variants (default: torch's)")
-    parser.add_argument("--variant", choices=["a", "b"], help=argparse.SUPPRESS)  # internal: run one variant
+    parser.add_argument("--variants", default="a,t,b",
+                        help="which to run, comma-separated: a project, t TRL, b seed recipe (default: %(default)s)")
+    parser.add_argument("--trl_padding_free", choices=["on", "off"], default="on",
+                        help="TRL's padding_free (default: %(default)s; runs on CPU through sdpa)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in every variant (default: torch's)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # internal: run one variant
     parser.add_argument("--train_file", help=argparse.SUPPRESS)  # internal: the parent's train file
     args = parser.parse_args(argv)
     if not Path(args.model).exists() and (REPO / args.model).exists():
         args.model = str(REPO / args.model)
-    args.warmup_steps = max(0, min(args.warmup_steps, args.steps - 1))
 
     if args.variant is not None:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        result = run_project(args) if args.variant == "a" else run_old_recipe(args)
+        result = globals()[VARIANTS[args.variant]](args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
 
-    print(f"model {args.model}; {args.records} records; {args.steps} optimizer steps of {args.batch_size} sequences "
-          f"(timed: steps {args.warmup_steps + 1}-{args.steps}); max_length {args.max_length}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "a" not in variants:
+        parser.error(f"--variants {args.variants}: must include a, and only a, t, b")
+    if args.steps is None:
+        args.steps = max(1, args.n_records // args.batch_size)
+    args.warmup_steps = max(0, min(args.warmup_steps, args.steps - 1))
+    print(f"model {args.model}; {args.n_records} records of {args.records}; {args.steps} optimizer steps of "
+          f"{args.batch_size} sequences (timed: steps {args.warmup_steps + 1}-{args.steps}); max_length "
+          f"{args.max_length}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        train_file = write_train_file(Path(tmp) / "train.jsonl", Path(args.seed_file), args.records, args.seed)
-        a = run_child("a", args, train_file)
-        b = run_child("b", args, train_file)
+        train_file = write_train_file(Path(tmp) / "train.jsonl", Path(args.records), args.n_records, args.seed)
+        results = {v: run_child(v, args, train_file) for v in VARIANTS if v in variants}
+    print(f"load average after the run {os.getloadavg()[0]:.2f}")
+    print(RESULT_PREFIX + json.dumps(results), flush=True)  # every figure, for whoever keeps a record
+    report(args, results)
+    return 0
 
+
+def report(args, results: dict[str, dict]) -> None:
+    a = results["a"]
     names = {
         "a": f"(a) project: batch {args.batch_size}, length-grouped, answer loss",
-        "b": f"(b) HF Trainer: 1 x accum {args.batch_size}, full-seq loss",
-    }
-    header = (f"{'variant':<52} {'steps':>5} {'real tok':>9} {'padding':>8} {'seconds':>8} {'real tok/s':>10} "
-              f"{'peak RSS':>9}")  # fmt: skip
+        "t": f"(t) TRL SFTTrainer: batch {args.batch_size}, group_by_length, "
+             + ("padding-free" if args.trl_padding_free == "on" else "padded"),
+        "b": f"(b) seed recipe: 1 x accum {args.batch_size}, full-seq loss",
+    }  # fmt: skip
+    header = (f"{'variant':<60} {'steps':>5} {'real tok':>9} {'padding':>8} {'seconds':>8} {'real tok/s':>10} "
+              f"{'peak RSS':>9} {'load':>9}")  # fmt: skip
     print()
     print(header)
     print("-" * len(header))
-    for r in (a, b):
-        print(f"{names[r['variant']]:<52} {r['steps']:5d} {r['real_tokens']:9d} {r['padding_fraction']:8.1%} "
-              f"{r['seconds']:8.2f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:7.0f}MB")  # fmt: skip
+    for v, r in results.items():
+        print(f"{names[v]:<60} {r['steps']:5d} {r['real_tokens']:9d} {r['padding_fraction']:8.1%} "
+              f"{r['seconds']:8.2f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:7.0f}MB "
+              f"{r['load_average'][0]:4.1f}>{r['load_average'][1]:<4.1f}")  # fmt: skip
     print("(real tok = non-pad tokens over all steps; seconds and real tok/s over the timed steps; peak RSS per "
-          f"process; torch threads {a['torch_threads']})")  # fmt: skip
+          f"process; load = 1-min load average as the variant started > ended; torch threads {a['torch_threads']})")
     share = a["answer_tokens"] / a["real_tokens"]
-    print(f"answer tokens (the labels of (a); (b) puts all real tokens in its loss): {a['answer_tokens']} = "
+    print(f"answer tokens (the labels of (a) and (t); (b) puts all real tokens in its loss): {a['answer_tokens']} = "
           f"{share:.0%} of the real tokens: where the LM head and loss dominate a step (the small model), answer-only "
           f"logits alone can speed it up by at most ~{1 / share:.1f}x")  # fmt: skip
-    if a["real_tokens"] != b["real_tokens"]:
-        print(f"warning: the variants saw different tokens ({a['real_tokens']} vs {b['real_tokens']})")
-    ratio = a["tokens_per_s"] / b["tokens_per_s"]
+    for v, r in results.items():
+        if r["real_tokens"] != a["real_tokens"]:
+            print(f"warning: ({v}) saw different tokens from (a) ({r['real_tokens']} vs {a['real_tokens']})")
     print()
     print(f"(a) padding fraction {a['padding_fraction']:.1%} at batch size {args.batch_size}; target <= "
           f"{TARGET_PADDING:.0%}: {'meets' if a['padding_fraction'] <= TARGET_PADDING else 'above'}")  # fmt: skip
-    print(f"ratio (a)/(b): {ratio:.1f}x real tokens/s; target >= {TARGET_RATIO:g}x: "
-          f"{'meets' if ratio >= TARGET_RATIO else 'below'}")  # fmt: skip
-    return 0
+    if "t" in results:
+        t = results["t"]
+        print(f"TRL token check: {t['same_tokens']}/{t['examples']} of TRL's tokenised prompt+completion rows equal "
+              "(a)'s encode_example (input_ids and loss mask)")  # fmt: skip
+        speed, rss = a["tokens_per_s"] / t["tokens_per_s"], a["peak_rss_mb"] / t["peak_rss_mb"]
+        print(f"ratio (a)/(t) TRL: {speed:.1f}x real tokens/s (target >= {TARGET_RATIO:g}x: "
+              f"{verdict(speed >= TARGET_RATIO)}); peak RSS {rss:.2f}x (target <= {TARGET_RSS:g}: "
+              f"{verdict(rss <= TARGET_RSS)})")  # fmt: skip
+    if "b" in results:
+        b = results["b"]
+        speed, rss = a["tokens_per_s"] / b["tokens_per_s"], a["peak_rss_mb"] / b["peak_rss_mb"]
+        print(f"ratio (a)/(b) seed recipe: {speed:.1f}x real tokens/s; peak RSS {rss:.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,16 +26,33 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 
 @pytest.mark.slow
 def test_bench_predict_smoke(tiny_model_dir):
-    out = run_script("bench_predict.py", "--model", str(tiny_model_dir), "--records", "4", "--old_records", "2",
+    out = run_script("bench_predict.py", "--model", str(tiny_model_dir), "--n_records", "4", "--old_records", "2",
                      "--max_new_tokens", "8", "--threads", "1")  # fmt: skip
-    assert "(a) project" in out and "(b) old" in out
+    assert "(a) project" in out and "(c) transformers alone" in out and "(b) old" in out
+    assert "records of " + str(REPO / "tests" / "fixtures" / "seed_records.jsonl") in out  # the committed fixture
+    assert "ratio (a)/(c):" in out
     assert "ratio (a)/(b):" in out.splitlines()[-1]
 
 
 @pytest.mark.slow
-def test_bench_train_smoke(tiny_model_dir):
-    out = run_script("bench_train.py", "--model", str(tiny_model_dir), "--steps", "1", "--records", "16",
-                     "--max_length", "512", "--batch_size", "4", "--threads", "1")  # fmt: skip
-    assert "(a) project" in out and "(b) HF Trainer" in out
-    assert "warning: the variants saw different tokens" not in out
-    assert "ratio (a)/(b):" in out.splitlines()[-1]
+def test_bench_train_smoke_with_trl_on_the_same_tokens(tiny_model_dir):
+    pytest.importorskip("trl", reason="TRL comes with the bench extra: pip install -e .[bench]")
+    # One epoch of one batch (every variant sees both records); max_length 480 trims both case texts, so the token
+    # check covers trimmed prompts too.
+    # The seed recipe (b) is left out: the script's code for it is unchanged, and each variant is a child process.
+    out = run_script("bench_train.py", "--model", str(tiny_model_dir), "--n_records", "2", "--batch_size", "2",
+                     "--max_length", "480", "--variants", "a,t", "--threads", "1", timeout=300)  # fmt: skip
+    assert "(a) project" in out and "(t) TRL SFTTrainer" in out and "(b) seed recipe" not in out
+    assert "TRL token check: 2/2 of TRL's tokenised prompt+completion rows equal" in out
+    assert "saw different tokens" not in out
+    assert out.splitlines()[-1].startswith("ratio (a)/(t) TRL:")
+
+
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_label.py"])
+def test_bench_records_count_beyond_the_file_is_a_one_line_error(script):
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--n_records", "1000"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("--n_records 1000")
+    assert "seed_records.jsonl holds only 96 records" in proc.stderr

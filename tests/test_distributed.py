@@ -39,13 +39,24 @@ def test_ddp_fit_on_two_cpu_processes_saves_adapter_and_adapter_only_checkpoint(
     assert (tmp_path / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir):
-    records = seed_records(16, offset=80)
+def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir, monkeypatch):
+    # 6 short records, 16 new tokens: the shards, their merge and equality with one process are what is tested. The
+    # single-process reference runs in-process (on one thread, as the DDP ranks do); only DDP needs the real CLI.
+    from healthai.cli import cli_main
+
+    records = seed_records(6, offset=80)
     src = write_jsonl(tmp_path / "records.jsonl", records)
     common = ["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-              "--data.predict_file", str(src), "--data.eval_batch_size", "4", "--writer.progress", "false"]  # fmt: skip
+              "--data.predict_file", str(src), "--data.eval_batch_size", "2", "--writer.progress", "false",
+              "--model.generation.max_new_tokens", "16"]  # fmt: skip
     run([*common, *DDP, "--writer.output_path", str(tmp_path / "ddp.jsonl")])
-    run([*common, "--writer.output_path", str(tmp_path / "single.jsonl")])
+    monkeypatch.chdir(REPO)  # the config's relative paths
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cli_main([*common, "--writer.output_path", str(tmp_path / "single.jsonl")])
+    finally:
+        torch.set_num_threads(threads)
     ddp, single = read_jsonl(tmp_path / "ddp.jsonl"), read_jsonl(tmp_path / "single.jsonl")
     assert [r["id"] for r in ddp] == [r["id"] for r in records]  # every id exactly once, input order
     assert ddp == single
