@@ -269,7 +269,7 @@ def export(
         parity_set = first_records(records_file, parity_records)
         prompt = load_prompt(adapter) if is_checkpoint(adapter) else PromptStyle.from_dir_or_default(adapter)
     except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError
-        raise SystemExit(f"export: error: {e}") from None
+        raise UserError(str(e)) from None
     check_base(adapter, base_name, allow_base_mismatch, "--allow_base_mismatch")
     try:
         check_out_folder(out, overwrite, {"--adapter": adapter, "--base": base_name, "--records": records_file})

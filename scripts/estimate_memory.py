@@ -28,7 +28,7 @@ typically another 0.5-2 GB on ``nvidia-smi``, are not):
   stays allocated during validation.
 
 Peak = weights + LoRA state + max(training step, validation). A calibration against a measured run would replace the
-constants above; scripts/bench_gpu.py measures the 7B at 2048 × 2 when a GPU is available.
+constants above; scripts/gpu_check.sh measures the 7B at 2048 × 2 when a GPU is available.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def test_predict_on_another_base_exits_2_with_one_line(run, other_base, tmp_path
     assert "--model.allow_base_mismatch true" in last
 
 
-def test_export_refuses_another_base_unless_allowed(run, other_base, tmp_path):
+def test_export_refuses_another_base_unless_allowed(run, other_base, tmp_path, capsys):
     from healthai.__main__ import main
 
     adapter = run / "tiny" / "version_0" / "adapter"
@@ -164,7 +164,8 @@ def test_export_refuses_another_base_unless_allowed(run, other_base, tmp_path):
             "--parity_records", "1", "--parity_max_tokens", "160"]  # fmt: skip
     with pytest.raises(SystemExit) as refused:
         main(args)
-    assert "other weights; pass --allow_base_mismatch true to apply it anyway" in str(refused.value)
+    assert refused.value.code == 2
+    assert "other weights; pass --allow_base_mismatch true to apply it anyway" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
     main([*args, "--allow_base_mismatch", "true"])
     assert (tmp_path / "merged" / "model.safetensors").is_file()

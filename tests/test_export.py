@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO, read_jsonl, seed_records, write_jsonl
 from healthai.data import prompt_ids
+from healthai.errors import UserError
 from healthai.export import export
 from healthai.model import ALL_LINEAR
 from healthai.prompts import PromptStyle
@@ -125,9 +126,9 @@ def test_a_wrong_merge_fails_the_parity_check_with_status_1(adapter_dir, tmp_pat
 
 
 def test_adapter_folder_without_config_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"not an adapter folder \(no adapter_config\.json\) nor a \.ckpt"):
+    with pytest.raises(UserError, match=r"not an adapter folder \(no adapter_config\.json\) nor a \.ckpt"):
         export(adapter=tmp_path, out=tmp_path / "merged")
-    with pytest.raises(SystemExit, match=r"nope: no such adapter folder \(--adapter\)"):
+    with pytest.raises(UserError, match=r"nope: no such adapter folder \(--adapter\)"):
         export(adapter=tmp_path / "nope", out=tmp_path / "merged")
 
 

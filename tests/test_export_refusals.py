@@ -51,12 +51,13 @@ def test_export_refuses_the_base_and_adapter_folders_even_with_overwrite(pair, t
     for extra in ([], ["--overwrite", "true"]):
         with pytest.raises(SystemExit) as exit_info:
             export(adapter, out, records, "--base", str(base), *extra)
-        message = str(exit_info.value.code)
-        assert message.startswith(f"export: error: --out {out} would overwrite --") and "\n" not in message
+        message = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2
+        assert message.startswith(f"healthai export: error: --out {out} would overwrite --") and "\n" not in message
     assert files(base.parent) == before  # not one byte of the base or the adapter changed
 
 
-def test_a_non_empty_folder_needs_overwrite_which_leaves_no_stale_file(pair, tmp_path):
+def test_a_non_empty_folder_needs_overwrite_which_leaves_no_stale_file(pair, tmp_path, capsys):
     base, adapter = pair
     records = write_jsonl(tmp_path / "records.jsonl", seed_records(1))
     out = tmp_path / "merged"
@@ -67,8 +68,9 @@ def test_a_non_empty_folder_needs_overwrite_which_leaves_no_stale_file(pair, tmp
     before = files(out)
     with pytest.raises(SystemExit) as exit_info:
         export(adapter, out, records, "--base", str(base))
-    assert exit_info.value.code == f"export: error: --out {out} is not empty; pass --overwrite true to replace its " \
-                                   "contents, or choose another folder"  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"healthai export: error: --out {out} is not empty; pass --overwrite "
+                                               "true to replace its contents, or choose another folder")  # fmt: skip
     assert files(out) == before
 
     export(adapter, out, records, "--base", str(base), "--overwrite", "true")

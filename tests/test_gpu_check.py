@@ -45,10 +45,10 @@ def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_di
 
     answer_loss = DiagnosisLoRA.answer_loss
 
-    def out_of_memory_at_three(self, batch):  # what the largest micro-batch may meet on a GPU
+    def out_of_memory_at_three(self, batch, *args, **kwargs):  # what the largest micro-batch may meet on a GPU
         if batch["input_ids"].shape[0] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return answer_loss(self, batch)
+        return answer_loss(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(DiagnosisLoRA, "answer_loss", out_of_memory_at_three)
     args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path),

@@ -207,7 +207,7 @@ def test_bad_chat_requests_keys_and_huge_bodies_get_4xx_and_the_server_keeps_ser
 
 
 def test_healthai_label_against_the_server_writes_labels(server, adapter, tmp_path, monkeypatch):
-    from healthai.label import label
+    from healthai.__main__ import main
 
     records = seed_records(4, offset=40)
     server.ready()
@@ -218,8 +218,9 @@ def test_healthai_label_against_the_server_writes_labels(server, adapter, tmp_pa
     out = tmp_path / "labels.jsonl"
     monkeypatch.setenv("HEALTHAI_API_KEY", KEY)
     try:
-        label(input=str(src), output=str(out), base_url=server.url + "/v1", model="healthai", prompt_dir=str(adapter),
-              concurrency=4, max_retries=0, timeout=REQUEST_TIMEOUT_S, progress=False)  # fmt: skip
+        main(["label", "--input", str(src), "--output", str(out), "--base_url", server.url + "/v1", "--model", "healthai",
+              "--prompt_dir", str(adapter), "--concurrency", "4", "--max_retries", "0", "--timeout",
+              str(REQUEST_TIMEOUT_S), "--progress", "false"])  # fmt: skip
         code = 0
     except SystemExit as e:
         code = e.code
