@@ -39,6 +39,14 @@ class ParsedAnswer:
     raw: Optional[str] = None
     """The text that was parsed, kept for ``failed`` rows."""
 
+    def row_fields(self) -> dict[str, str]:
+        """The answer's fields of a prediction row (predict's file and serve's ``/predict``): empty strings where
+        parsing failed, and then the raw output too, so a failure can be read."""
+        fields = {"reason": self.reason or "", "diseases": self.diseases or "", "parse_status": self.status}
+        if self.status == "failed":
+            fields["raw_output"] = self.raw or ""
+        return fields
+
 
 def strip_code_fence(text: str) -> str:
     """The JSON-bearing part of a reply: reasoning blocks (``<think>…</think>``) dropped, a Markdown fence unwrapped."""

@@ -437,12 +437,8 @@ class DiagnosisLoRA(L.LightningModule):
         for record, order, answer in zip(
             batch["records"], batch["order"], self.generate_answers(batch["input_ids"], batch["attention_mask"])
         ):
-            row = {"id": record["id"], "reason": answer.reason or "", "diseases": answer.diseases or "",
-                   "feature_content": record["feature_content"], "parse_status": answer.status}  # fmt: skip
-            if answer.status == "failed":
-                row["raw_output"] = answer.raw
-            row["_order"] = order
-            rows.append(row)
+            row = {"id": record["id"], "feature_content": record["feature_content"], **answer.row_fields()}
+            rows.append({**row, "_order": order})  # the writer puts the keys in submission order
         return rows
 
     # -- checkpoints and the adapter ----------------------------------------------------------------------------------

@@ -74,11 +74,11 @@ def predict_payload(body: bytes, max_chars: int) -> dict[str, Any]:
     if "feature_content" not in obj:
         raise HTTPException(422, "missing field 'feature_content'")
     payload = {"feature_content": check_case(obj["feature_content"], max_chars)}
-    if "id" in obj:
-        rid = obj["id"]
-        if isinstance(rid, bool) or not isinstance(rid, (int, str)):
-            raise HTTPException(422, f"field 'id' must be an integer or a string, got {type(rid).__name__}")
-        payload["id"] = rid
+    if "id" in obj:  # optional here; when given, the id rule every stage shares
+        problem = check_record({"id": obj["id"], **payload}, labelled=False)
+        if problem is not None:
+            raise HTTPException(422, problem)
+        payload["id"] = obj["id"]
     return payload
 
 
@@ -237,10 +237,7 @@ class DiagnosisAPI(ls.LitAPI):
 def encode_answer(answer: ParsedAnswer, route: str) -> dict[str, Any]:
     """A ``/predict`` row (as predict writes it: ``raw_output`` only when parsing failed) or a chat message."""
     if route == PREDICT_PATH:
-        row = {"diseases": answer.diseases or "", "reason": answer.reason or "", "parse_status": answer.status}
-        if answer.status == "failed":
-            row["raw_output"] = answer.raw
-        return row
+        return answer.row_fields()
     return {"role": "assistant", "content": answer.raw}
 
 
