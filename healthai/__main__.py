@@ -106,7 +106,7 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
 
 def gather_positionals(args: list[str], name: str) -> list[str]:
     """``args`` with its bare words moved into one ``--name=[...]`` option. Every option of these commands takes a
-    value (``--flag value`` or ``--flag=value``), except ``-h``/``--help``; a word that follows an option is its value."""
+    value (``--flag value`` or ``--flag=value``), except ``-h``/``--help``; a word after an option is its value."""
     import json
 
     rest, words, i = [], [], 0

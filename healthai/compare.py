@@ -195,7 +195,8 @@ def compare(
     """Compare predictions files on the same references, side by side, with bootstrap intervals for F1 differences.
 
     Metrics side by side, and for each pair the disease-F1 difference with a paired bootstrap confidence interval and
-    the records right in one and wrong in the other. ``python -m healthai compare --references REF A.jsonl B.jsonl`` (the files may come before or after the options).
+    the records right in one and wrong in the other. ``python -m healthai compare --references REF A.jsonl B.jsonl``
+    (the files may come before or after the options).
     Each file is scored as ``evaluate`` scores it, breakdowns included; a record missing from a file counts as an
     empty answer in that file (in its metrics and in the interval) and is listed under its ``missing``. For each pair
     (in the order given) the difference is the later file's F1 minus the earlier one's, so list the baseline first.

@@ -154,7 +154,8 @@ def _fmt(value: Any) -> str:
 def _answer_cell(r: RecordScore) -> str:
     if r.parse_status == "missing":
         return '<span class="status">no prediction</span>'
-    names = [f'<span class="m">{_e(x)}</span>' for x in r.matched] + [f'<span class="x">{_e(x)}</span>' for x in r.extra]
+    names = [f'<span class="m">{_e(x)}</span>' for x in r.matched]
+    names += [f'<span class="x">{_e(x)}</span>' for x in r.extra]
     missed = f'<div class="ms">missed: {"、".join(_e(x) for x in r.missed)}</div>' if r.missed else ""
     status = f' <span class="status">{_e(r.parse_status)}</span>' if r.parse_status != "ok" else ""
     mark = '<span class="ok">✓</span> ' if r.right else ""
@@ -177,7 +178,8 @@ body { font-family: %s; margin: 2em auto; max-width: 1100px; color: #222; paddin
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num, table.num td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; }
+table.num td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
 .m { background: #d8f0d8; padding: 0 0.25em; border-radius: 3px; }
 .x { background: #f8d8d8; text-decoration: line-through; padding: 0 0.25em; border-radius: 3px; }
 .ms { color: #a05a00; font-size: 0.9em; } .status { color: #777; font-size: 0.9em; } .ok { color: #2a7a2a; }
@@ -222,8 +224,8 @@ def render_html(
         parts.append(f'<p class="note">Paired bootstrap over the {p["n"]} reference records ({p["resamples"]} '
                      f'resamples, seed {p["seed"]}, percentile interval): records are resampled with replacement, the '
                      "same ones for both systems, and the micro F1 difference is recomputed on each resample. A record "
-                     "missing from a file counts as an empty answer there. “Right”: the predicted diagnoses are exactly "
-                     "the reference's.</p>")  # fmt: skip
+                     "missing from a file counts as an empty answer there. “Right”: the predicted diagnoses are "
+                     "exactly the reference's.</p>")  # fmt: skip
 
     parts.append("<h2>Disease F1 per diagnosis</h2>")
     parts.append(diagnosis_f1_chart(systems))
@@ -240,8 +242,9 @@ def render_html(
     rows = [[_e(k), *(f"{g['n']} records, F1 {g['f1']:.4f}" if (g := s.report["breakdown"]["parse_status"].get(k))
                       else "0 records" for s in systems)] for k in statuses]  # fmt: skip
     parts.append(_table(["parse_status", *map(_e, names)], rows, "num"))
-    rows = [[_e(b["bucket"]), str(b["n"]), *(f"{s.report['breakdown']['case_length_chars'][i]['f1']:.4f}"
-                                            for s in systems)] for i, b in enumerate(b0["case_length_chars"])]  # fmt: skip
+    rows = [[_e(b["bucket"]), str(b["n"]),
+             *(f"{s.report['breakdown']['case_length_chars'][i]['f1']:.4f}" for s in systems)]
+            for i, b in enumerate(b0["case_length_chars"])]  # fmt: skip
     parts.append(_table(["case length (characters)", "records", *(f"{_e(n)}: F1" for n in names)], rows, "num"))
 
     chosen = pick_examples(systems, examples)
