@@ -245,3 +245,36 @@ def test_html_without_matplotlib_names_the_extra(three_files, tmp_path, capfd, m
                               "the 'report' extra (pip install -e '.[report]' in a clone, pip install "
                               "'healthai[report]' otherwise)\n")  # fmt: skip
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.slow
+def test_report_page_in_headless_chromium(three_files, tmp_path: Path) -> None:
+    """The page as a browser draws it: the DOM holds the tables, and a screenshot is a drawn page, not a blank one."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium): the page is not browser-checked")
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    refs, a, b = three_files
+    page = tmp_path / "report.html"
+    compare([f"zero-shot={b}", f"tuned={a}"], refs, html=page, resamples=200)
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert "Disease F1 differences" in dom and "tuned is better" in dom and dom.count("<svg") == 2
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()], capture_output=True,
+                   timeout=120, cwd=tmp_path)  # fmt: skip
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1000, 1400)
+    # A drawn page has text, table borders and the chart's bar colours; a blank or error page has a handful.
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert len(colours) > 200
+    from healthai.report import COLORS
+
+    tuned_bars = tuple(int(COLORS[1][i : i + 2], 16) for i in (1, 3, 5))  # the second system's F1 bars (1.0 each)
+    assert any(sum(abs(c - t) for c, t in zip(rgb, tuned_bars)) < 12 for _, rgb in colours)
