@@ -243,51 +243,6 @@ def check_breakdown_options(top_diagnoses: int, length_edges: Sequence[int]) -> 
         raise ConfigError(f"length_edges must be increasing, got {list(length_edges)}")
 
 
-def score(
-    predictions: Path,
-    references: Path,
-    refs: Optional[dict[str, Reference]] = None,
-    top_diagnoses: int = DEFAULT_TOP_DIAGNOSES,
-    length_edges: Sequence[int] = DEFAULT_LENGTH_EDGES,
-) -> Scored:
-    """Score one predictions file (see :func:`evaluate` for the rules); nothing is printed or written. ``refs``:
-    the references already read from ``references`` (compare reads them once for every system)."""
-    refs = read_references(Path(references)) if refs is None else refs
-    preds = read_predictions(Path(predictions))
-    scored = {key: preds.rows[key] for key in refs if key in preds.rows}
-    missing = [ref.id for key, ref in refs.items() if key not in preds.rows]
-    unknown = [p.id for key, p in preds.rows.items() if key not in refs]
-
-    keys = list(refs)
-    disease_f1, json_valid, rouge = DiseaseF1(), JsonValidRate(), ReasonRougeL()
-    disease_f1.update([scored[k].diseases if k in scored else "" for k in keys], [refs[k].diseases for k in keys])
-    json_valid.update([p.parse_status for p in scored.values()])
-    rouge.update([scored[k].reason if k in scored else None for k in keys], [refs[k].reason for k in keys])
-    prf = disease_f1.compute()
-
-    result: dict[str, Any] = {
-        "predictions": str(predictions),
-        "references": str(references),
-        "n": len(refs),
-        "n_predictions": len(scored),
-        "n_reasons": int(rouge.count),
-        "disease_precision": float(prf["precision"]),
-        "disease_recall": float(prf["recall"]),
-        "disease_f1": float(prf["f1"]),
-        "json_valid_rate": float(json_valid.compute()) if scored else None,
-        "reason_rougeL": float(rouge.compute()) if int(rouge.count) > 0 else None,
-        "tp": int(disease_f1.tp),
-        "fp": int(disease_f1.fp),
-        "fn": int(disease_f1.fn),
-        "missing": missing,
-        "duplicates": preds.duplicates,
-        "unknown": unknown,
-    }
-    records = record_scores(refs, preds.rows)
-    result["breakdown"] = breakdowns(records, top_diagnoses, length_edges)
-    return Scored(result, records, refs, preds)
-
-
 def evaluate(
     predictions: Path,
     references: Path,
@@ -332,9 +287,9 @@ def evaluate(
         ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``missing``, ``duplicates``, ``unknown``, ``tp``,
         ``fp``, ``fn``, ``breakdown`` and the two input paths.
     """
+    # Options are checked before any scoring work, so a mistake costs nothing.
     check_breakdown_options(top_diagnoses, length_edges)
     check_at_least("examples", examples, 0)
-    # Options are checked before any scoring work, so a mistake costs nothing.
     if html is not None:
         require_extra("matplotlib", extra="report", needed_by="--html")
     scored = score(predictions, references, top_diagnoses=top_diagnoses, length_edges=length_edges)
@@ -357,6 +312,51 @@ def evaluate(
         write_html(Path(html), [system], [], str(references), examples)
         print(f"html report: {html}")
     return result
+
+
+def score(
+    predictions: Path,
+    references: Path,
+    refs: Optional[dict[str, Reference]] = None,
+    top_diagnoses: int = DEFAULT_TOP_DIAGNOSES,
+    length_edges: Sequence[int] = DEFAULT_LENGTH_EDGES,
+) -> Scored:
+    """Score one predictions file (see :func:`evaluate` for the rules); nothing is printed or written. ``refs``:
+    the references already read from ``references`` (compare reads them once for every system)."""
+    refs = read_references(Path(references)) if refs is None else refs
+    preds = read_predictions(Path(predictions))
+    scored = {key: preds.rows[key] for key in refs if key in preds.rows}
+    missing = [ref.id for key, ref in refs.items() if key not in preds.rows]
+    unknown = [p.id for key, p in preds.rows.items() if key not in refs]
+
+    keys = list(refs)
+    disease_f1, json_valid, rouge = DiseaseF1(), JsonValidRate(), ReasonRougeL()
+    disease_f1.update([scored[k].diseases if k in scored else "" for k in keys], [refs[k].diseases for k in keys])
+    json_valid.update([p.parse_status for p in scored.values()])
+    rouge.update([scored[k].reason if k in scored else None for k in keys], [refs[k].reason for k in keys])
+    prf = disease_f1.compute()
+
+    result: dict[str, Any] = {
+        "predictions": str(predictions),
+        "references": str(references),
+        "n": len(refs),
+        "n_predictions": len(scored),
+        "n_reasons": int(rouge.count),
+        "disease_precision": float(prf["precision"]),
+        "disease_recall": float(prf["recall"]),
+        "disease_f1": float(prf["f1"]),
+        "json_valid_rate": float(json_valid.compute()) if scored else None,
+        "reason_rougeL": float(rouge.compute()) if int(rouge.count) > 0 else None,
+        "tp": int(disease_f1.tp),
+        "fp": int(disease_f1.fp),
+        "fn": int(disease_f1.fn),
+        "missing": missing,
+        "duplicates": preds.duplicates,
+        "unknown": unknown,
+    }
+    records = record_scores(refs, preds.rows)
+    result["breakdown"] = breakdowns(records, top_diagnoses, length_edges)
+    return Scored(result, records, refs, preds)
 
 
 def _write_json(path: Path, obj: Any) -> None:
