@@ -17,8 +17,8 @@ from healthai.metrics import PARSE_STATUSES, match_diseases, normalize_diseases
 
 DEFAULT_TOP_DIAGNOSES = 20
 DEFAULT_LENGTH_EDGES = (250, 500, 1000, 2000)
-"""Case-length bucket edges in characters of ``feature_content``. The 7B configs trim prompts over 2048 tokens, which
-Qwen's tokenizer reaches at roughly 1,500-3,000 Chinese characters: the last buckets show what trimming costs."""
+"""Case-length bucket edges in characters of ``feature_content``. A case text that does not fit ``data.max_length``
+tokens is trimmed (:func:`healthai.data.fit_case_text`): the long buckets show what trimming costs."""
 
 MISSING = "missing"
 """The ``parse_status`` group of reference records that have no prediction row."""

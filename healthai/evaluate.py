@@ -267,8 +267,9 @@ def evaluate(
     The report also breaks disease P/R/F1 down (``breakdown``): per diagnosis for the ``top_diagnoses`` reference
     diagnoses found in most records (support, P/R/F1), per ``parse_status`` (records without a prediction are
     ``missing``), and per character length of the case text (``feature_content`` of the reference, else of the
-    prediction row) in buckets cut at ``length_edges``: the 7B configs trim long case texts, and the last buckets show
-    what that costs. The same normalisation as everywhere (:func:`healthai.metrics.match_diseases`).
+    prediction row) in buckets cut at ``length_edges``: case texts that do not fit ``data.max_length`` are trimmed,
+    and the long buckets show what that costs. The same normalisation as everywhere
+    (:func:`healthai.metrics.match_diseases`).
 
     Args:
         predictions: JSONL of prediction rows ``{"id", "diseases", "reason", "parse_status"?, ...}``.

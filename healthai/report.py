@@ -93,10 +93,11 @@ def diagnosis_f1_chart(systems: Sequence[SystemResult]) -> str:
         for j, system in enumerate(systems):
             f1 = [r["f1"] for r in system.report["breakdown"]["diagnoses"]]
             ys = [i + (j - (k - 1) / 2) * bar for i in range(n)]
-            ax.barh(ys, f1, height=bar, color=COLORS[j % len(COLORS)], label=system.name)
+            bars = ax.barh(ys, f1, height=bar, color=COLORS[j % len(COLORS)], label=system.name)
+            ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=7, color="#555555")  # an F1 of 0 shows too
         ax.set_yticks(range(n), labels)
         ax.invert_yaxis()
-        ax.set_xlim(0, 1)
+        ax.set_xlim(0, 1.06)  # room for the label of an F1 of 1
         ax.set_xlabel("disease F1 (support: reference records holding the diagnosis)")
         ax.grid(axis="x", alpha=0.3)
         ax.legend(loc="lower right", frameon=False, fontsize=9)
