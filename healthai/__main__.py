@@ -106,7 +106,8 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
 
 def gather_positionals(args: list[str], name: str) -> list[str]:
     """``args`` with its bare words moved into one ``--name=[...]`` option. Every option of these commands takes a
-    value (``--flag value`` or ``--flag=value``), except ``-h``/``--help``; a word after an option is its value."""
+    value (``--flag value`` or ``--flag=value``), except ``-h``/``--help`` and ``--print_config`` (whose flags go
+    after ``=``); a word after any other option is its value."""
     import json
 
     rest, words, i = [], [], 0
@@ -114,7 +115,7 @@ def gather_positionals(args: list[str], name: str) -> list[str]:
         arg = args[i]
         if arg.startswith("-") and len(arg) > 1:
             rest.append(arg)
-            if "=" not in arg and arg not in ("-h", "--help") and i + 1 < len(args):
+            if "=" not in arg and arg not in ("-h", "--help", "--print_config") and i + 1 < len(args):
                 rest.append(args[i + 1])
                 i += 1
         else:

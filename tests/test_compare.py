@@ -151,6 +151,7 @@ def test_bare_words_are_the_systems() -> None:
     args = ["--references", "r.jsonl", "a.jsonl", "--seed=3", "t=b.jsonl", "--html", "x.html"]
     assert gather_positionals(args, "systems") == [
         "--references", "r.jsonl", "--seed=3", "--html", "x.html", '--systems=["a.jsonl", "t=b.jsonl"]']  # fmt: skip
+    assert gather_positionals(["--print_config", "a.jsonl"], "systems") == ["--print_config", '--systems=["a.jsonl"]']
 
 
 @pytest.fixture
