@@ -12,8 +12,9 @@
 # packages fetched here. After the download scripts/gpu_wheels.py checks, offline, that every requirement of every
 # wheel and of the project (setup.cfg's install_requires and its gpu and report extras; serve's LitServe is not
 # needed there) is met by a fetched wheel or by the image, in a matching version where the version there is known; that
-# each package is fetched once (two versions stop the install there); and the total size. tests/test_gpu_wheels.py
-# runs the same check on the pinned list in the test suite, so a new dependency fails there first.
+# each package is fetched once (two versions stop the install there); and the total size. Then it records each wheel's
+# requirements in scripts/gpu_wheels.requires.json (commit it): tests/test_gpu_wheels.py runs the same check offline
+# on the pinned list with that record, so a new dependency, or a pin changed without fetching it, fails there first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEST=${1:-.whl}

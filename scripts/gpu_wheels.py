@@ -9,15 +9,16 @@ the install there) and the total size.
 Two ways to run it:
 
 * ``python scripts/gpu_wheels.py DEST MAX_MIB``: the wheels in ``DEST`` (their own METADATA), after the download;
-* :func:`check_pins` (tests/test_gpu_wheels.py, offline): the pinned list itself, with each pin's requirements read
-  from the installed distribution where its version is the pinned one; so a new dependency in ``setup.cfg`` that is
-  neither pinned nor in the image fails the test suite, not the first GPU session.
+  when they pass, their requirements are recorded in ``scripts/gpu_wheels.requires.json`` (commit it);
+* :func:`check_pins` (tests/test_gpu_wheels.py, offline): the pinned list with the recorded requirements, so a new
+  dependency in ``setup.cfg`` that is neither pinned nor in the image, or a pin changed without fetching it, fails the
+  test suite, not the first GPU session.
 """
 
 from __future__ import annotations
 
 import configparser
-import importlib.metadata
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -32,6 +33,8 @@ except ImportError:  # pip always carries its own copy
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = REPO / "scripts" / "gpu_wheels.txt"
+REQUIRES = REPO / "scripts" / "gpu_wheels.requires.json"
+"""Each pinned wheel's version and ``Requires-Dist`` lines, as the last successful fetch read them."""
 
 GPU_EXTRAS = ("gpu", "report")
 """setup.cfg extras that must work on the GPU machine: Liger kernels for gpu_check.py, and ``--html`` reports (both
@@ -119,22 +122,17 @@ def problems(fetched: Fetched, project: list[str]) -> list[str]:
     return found
 
 
-def check_pins(path: Path = PINS) -> tuple[list[str], list[str]]:
-    """Offline: ``(problems, unchecked)`` for the pinned list; ``unchecked`` names the pins whose own requirements
-    are unknown here (not installed in the pinned version), whose needs only the download-time check sees."""
-    fetched: Fetched = {}
-    unchecked = []
+def check_pins(path: Path = PINS, requires: Path = REQUIRES) -> list[str]:
+    """Offline: what would not resolve for the pinned list, with each pin's requirements as recorded by the last
+    fetch; a pin the record lacks (added or changed since) is a problem too."""
+    recorded = json.loads(requires.read_text(encoding="utf-8"))
+    found, fetched = [], {}
     for name, version in pins(path).items():
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        if installed == version:
-            fetched[name] = (version, importlib.metadata.requires(name) or [])
-        else:
-            fetched[name] = (version, None)
-            unchecked.append(f"{name}=={version}")
-    return problems(fetched, project_requirements()), unchecked
+        if recorded.get(name, {}).get("version") != version:
+            found.append(f"{requires.name} does not record {name}=={version}: run bash scripts/fetch_gpu_wheels.sh "
+                         "(with PyPI access) and commit it")  # fmt: skip
+        fetched[name] = (version, recorded.get(name, {}).get("requires"))
+    return found + problems(fetched, project_requirements())
 
 
 def check_wheels(dest: Path, max_mib: float) -> int:
@@ -165,6 +163,9 @@ def check_wheels(dest: Path, max_mib: float) -> int:
     if found:
         return 1
     print("every requirement resolves on the GPU machine (Python 3.12, x86_64)")
+    record = {name: {"version": version, "requires": requires} for name, (version, requires) in sorted(fetched.items())}
+    REQUIRES.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(f"recorded their requirements in {REQUIRES.relative_to(REPO)} (the test suite checks the pins with it)")
     return 0
 
 
