@@ -16,22 +16,28 @@ LIGHTNING_COMMANDS = ("fit", "validate", "predict")
 FUNCTION_COMMANDS = {
     "label": "healthai.label:label",
     "evaluate": "healthai.evaluate:evaluate",
+    "compare": "healthai.compare:compare",
     "export": "healthai.export:export",
     "serve": "healthai.serve:serve",
 }
 """Commands that are one plain function each; its typed, documented arguments are the command's flags (a function
 of one dataclass takes that dataclass's fields as its flags)."""
 
+POSITIONAL = {"compare": "systems"}
+"""Commands whose bare words (not an option or its value) are the values of one list parameter:
+``compare --references REF A.jsonl B.jsonl`` is ``compare --references REF --systems [A.jsonl, B.jsonl]``."""
+
 DEBUG_ENV_VAR = "HEALTHAI_DEBUG"
 """Set to 1 to see the traceback of a user error instead of its one line."""
 
-USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,export,serve}} [--help] ...
+USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,compare,export,serve}} [--help] ...
 
   fit        LoRA fine-tuning (LightningCLI):      python -m healthai fit --config configs/qwen_lora.yaml
   predict    batched JSON predictions (LightningCLI): python -m healthai predict --config configs/predict.yaml
   validate   validation loss and generated-answer metrics of a model or adapter (LightningCLI)
   label      teacher labels through an OpenAI-compatible API
-  evaluate   disease P/R/F1, JSON validity and reason ROUGE-L of a predictions file
+  evaluate   disease P/R/F1, JSON validity and reason ROUGE-L of a predictions file, with breakdowns
+  compare    predictions files side by side: F1 differences with bootstrap intervals, an HTML report
   export     merge the LoRA adapter into the base model for serving
   serve      the model over HTTP (LitServe): /predict, OpenAI /v1/chat/completions, a page at /
 
@@ -85,6 +91,8 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
     module_name, fn_name = FUNCTION_COMMANDS[command].split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
     # exit_on_error=False: a bad flag value raises ArgumentError, reported as one line by main().
+    if command in POSITIONAL:
+        rest = gather_positionals(rest, POSITIONAL[command])
     cli_kwargs = dict(args=rest, as_positional=False, prog=f"python -m healthai {command}", exit_on_error=False)
     settings_type = _settings_dataclass(fn)
     if settings_type is None:
@@ -94,6 +102,26 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
         # this reads the source of every class parsed, which makes LightningCLI's parser several times slower.
         jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
         fn(jsonargparse.CLI(settings_type, **cli_kwargs))
+
+
+def gather_positionals(args: list[str], name: str) -> list[str]:
+    """``args`` with its bare words moved into one ``--name=[...]`` option. Every option of these commands takes a
+    value (``--flag value`` or ``--flag=value``), except ``-h``/``--help`` and ``--print_config`` (whose flags go
+    after ``=``); a word after any other option is its value."""
+    import json
+
+    rest, words, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and len(arg) > 1:
+            rest.append(arg)
+            if "=" not in arg and arg not in ("-h", "--help", "--print_config") and i + 1 < len(args):
+                rest.append(args[i + 1])
+                i += 1
+        else:
+            words.append(arg)
+        i += 1
+    return rest + ([f"--{name}={json.dumps(words, ensure_ascii=False)}"] if words else [])
 
 
 def _settings_dataclass(fn) -> type | None:

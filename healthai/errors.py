@@ -43,3 +43,22 @@ def check_model_source(name: str, option: str) -> None:
     cannot_be_hub_id = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
     if cannot_be_hub_id or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
         raise ConfigError(f"{option}: no such model folder: {name}")
+
+
+class MissingExtraError(UserError):
+    """An optional feature's package is not installed; the message names the package and the extra that brings it."""
+
+
+def require_extra(package: str, extra: str, needed_by: str) -> None:
+    """Raise :class:`MissingExtraError` unless ``package`` can be imported.
+
+    Checked before the import, so that a command whose dependency sits in an optional extra (``serve``, ``report``)
+    says in one line what to install instead of ending in an ``ImportError`` traceback.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise MissingExtraError(
+            f"{needed_by} needs {package}, which is not installed: it comes with the {extra!r} extra "
+            f"(pip install -e '.[{extra}]' in a clone, pip install 'healthai[{extra}]' otherwise)"
+        )

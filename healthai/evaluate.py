@@ -11,9 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
-from healthai.errors import UserError
+from healthai.breakdown import (
+    DEFAULT_LENGTH_EDGES,
+    DEFAULT_TOP_DIAGNOSES,
+    RecordScore,
+    breakdown_tables,
+    breakdowns,
+    score_record,
+)
+from healthai.errors import ConfigError, UserError, check_at_least, require_extra
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.metrics import PARSE_STATUSES, DiseaseF1, JsonValidRate, ReasonRougeL, match_diseases, rouge_l_char
 from healthai.prompts import join_diseases
@@ -29,6 +37,9 @@ class Reference:
     id: RecordId
     diseases: str
     reason: Optional[str]
+    case_text: Optional[str] = None
+    """``feature_content`` when the row has one (labelled files do): the case-length breakdown and the report's
+    examples read it."""
 
 
 @dataclass
@@ -39,6 +50,8 @@ class Prediction:
     diseases: str
     reason: Optional[str]
     parse_status: str
+    case_text: Optional[str] = None
+    """``feature_content`` when the row has one (predict writes it)."""
 
 
 @dataclass
@@ -77,6 +90,12 @@ def _reason(path: Path, line_no: int, value: Any) -> Optional[str]:
     raise BadRecordError(path, line_no, f"'reason' must be a string or null, got {value!r}")
 
 
+def _case_text(row: dict) -> Optional[str]:
+    """The row's ``feature_content`` if it is a string (evaluate only measures it; it is not scored)."""
+    text = row.get("feature_content")
+    return text if isinstance(text, str) else None
+
+
 def read_references(path: Path) -> dict[str, Reference]:
     """Reference records by id key, in file order; a bad line or a repeated id raises :class:`BadRecordError`, a file
     without records :class:`~healthai.errors.UserError`.
@@ -94,7 +113,9 @@ def read_references(path: Path) -> dict[str, Reference]:
             raise BadRecordError(path, line_no, f"duplicate reference id {rid!r} (first at line {first_line[key]})")
         if "diseases" not in row:
             raise BadRecordError(path, line_no, "reference row has no 'diseases'")
-        refs[key] = Reference(rid, _diseases(path, line_no, row["diseases"]), _reason(path, line_no, row.get("reason")))
+        refs[key] = Reference(
+            rid, _diseases(path, line_no, row["diseases"]), _reason(path, line_no, row.get("reason")), _case_text(row)
+        )
         first_line[key] = line_no
     if not refs:
         # Every score would be 0 or undefined; a wrong --references must not pass for a result.
@@ -131,6 +152,7 @@ def read_predictions(path: Path) -> Predictions:
             "" if diseases is None else _diseases(path, line_no, diseases),
             _reason(path, line_no, row.get("reason")),
             status,
+            _case_text(row),
         )
         if key in rows:
             if rid not in duplicates:
@@ -187,11 +209,49 @@ def _preview(ids: list[RecordId], limit: int = 10) -> str:
     return shown + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
 
 
+def record_scores(refs: dict[str, Reference], preds: dict[str, Prediction]) -> list[RecordScore]:
+    """One :class:`~healthai.breakdown.RecordScore` per reference record, in reference order."""
+    out = []
+    for key, ref in refs.items():
+        pred = preds.get(key)
+        case_text = ref.case_text if ref.case_text is not None else (pred.case_text if pred else None)
+        out.append(
+            score_record(ref.id, ref.diseases, pred.diseases if pred else None, pred.parse_status if pred else None,
+                         case_text)  # fmt: skip
+        )
+    return out
+
+
+@dataclass
+class Scored:
+    """One predictions file scored against the references."""
+
+    report: dict[str, Any]
+    """What ``evaluate`` returns and writes with ``--report``."""
+    records: list[RecordScore]
+    """Each reference record's score, in reference order."""
+    refs: dict[str, Reference]
+    preds: Predictions
+
+
+def check_breakdown_options(top_diagnoses: int, length_edges: Sequence[int]) -> None:
+    """Raise :class:`ConfigError` for a breakdown option that cannot work."""
+    check_at_least("top_diagnoses", top_diagnoses, 1)
+    for edge in length_edges:
+        check_at_least("length_edges", edge, 1)
+    if list(length_edges) != sorted(set(length_edges)):
+        raise ConfigError(f"length_edges must be increasing, got {list(length_edges)}")
+
+
 def evaluate(
     predictions: Path,
     references: Path,
     report: Optional[Path] = None,
     per_record: Optional[Path] = None,
+    html: Optional[Path] = None,
+    top_diagnoses: int = DEFAULT_TOP_DIAGNOSES,
+    length_edges: list[int] = list(DEFAULT_LENGTH_EDGES),
+    examples: int = 20,
 ) -> dict[str, Any]:
     """Score predictions against references: disease P/R/F1, JSON validity rate and reason ROUGE-L.
 
@@ -204,19 +264,67 @@ def evaluate(
     references that have a reason and is null when none has. A malformed line, a bad field or a repeated reference
     id stops with ``file:line``; a references file without records is an error.
 
+    The report also breaks disease P/R/F1 down (``breakdown``): per diagnosis for the ``top_diagnoses`` reference
+    diagnoses found in most records (support, P/R/F1), per ``parse_status`` (records without a prediction are
+    ``missing``), and per character length of the case text (``feature_content`` of the reference, else of the
+    prediction row) in buckets cut at ``length_edges``: case texts that do not fit ``data.max_length`` are trimmed,
+    and the long buckets show what that costs. The same normalisation as everywhere
+    (:func:`healthai.metrics.match_diseases`).
+
     Args:
         predictions: JSONL of prediction rows ``{"id", "diseases", "reason", "parse_status"?, ...}``.
         references: JSONL of reference rows ``{"id", "diseases", "reason"?, ...}``; ``diseases`` may be a list.
         report: Write the report (the returned dict) here as JSON.
         per_record: Write one JSONL row per reference record here: id, matched / missed / extra disease names and
             the reason's ROUGE-L.
+        html: Write a self-contained HTML report here (tables, a per-diagnosis F1 chart, example records); needs the
+            ``report`` extra (matplotlib).
+        top_diagnoses: How many of the most frequent reference diagnoses the per-diagnosis breakdown lists.
+        length_edges: Case-length bucket edges, in characters, increasing.
+        examples: How many example records the HTML report shows (wrong answers first).
 
     Returns:
         The report: ``n``, ``n_predictions``, ``n_reasons``, ``disease_precision``, ``disease_recall``,
         ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``missing``, ``duplicates``, ``unknown``, ``tp``,
-        ``fp``, ``fn`` and the two input paths.
+        ``fp``, ``fn``, ``breakdown`` and the two input paths.
     """
-    refs = read_references(Path(references))
+    # Options are checked before any scoring work, so a mistake costs nothing.
+    check_breakdown_options(top_diagnoses, length_edges)
+    check_at_least("examples", examples, 0)
+    if html is not None:
+        require_extra("matplotlib", extra="report", needed_by="--html")
+    scored = score(predictions, references, top_diagnoses=top_diagnoses, length_edges=length_edges)
+    result = scored.report
+
+    print(_table(result))
+    print()
+    print(breakdown_tables(result["breakdown"]))
+    for name in ("missing", "duplicates", "unknown"):
+        if result[name]:
+            print(f"{name} ids: {_preview(result[name])}")
+    if report is not None:
+        _write_json(Path(report), result)
+    if per_record is not None:
+        _write_jsonl(Path(per_record), _per_record_rows(scored.refs, scored.preds.rows))
+    if html is not None:
+        from healthai.report import SystemResult, write_html
+
+        system = SystemResult(Path(predictions).stem, str(predictions), result, scored.records)
+        write_html(Path(html), [system], [], str(references), examples)
+        print(f"html report: {html}")
+    return result
+
+
+def score(
+    predictions: Path,
+    references: Path,
+    refs: Optional[dict[str, Reference]] = None,
+    top_diagnoses: int = DEFAULT_TOP_DIAGNOSES,
+    length_edges: Sequence[int] = DEFAULT_LENGTH_EDGES,
+) -> Scored:
+    """Score one predictions file (see :func:`evaluate` for the rules); nothing is printed or written. ``refs``:
+    the references already read from ``references`` (compare reads them once for every system)."""
+    refs = read_references(Path(references)) if refs is None else refs
     preds = read_predictions(Path(predictions))
     scored = {key: preds.rows[key] for key in refs if key in preds.rows}
     missing = [ref.id for key, ref in refs.items() if key not in preds.rows]
@@ -247,16 +355,9 @@ def evaluate(
         "duplicates": preds.duplicates,
         "unknown": unknown,
     }
-
-    print(_table(result))
-    for name in ("missing", "duplicates", "unknown"):
-        if result[name]:
-            print(f"{name} ids: {_preview(result[name])}")
-    if report is not None:
-        _write_json(Path(report), result)
-    if per_record is not None:
-        _write_jsonl(Path(per_record), _per_record_rows(refs, preds.rows))
-    return result
+    records = record_scores(refs, preds.rows)
+    result["breakdown"] = breakdowns(records, top_diagnoses, length_edges)
+    return Scored(result, records, refs, preds)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -29,6 +29,11 @@ import uuid
 from collections import deque
 from typing import Any, Literal, Optional
 
+from healthai.errors import require_extra
+
+# litserve (and the fastapi it brings) is the serve extra: without it this command alone cannot run.
+require_extra("litserve", extra="serve", needed_by="healthai serve")
+
 import litserve as ls
 from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse

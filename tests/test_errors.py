@@ -21,11 +21,12 @@ from healthai.__main__ import main
 
 CASES = ["missing file", "GBK bytes", "torn line", "duplicate id", "non-string field", "batch size 0",
          "missing model folder", "missing adapter folder"]  # fmt: skip
-COMMANDS = ["fit", "validate", "predict", "label", "evaluate", "export"]
+COMMANDS = ["fit", "validate", "predict", "label", "evaluate", "compare", "export"]
 
 NOT_APPLICABLE = {
     # evaluate reads no case text and loads no model; its records' typed field is `diseases` (covered below).
     ("evaluate", "batch size 0"), ("evaluate", "missing model folder"), ("evaluate", "missing adapter folder"),
+    ("compare", "batch size 0"), ("compare", "missing model folder"), ("compare", "missing adapter folder"),
     # label's model is a name on the server, not a folder; its "adapter folder" is --prompt_dir (covered).
     ("label", "missing model folder"),
     # export reads only the first --parity_records records as parity inputs: ids play no part, and there is no batch.
@@ -116,6 +117,8 @@ def command_line(command: str, case: str, inputs: dict[str, Path], tmp: Path) ->
         return argv, named
     if command == "evaluate":
         return ["evaluate", "--predictions", str(inputs["good"]), "--references", str(bad)], named
+    if command == "compare":
+        return ["compare", "--references", str(bad), f"a={inputs['good']}", f"b={inputs['good']}"], named
     assert command == "export"
     adapter = missing_adapter if case == "missing adapter folder" else str(inputs["adapter"])
     argv = ["export", "--adapter", adapter, "--out", str(tmp / "merged"), "--records", str(bad)]
