@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from healthai.errors import UserError
+from healthai.errors import UserError, check_output
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.metrics import PARSE_STATUSES, DiseaseF1, JsonValidRate, ReasonRougeL, match_diseases, rouge_l_char
 from healthai.prompts import join_diseases
@@ -202,7 +202,8 @@ def evaluate(
     (so a missing record does not lower it; null when no row is scored); a row without ``parse_status`` (the
     official submission format) counts as valid when its ``diseases`` is a string. ``reason_rougeL`` averages over
     references that have a reason and is null when none has. A malformed line, a bad field or a repeated reference
-    id stops with ``file:line``; a references file without records is an error.
+    id stops with ``file:line``; a references file without records is an error, and so is an output that is a folder
+    or would replace an input (``--report`` equal to ``--predictions``, say).
 
     Args:
         predictions: JSONL of prediction rows ``{"id", "diseases", "reason", "parse_status"?, ...}``.
@@ -216,6 +217,7 @@ def evaluate(
         ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``missing``, ``duplicates``, ``unknown``, ``tp``,
         ``fp``, ``fn`` and the two input paths.
     """
+    _check_outputs(predictions, references, report, per_record)
     refs = read_references(Path(references))
     preds = read_predictions(Path(predictions))
     scored = {key: preds.rows[key] for key in refs if key in preds.rows}
@@ -257,6 +259,15 @@ def evaluate(
     if per_record is not None:
         _write_jsonl(Path(per_record), _per_record_rows(refs, preds.rows))
     return result
+
+
+def _check_outputs(predictions: Path, references: Path, report: Optional[Path], per_record: Optional[Path]) -> None:
+    """Before anything is read: neither output may replace an input (or the other output), nor be a folder."""
+    inputs = {"--predictions": predictions, "--references": references}
+    if report is not None:
+        check_output("--report", report, inputs)
+    if per_record is not None:
+        check_output("--per_record", per_record, {**inputs, "--report": report})
 
 
 def _write_json(path: Path, obj: Any) -> None:
