@@ -173,6 +173,7 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
     os.link(good, linked)
     evaluate = ["evaluate", "--predictions", str(good), "--references", str(linked)]
     label = ["label", "--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--progress", "false"]
+    serve = ["serve", "--model_name_or_path", str(inputs["model"]), "--device", "cpu"]
     failures_named = write_jsonl(tmp / "out.failures.jsonl", labelled_records(2))
     return {
         "fit: empty training file": (fit_argv(inputs, tmp, "--data.train_file", str(empty)),
@@ -205,6 +206,16 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
         "label: --output is --input (a hard link)": (
             [*label, "--input", str(good), "--output", str(linked)],
             f"--output {linked} would overwrite --input {good}; choose another path"),
+        "serve: missing model folder": ([*serve[:1], "--model_name_or_path", str(tmp / "no_model"), *serve[3:]],
+                                        f"--model_name_or_path: no such model folder: {tmp / 'no_model'}"),
+        "serve: missing adapter folder": ([*serve, "--adapter_path", str(tmp / "no_adapter")],
+                                          f"{tmp / 'no_adapter'}: no such adapter folder (--adapter_path)"),
+        "serve: missing adapter checkpoint": ([*serve, "--adapter_path", str(tmp / "gone.ckpt")],
+                                              f"{tmp / 'gone.ckpt'}: no such checkpoint file (--adapter_path)"),
+        "serve: max_length under the prompt": (
+            [*serve, "--max_length", "20"],
+            "--max_length 20 is too small: the prompt without any case text is 105 tokens; raise it"),
+        "serve: max_batch_size 0": ([*serve, "--max_batch_size", "0"], "--max_batch_size must be >= 1, got 0"),
         "label: the failures file is --input": (
             [*label, "--input", str(failures_named), "--output", str(tmp / "out.jsonl")],
             f"--output's failures file {failures_named} would overwrite --input {failures_named}; choose another path"),
@@ -215,7 +226,9 @@ REFUSALS = ["fit: empty training file", "fit: empty validation file", "fit: val_
             "fit: accumulate_grad_batches 0", "predict: max_length under the prompt", "evaluate: --report is a folder",
             "evaluate: --report is --predictions", "evaluate: --per_record is --references (a hard link)",
             "evaluate: --per_record is --report", "label: --output is a folder",
-            "label: --output is --input (a hard link)", "label: the failures file is --input"]  # fmt: skip
+            "label: --output is --input (a hard link)", "label: the failures file is --input",
+            "serve: missing model folder", "serve: missing adapter folder", "serve: missing adapter checkpoint",
+            "serve: max_length under the prompt", "serve: max_batch_size 0"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", REFUSALS)
@@ -223,6 +236,9 @@ def test_refusal_is_one_line_with_status_2_and_leaves_the_inputs_alone(case, inp
     monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
     monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
     argv, message = refusal_cases(inputs, tmp_path)[case]
+    if argv[0] == "serve":  # found before LitServe starts any process (in a model worker it was "workers failed")
+        monkeypatch.setattr("litserve.LitServer.run", lambda *a, **k: pytest.fail("the server started"))
+        monkeypatch.setattr("healthai.serve._stop_on_sigterm", lambda: None)
     before = {p: p.read_bytes() for p in [*tmp_path.rglob("*.jsonl"), inputs["good"]] if p.is_file()}
     code, err = run_in_process(argv, capfd)
     assert (code, err.rstrip("\n").splitlines()[-1]) == (2, f"healthai {argv[0]}: error: {message}"), err
