@@ -280,8 +280,10 @@ class Redactor:
     def __init__(self, secret: str):
         self._secret = secret if len(secret) >= MIN_SECRET_CHARS else None
         n = MIN_FRAGMENT_CHARS
-        # Every n-character window of the key: a fragment of n or more characters contains one.
-        self._windows = () if self._secret is None else tuple({secret[i : i + n] for i in range(len(secret) - n + 1)})
+        # Every n-character window of the key (a fragment of n or more characters contains one), looked up only in
+        # runs of n or more of the key's own characters: a case record's Chinese text has few such runs.
+        self._windows = frozenset(secret[i : i + n] for i in range(len(secret) - n + 1))
+        self._runs = re.compile("[" + "".join(re.escape(c) for c in sorted(set(secret))) + "]{%d,}" % n)
 
     def __call__(self, text: str) -> str:
         if self._secret is None:
@@ -291,15 +293,13 @@ class Redactor:
 
     def _scrub_fragments(self, text: str) -> str:
         """Replace each run of text covered by windows of the key with ``***``."""
-        spans = []
-        for window in self._windows:
-            start = text.find(window)
-            while start != -1:
-                spans.append((start, start + len(window)))
-                start = text.find(window, start + 1)
+        n, spans = MIN_FRAGMENT_CHARS, []
+        for run in self._runs.finditer(text):
+            chars = run.group()
+            spans += [(run.start() + i, run.start() + i + n) for i in range(len(chars) - n + 1)
+                      if chars[i : i + n] in self._windows]  # fmt: skip
         if not spans:
             return text
-        spans.sort()
         merged = [list(spans[0])]
         for start, end in spans[1:]:
             if start <= merged[-1][1]:  # overlapping windows: one fragment
