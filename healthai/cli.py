@@ -7,6 +7,7 @@ from typing import Optional
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from healthai.data import DiagnosisDataModule
+from healthai.errors import check_at_least
 from healthai.model import DiagnosisLoRA
 from healthai.writer import DiagnosisWriter
 
@@ -25,6 +26,11 @@ class HealthAICLI(LightningCLI):
             # `--writer.output_path OUT.jsonl`; LightningCLI appends the callback to the trainer's.
             parser.add_lightning_class_args(DiagnosisWriter, "writer")
         return parser
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning takes 0 and fails later with a ZeroDivisionError, after the model has loaded.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_at_least("trainer.accumulate_grad_batches", config.trainer.accumulate_grad_batches, 1)
 
     def before_predict(self) -> None:
         # Rows are streamed to disk by the writer; holding every prediction in memory too would defeat that.

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from healthai.breakdown import DEFAULT_LENGTH_EDGES, DEFAULT_TOP_DIAGNOSES, RecordScore, format_table
-from healthai.errors import ConfigError, UserError, check_at_least, require_extra
+from healthai.errors import ConfigError, UserError, check_at_least, check_output, require_extra
 from healthai.evaluate import _preview, check_breakdown_options, read_references, score
 
 METHOD = "paired bootstrap over records, percentile interval (scipy.stats.bootstrap)"
@@ -55,23 +55,14 @@ def parse_systems(specs: Sequence[str]) -> list[SystemSpec]:
     return systems
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
-
-
 def check_outputs_are_not_inputs(inputs: dict[str, Path], outputs: dict[str, Optional[Path]]) -> None:
-    """Raise :class:`ConfigError` when an output path is an input (writing it would destroy that input) or when two
-    outputs are one file. Keys are how the user named each path (an option, or a system's name)."""
-    given = {option: Path(path) for option, path in outputs.items() if path is not None}
-    for option, out in given.items():
-        for what, path in inputs.items():
-            if _same_file(out, Path(path)):
-                raise ConfigError(f"{option} {out} is the input {what}: writing it would destroy it")
-    for (o1, p1), (o2, p2) in combinations(given.items(), 2):
-        if _same_file(p1, p2):
-            raise ConfigError(f"{o1} and {o2} are the same file {p1}")
+    """The one output rule (:func:`healthai.errors.check_output`) for each output: never an input, never an earlier
+    output, never a folder. Keys are how the user named each path (an option, or a system's name)."""
+    earlier: dict[str, Any] = dict(inputs)
+    for option, out in outputs.items():
+        if out is not None:
+            check_output(option, out, earlier)
+            earlier[option] = out
 
 
 def _counts(records: Sequence[RecordScore]) -> np.ndarray:

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from healthai.errors import ConfigError, check_at_least, check_model_source
+from healthai.errors import ConfigError, InputError, check_at_least, check_model_source
 from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, rejects_path_for
 from healthai.prompts import PromptStyle, answer_text
 from healthai.records import check_record, read_records  # noqa: F401  (re-exported: the data stage's API)
@@ -398,15 +398,16 @@ class DiagnosisDataModule(L.LightningDataModule):
             base = resolve_base(base, self.adapter_path, "--model.model_name_or_path")
         source = tokenizer_source(self.adapter_path, base)
         if source is None:
-            raise ValueError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
+            raise ConfigError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
         tokenizer = AutoTokenizer.from_pretrained(source)
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"{source}: tokenizer has no pad token")
+            raise InputError(f"{source}: tokenizer has no pad token")
         return tokenizer
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.load_tokenizer()
+            self._check_max_length()
         if stage in ("fit", "validate") and self.train_set is None and self.val_set is None:
             self._setup_fit(stage)
         if stage == "predict" and self.predict_set is None:
@@ -414,7 +415,7 @@ class DiagnosisDataModule(L.LightningDataModule):
 
     def _read(self, path: Optional[str], name: str, labelled: bool) -> list[dict]:
         if path is None:
-            raise ValueError(f"data.{name} is not set")
+            raise ConfigError(f"data.{name} is not set")
         rejects = self._rejects_for(path) if self.on_bad_record == "skip" else None
         return read_records(path, labelled=labelled, on_bad_record=self.on_bad_record, rejects=rejects)
 
@@ -434,14 +435,17 @@ class DiagnosisDataModule(L.LightningDataModule):
             train, val = records, self._read(self.val_file, "val_file", labelled=True)
         else:
             train, val = split_records(records, self.val_fraction, self.seed)
+            if stage == "fit" and records and not train:  # the file is fine; the split took every record
+                raise ConfigError(f"data.val_fraction {self.val_fraction} leaves none of the {len(records)} record(s) "
+                                  f"of {self.train_file} for training; lower it or give data.val_file")  # fmt: skip
         self.train_set = self._encode_examples(train, "train")
         self.val_set = self._encode_examples(val, "val") if val else None
         if stage == "fit":
             self._require_a_batch(self.train_set, self.train_file, "training")
         if self.val_file is not None and not self.val_set:
-            raise ValueError(f"{self.val_file}: no usable validation records{self._rejected_note(self.val_file)}")
+            raise InputError(f"{self.val_file}: no usable validation records{self._rejected_note(self.val_file)}")
         if stage == "validate" and not self.val_set:
-            raise ValueError("nothing to validate: set data.val_file (or data.val_fraction > 0 with data.train_file)")
+            raise ConfigError("nothing to validate: set data.val_file (or data.val_fraction > 0 with data.train_file)")
 
     def _require_a_batch(self, dataset: EncodedDataset, path: str, what: str) -> None:
         """Refuse to train on less than one batch per device: a run on nothing would take no step and still "finish",
@@ -449,14 +453,21 @@ class DiagnosisDataModule(L.LightningDataModule):
         num_replicas, _ = self._replicas()
         need = self.batch_size * num_replicas
         if len(dataset) == 0:
-            raise ValueError(f"{path}: no usable {what} records{self._rejected_note(path)}")
+            raise InputError(f"{path}: no usable {what} records{self._rejected_note(path)}")
         if len(dataset) < need:
             devices = f"{num_replicas} device" + ("s" if num_replicas > 1 else "")
-            raise ValueError(
+            raise InputError(
                 f"{path}: {len(dataset)} usable {what} record(s) (after the validation split, if any), fewer than one"
                 f" batch (data.batch_size {self.batch_size} x {devices}){self._rejected_note(path)};"
                 " lower data.batch_size or add records"
             )
+
+    def _check_max_length(self) -> None:
+        """Refuse a ``max_length`` the prompt alone fills: no case text would fit, in fit, validate or predict."""
+        empty = len(prompt_ids(self.tokenizer, self.prompt, ""))
+        if empty >= self.max_length:
+            raise ConfigError(f"data.max_length {self.max_length} is too small: the prompt without any case text is "
+                              f"{empty} tokens; raise it")  # fmt: skip
 
     def _rejected_note(self, path: str) -> str:
         rejects = self._rejects.get(str(path))

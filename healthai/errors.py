@@ -62,3 +62,44 @@ def require_extra(package: str, extra: str, needed_by: str) -> None:
             f"{needed_by} needs {package}, which is not installed: it comes with the {extra!r} extra "
             f"(pip install -e '.[{extra}]' in a clone, pip install 'healthai[{extra}]' otherwise)"
         )
+
+
+class InputError(UserError, ValueError):
+    """A file or folder cannot be used as given: no usable records in it, or an output that would replace an input.
+    The message names the file and the option."""
+
+
+def _same(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one file or folder: the same path once links are resolved, or the same inode (a hard
+    link, another mount of the same disk)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def check_output(option: str, path: str | Path, inputs: dict[str, Any], folder: bool = False) -> None:
+    """Refuse an output that would replace one of the command's inputs, or that is of the wrong kind — the one rule
+    every command's outputs follow (an output is never one of its inputs).
+
+    Raises :class:`InputError` when ``path`` (given as ``option``) is one of ``inputs`` (option → path; ``None``
+    skipped) by name, through a symbolic link or as a hard link; for a ``folder`` output, also when an input lies
+    inside it (writing the folder may clear it) or it is an existing file; for a file output, when it is an existing
+    folder.
+    """
+    out = Path(path)
+    target = out.resolve()
+    for input_option, value in inputs.items():
+        if value is None:
+            continue
+        given = Path(value)
+        inside = folder and target in given.resolve().parents
+        if inside or _same(out, given):
+            kind = "folder" if folder else "path"
+            raise InputError(f"{option} {path} would overwrite {input_option} {value}; choose another {kind}")
+    if folder and out.exists() and not out.is_dir():
+        raise InputError(f"{option} {path} is a file, not a folder")
+    if not folder and out.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file path")

@@ -21,7 +21,7 @@ from healthai.breakdown import (
     breakdowns,
     score_record,
 )
-from healthai.errors import ConfigError, UserError, check_at_least, require_extra
+from healthai.errors import ConfigError, UserError, check_at_least, check_output, require_extra
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.metrics import PARSE_STATUSES, DiseaseF1, JsonValidRate, ReasonRougeL, match_diseases, rouge_l_char
 from healthai.prompts import join_diseases
@@ -262,7 +262,8 @@ def evaluate(
     (so a missing record does not lower it; null when no row is scored); a row without ``parse_status`` (the
     official submission format) counts as valid when its ``diseases`` is a string. ``reason_rougeL`` averages over
     references that have a reason and is null when none has. A malformed line, a bad field or a repeated reference
-    id stops with ``file:line``; a references file without records is an error.
+    id stops with ``file:line``; a references file without records is an error, and so is an output that is a folder
+    or would replace an input (``--report`` equal to ``--predictions``, say).
 
     The report also breaks disease P/R/F1 down (``breakdown``): per diagnosis for the ``top_diagnoses`` reference
     diagnoses found in most records (support, P/R/F1), per ``parse_status`` (records without a prediction are
@@ -288,7 +289,8 @@ def evaluate(
         ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``missing``, ``duplicates``, ``unknown``, ``tp``,
         ``fp``, ``fn``, ``breakdown`` and the two input paths.
     """
-    # Options are checked before any scoring work, so a mistake costs nothing.
+    # Options and output paths are checked before any scoring work, so a mistake costs nothing.
+    _check_outputs(predictions, references, report, per_record, html)
     check_breakdown_options(top_diagnoses, length_edges)
     check_at_least("examples", examples, 0)
     if html is not None:
@@ -358,6 +360,16 @@ def score(
     records = record_scores(refs, preds.rows)
     result["breakdown"] = breakdowns(records, top_diagnoses, length_edges)
     return Scored(result, records, refs, preds)
+
+
+def _check_outputs(predictions: Path, references: Path, report: Optional[Path], per_record: Optional[Path],
+                   html: Optional[Path]) -> None:
+    """Before anything is read: no output may replace an input or an earlier output, nor be a folder."""
+    earlier: dict[str, Any] = {"--predictions": predictions, "--references": references}
+    for option, out in (("--report", report), ("--per_record", per_record), ("--html", html)):
+        if out is not None:
+            check_output(option, out, earlier)
+            earlier[option] = out
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from healthai.data import check_record, end_of_turn_id, fit_case_text
 from healthai.decoding import GenerationSettings
-from healthai.errors import UserError, check_model_source
+from healthai.errors import UserError, check_model_source, check_output
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.adapter import is_checkpoint
 from healthai.prompts import PromptStyle
@@ -164,18 +164,13 @@ def save_merged(model, tokenizer, prompt: PromptStyle, out: Path, generation: Ge
 
 def check_out_folder(out: Path, overwrite: bool, inputs: dict[str, Any]) -> None:
     """Raise ValueError unless ``out`` may be written: not one of the ``inputs`` (option → path or hub id) nor a
-    folder holding one (``--overwrite`` would delete it), and empty unless ``overwrite``."""
+    folder holding one (``--overwrite`` would delete it) — the rule of every command, :func:`check_output` — and
+    empty unless ``overwrite``."""
     from healthai.provenance import resolve_model_dir
 
-    target = out.resolve()
-    for option, value in inputs.items():
-        if value is None:
-            continue
-        path = resolve_model_dir(str(value)) if option == "--base" else Path(value).resolve()
-        if path is not None and (path == target or target in path.parents):
-            raise ValueError(f"--out {out} would overwrite {option} {value}; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+    # A hub id stands for its folder in the local cache (None when it is not there: nothing to overwrite).
+    check_output("--out", out, {option: resolve_model_dir(str(value)) if option == "--base" and value is not None
+                                else value for option, value in inputs.items()}, folder=True)  # fmt: skip
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty; pass --overwrite true to replace its contents, or choose "
                          "another folder")  # fmt: skip

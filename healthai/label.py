@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -44,7 +45,7 @@ from openai.types.chat import ChatCompletion
 from tqdm import tqdm
 
 from healthai.decoding import answer_fields, load_answer_json
-from healthai.errors import ConfigError, UserError, check_at_least
+from healthai.errors import ConfigError, InputError, UserError, check_at_least, check_output
 from healthai.jsonl import OnBadRecord, Rejects, append_rows, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
@@ -70,16 +71,18 @@ MIN_SECRET_CHARS = 8
 """Keys at least this long are treated as secrets and scrubbed; shorter ones are the dummies local servers take
 ("EMPTY", "x"), and replacing those would garble every message for no gain."""
 
+MIN_FRAGMENT_CHARS = 12
+"""A piece of the key this long or longer is scrubbed wherever it appears (a server's message cut mid-key)."""
+
+BEARER_RE = re.compile(r"(?i)\bBearer\s+[^\s\"',;]+")
+"""An ``Authorization: Bearer`` token in text: scrubbed whatever key it holds."""
+
 MAX_MESSAGE_CHARS = 500
 """Server error bodies are cut to this length in failure reasons."""
 
 
 class MissingApiKeyError(UserError):
     """Neither key variable is set."""
-
-
-class InputError(UserError):
-    """The run cannot start with these files (e.g. the input file is the output file)."""
 
 
 class BadResponseError(Exception):
@@ -268,13 +271,49 @@ class Redactor:
     messages), the files it writes (:meth:`writer`), exceptions leaving the run, and the returned summary. So a key
     echoed in a server's error body cannot leak through a message someone adds later either. (A key split across two
     separate ``write`` calls would pass; every line is written whole.)
+
+    Besides the whole key it scrubs any piece of it of :data:`MIN_FRAGMENT_CHARS` or more (a server or a message
+    that cut its text mid-key leaves its first characters) and every ``Bearer <token>`` (a gateway echoing the
+    header). Text is scrubbed before it is cut (:meth:`cut`), so the cut cannot split the key either.
     """
 
     def __init__(self, secret: str):
         self._secret = secret if len(secret) >= MIN_SECRET_CHARS else None
+        n = MIN_FRAGMENT_CHARS
+        # Every n-character window of the key (a fragment of n or more characters contains one), looked up only in
+        # runs of n or more of the key's own characters: a case record's Chinese text has few such runs.
+        self._windows = frozenset(secret[i : i + n] for i in range(len(secret) - n + 1))
+        self._runs = re.compile("[" + "".join(re.escape(c) for c in sorted(set(secret))) + "]{%d,}" % n)
 
     def __call__(self, text: str) -> str:
-        return text if self._secret is None else text.replace(self._secret, "***")
+        if self._secret is None:
+            return text
+        text = BEARER_RE.sub("Bearer ***", text.replace(self._secret, "***"))
+        return self._scrub_fragments(text)
+
+    def _scrub_fragments(self, text: str) -> str:
+        """Replace each run of text covered by windows of the key with ``***``."""
+        n, spans = MIN_FRAGMENT_CHARS, []
+        for run in self._runs.finditer(text):
+            chars = run.group()
+            spans += [(run.start() + i, run.start() + i + n) for i in range(len(chars) - n + 1)
+                      if chars[i : i + n] in self._windows]  # fmt: skip
+        if not spans:
+            return text
+        merged = [list(spans[0])]
+        for start, end in spans[1:]:
+            if start <= merged[-1][1]:  # overlapping windows: one fragment
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in reversed(merged):
+            text = text[:start] + "***" + text[end:]
+        return text
+
+    def cut(self, text: str, limit: int) -> str:
+        """``text`` scrubbed, then cut to ``limit`` characters: cutting first could split the key and leave the
+        part before the cut unrecognised."""
+        return self(text)[:limit]
 
     def writer(self, stream: Any) -> "_RedactingWriter":
         """``stream`` (a text file or stream) with every write scrubbed."""
@@ -335,8 +374,9 @@ class ApiFailure:
     """The server's health, not the record, is to blame: out of retries (429, 5xx, timeouts, connections)."""
 
 
-def classify_error(exc: openai.APIError, timeout: float) -> ApiFailure:
-    """Describe a request error the client gave up on (or does not retry: any other 4xx or API error)."""
+def classify_error(exc: openai.APIError, timeout: float, redactor: Redactor) -> ApiFailure:
+    """Describe a request error the client gave up on (or does not retry: any other 4xx or API error); the server's
+    text is scrubbed of the key before it is cut to :data:`MAX_MESSAGE_CHARS`."""
     if isinstance(exc, openai.APITimeoutError):
         return ApiFailure(f"timed out after {timeout:g}s", server_trouble=True)
     if isinstance(exc, openai.APIConnectionError):
@@ -346,11 +386,11 @@ def classify_error(exc: openai.APIError, timeout: float) -> ApiFailure:
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         # The client prefixes "Error code: 429 - "; the status is in our own prefix already.
-        message = str(exc.message).removeprefix(f"Error code: {status} - ")[:MAX_MESSAGE_CHARS]
+        message = redactor.cut(str(exc.message).removeprefix(f"Error code: {status} - "), MAX_MESSAGE_CHARS)
         retried = status in (408, 409, 429) or status >= 500  # the statuses the client retries
         return ApiFailure(f"HTTP {status}: {message}", status=status, server_trouble=retried)
     # APIResponseValidationError and friends: the server answered, but not with a chat completion.
-    return ApiFailure(f"{type(exc).__name__}: {str(exc)[:MAX_MESSAGE_CHARS]}")
+    return ApiFailure(f"{type(exc).__name__}: {redactor.cut(str(exc), MAX_MESSAGE_CHARS)}")
 
 
 def attempts_of(exc: openai.APIError) -> int:
@@ -495,7 +535,7 @@ class _Run:
         except json.JSONDecodeError as e:  # the client parses a JSON content-type body without wrapping errors
             raise BadResponseError(f"the server's answer is not valid JSON ({e.msg}); check --base_url") from None
         if not isinstance(response, ChatCompletion):  # a non-JSON body (e.g. an HTML page) comes back as a str
-            preview = str(response)[:80]
+            preview = self.redactor.cut(str(response), 80)
             raise BadResponseError(f"the server did not answer with a chat completion ({preview!r}); check --base_url")
         if not response.choices:
             return None, None
@@ -511,7 +551,7 @@ class _Run:
             try:
                 content, finish_reason = await self.request(record, json_mode)
             except openai.APIError as exc:
-                failure = classify_error(exc, self.settings.timeout)
+                failure = classify_error(exc, self.settings.timeout, self.redactor)
                 # Checked against this request's json_mode, not the shared flag: with N requests in flight, N may
                 # come back refused, and each must retry even though the first one already switched it off.
                 if json_mode and _rejects_json_mode(failure):
@@ -630,10 +670,17 @@ def _outcome_from_reply(content: Optional[str], finish_reason: Optional[str], ma
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_outputs(settings: LabelSettings) -> None:
+    """The files the run writes — the output and, beside it, the rejects and failures files (the failures file is
+    deleted at the start) — must not be the input, and the output must not be a folder (:class:`InputError`)."""
+    inputs = {"--input": settings.input}
+    check_output("--output", settings.output, inputs)
+    for derived in (failures_path_for(settings.output), rejects_path_for(settings.output)):
+        check_output(f"--output's {derived.name.split('.')[-2]} file", derived, inputs)
+
+
 def _pending_records(settings: LabelSettings, rejects: Rejects) -> tuple[list[Record], int, int]:
     """``(records still to label, valid records in the input, records already in the output)``."""
-    if Path(settings.input).resolve() == Path(settings.output).resolve():
-        raise InputError(f"--output must differ from --input ({settings.input})")
     records = read_records(settings.input, settings.on_bad_record, rejects)
     done = {id_key(i) for i in recover_jsonl(settings.output)}  # also cuts a torn last line left by a crash
     pending = [r for r in records if id_key(r.id) not in done]
@@ -708,6 +755,7 @@ async def _label_pending(settings: LabelSettings, api_key: str, redactor: Redact
     started = time.monotonic()
     # An explicit prompt_dir must hold a prompt.json: silently labelling with the default prompt would be worse.
     prompt = PromptStyle.load(settings.prompt_dir) if settings.prompt_dir else PromptStyle()
+    check_outputs(settings)
     rejects = Rejects(rejects_path_for(settings.output))
     try:
         pending, total, skipped = _pending_records(settings, rejects)

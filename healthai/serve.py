@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections import deque
@@ -36,12 +38,14 @@ require_extra("litserve", extra="serve", needed_by="healthai serve")
 
 import litserve as ls
 from fastapi import BackgroundTasks, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from litserve.loops import BatchedStreamingLoop
 from litserve.specs.openai import ChatCompletionRequest, ChatMessage, OpenAISpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from healthai.decoding import GenerationSettings, ParsedAnswer
+from healthai.errors import ConfigError, check_at_least, check_model_source
 from healthai.prompts import DEFAULT_USER_TEMPLATE, PromptStyle
 from healthai.records import check_record
 
@@ -50,6 +54,57 @@ log = logging.getLogger(__name__)
 PREDICT_PATH = "/predict"
 OPEN_PATHS = frozenset({"/", "/health"})
 """Routes served without the API key: the page (it asks for the key itself) and the load balancer's health check."""
+
+KEY_HELP = "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The key and malformed bodies: one rule for every route, LitServe's and FastAPI's own (/docs, /openapi.json) alike
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def key_matches(headers: Any, api_key: str) -> bool:
+    """The key from ``Authorization: Bearer`` (OpenAI clients) or ``X-API-Key``, compared in constant time."""
+    given = headers.get("x-api-key") or ""
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    if scheme.lower() == "bearer":
+        given = token.strip()
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+class ApiKeyMiddleware:
+    """Answers 401 to any HTTP request without the key except on :data:`OPEN_PATHS`. A middleware rather than
+    LitServe's ``authorize`` hook, which guards only LitServe's own routes (FastAPI's /docs and /openapi.json, and
+    any route added later, would be open). The key is never logged."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            from starlette.datastructures import Headers
+
+            if not key_matches(Headers(scope=scope), self.api_key):
+                response = JSONResponse({"detail": KEY_HELP}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's answer to a body that fails the OpenAI request model, as ``/predict`` answers: 400 and one line for
+    a body that is not a JSON object, 422 and one line naming the fields otherwise (not pydantic's list)."""
+    errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request", "type": ""}]
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return JSONResponse({"detail": f"the body is not valid JSON: {detail}"}, status_code=400)
+    if all(str(part) == "body" for part in first.get("loc", ())):
+        return JSONResponse({"detail": f"the body must be a JSON object: {first.get('msg')}"}, status_code=400)
+    fields = "; ".join(
+        f"field {'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')!r}: {e.get('msg')}" for e in errors
+    )
+    return JSONResponse({"detail": fields}, status_code=422)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,29 +237,21 @@ class DiagnosisAPI(ls.LitAPI):
         max_chars: int,
         max_batch_size: int,
         batch_timeout: float,
-        api_key: Optional[str] = None,
+        allow_base_mismatch: bool = False,
     ):
         # The batched loop also for max_batch_size 1, so predict always sees a list of records.
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          spec=DiagnosisSpec(prompt, max_chars), loop=BatchedStreamingLoop())  # fmt: skip
         self.model_args = dict(model_name_or_path=model_name_or_path, adapter_path=adapter_path, dtype=dtype,
-                               attn_implementation=attn_implementation, generation=generation)  # fmt: skip
+                               attn_implementation=attn_implementation, generation=generation,
+                               allow_base_mismatch=allow_base_mismatch)  # fmt: skip
         self.prompt = prompt
         self.max_length = max_length
-        self._api_key = api_key
         self.module = None
 
     def authorize(self, request: Request) -> None:
-        """LitServe's hook for every route: the key from ``Authorization: Bearer`` (OpenAI clients) or ``X-API-Key``,
-        compared in constant time. Never logged."""
-        if self._api_key is None or request.url.path in OPEN_PATHS:
-            return
-        given = request.headers.get("x-api-key") or ""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            given = token.strip()
-        if not hmac.compare_digest(given.encode(), self._api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')")
+        """LitServe's per-route hook, left empty: :class:`ApiKeyMiddleware` checks the key on every route. (Without
+        this hook LitServe would apply its own ``LIT_SERVER_API_KEY`` check, a second key.)"""
 
     def setup(self, device: str) -> None:
         from healthai.model import DiagnosisLoRA
@@ -337,12 +384,63 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_startup(
+    model_name_or_path: str,
+    adapter_path: Optional[str],
+    generation: GenerationSettings,
+    max_length: int,
+    allow_base_mismatch: bool,
+) -> PromptStyle:
+    """What the model worker would fail on, checked in this process first, each as one line (a
+    :class:`~healthai.errors.UserError`): in a worker it ends as LitServe's "One or more workers failed to start".
+    Returns the prompt to serve: the adapter's (a folder's prompt.json or a fit ``.ckpt``'s record), else the default.
+    Nothing heavy is loaded: the base's folder, the adapter and the tokenizer only."""
+    from transformers import AutoTokenizer
+
+    from healthai.adapter import check_adapter_path, check_base, load_prompt, resolve_base, tokenizer_source
+    from healthai.data import prompt_ids
+    from healthai.decoding import check_answer_budget
+
+    check_model_source(model_name_or_path, "--model_name_or_path")
+    prompt = PromptStyle()
+    if adapter_path is not None:
+        try:
+            prompt = load_prompt(check_adapter_path(adapter_path, "--adapter_path"))  # as predict's data module
+        except (FileNotFoundError, ValueError) as e:  # no prompt.json, or an unreadable one
+            raise ConfigError(str(e)) from None
+    base = resolve_base(model_name_or_path, adapter_path, "--model_name_or_path")
+    if adapter_path is not None:
+        check_base(adapter_path, base, allow_base_mismatch, "--allow_base_mismatch")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(adapter_path, base))
+    empty = len(prompt_ids(tokenizer, prompt, ""))
+    if empty >= max_length:
+        raise ConfigError(f"--max_length {max_length} is too small: the prompt without any case text is {empty} "
+                          "tokens; raise it")  # fmt: skip
+    try:
+        warning = check_answer_budget(tokenizer, generation)
+    except ValueError as e:  # no answer could ever be complete
+        raise ConfigError(f"--{e}") from None
+    if warning is not None:
+        print(f"serve: warning: {warning}", file=sys.stderr, flush=True)
+    return prompt
+
+
 def serve(
     model_name_or_path: str = "Qwen/Qwen2.5-7B-Instruct",
     adapter_path: Optional[str] = None,
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
     device: Literal["auto", "cpu", "cuda"] = "auto",
-    host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
+    host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
     batch_timeout: float = 0.05,
@@ -350,6 +448,8 @@ def serve(
     max_chars: int = 20000,
     generation: GenerationSettings = GenerationSettings(),
     api_key_env: str = "HEALTHAI_SERVE_API_KEY",
+    insecure_no_api_key: bool = False,
+    allow_base_mismatch: bool = False,
     timeout: float = 300.0,
     attn_implementation: str = "sdpa",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
@@ -357,15 +457,19 @@ def serve(
     """Serve the model over HTTP (LitServe): POST /predict, OpenAI POST /v1/chat/completions, a page at GET /.
 
     Decodes exactly as `predict` does (same prompt, constrained decoding and parser); GET /health answers 200 once the
-    model is loaded; SIGTERM or Ctrl+C stops every process of the server.
+    model is loaded; SIGTERM or Ctrl+C stops every process of the server. Every start-up error (a missing model or
+    adapter, an option that cannot work, a non-loopback host without a key) is one line and exit status 2, before any
+    model worker starts.
 
     Args:
         model_name_or_path: Base model: a hub id or a local folder (as in predict's --model.model_name_or_path).
-        adapter_path: The adapter/ folder written by fit; its saved prompt and tokenizer are used. null = zero-shot
-            base model with the default prompt.
+        adapter_path: The adapter/ folder written by fit, or a fit .ckpt (as predict takes); its saved prompt (and a
+            folder's tokenizer) are used. null = zero-shot base model with the default prompt.
         dtype: Dtype of the base weights: bfloat16 on GPU, float32 on CPU.
         device: Where the model runs: auto (GPU if there is one), cpu or cuda (one GPU, one model copy).
-        host: Interface to listen on. 127.0.0.1 = this machine only; 0.0.0.0 / :: = every interface (set an API key).
+        host: Interface to listen on. 127.0.0.1 (or ::1, localhost) = this machine only. Any other (0.0.0.0, ::, an
+            address of this machine) is reachable from the network and needs the API key (see api_key_env), or
+            --insecure_no_api_key true.
         port: TCP port.
         max_batch_size: Most requests decoded together in one batch (dynamic batching).
         batch_timeout: Seconds the worker waits for more requests to fill a batch once one has arrived.
@@ -375,29 +479,45 @@ def serve(
             max_diseases_chars / max_reason_chars, sampling. Client-sent sampling settings (temperature,
             max_tokens) are ignored: the server decodes as predict does.
         api_key_env: Name of the environment variable holding the API key. When it is set, every route except / and
-            /health needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY'. The key is never a flag and never logged.
+            /health (the docs and /openapi.json included) needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.
+            The key is never a flag and never logged.
+        insecure_no_api_key: Serve a non-loopback host without an API key: anyone who can reach the port can use
+            the model. Off by default; a warning is printed when on.
+        allow_base_mismatch: Apply adapter_path even to a base whose fingerprint differs from the one it was trained
+            on (as predict's --model.allow_base_mismatch); by default that is refused.
         timeout: Seconds a request may wait in the queue before it gets 504.
         attn_implementation: Attention kernel passed to transformers (sdpa, flash_attention_2, eager).
         log_level: Server log level.
     """
-    if max_batch_size < 1 or batch_timeout < 0 or max_chars < 1:
-        raise SystemExit("serve: error: max_batch_size and max_chars must be >= 1 and batch_timeout >= 0")
-    try:
-        prompt = PromptStyle.load(adapter_path) if adapter_path else PromptStyle()  # as predict's data module
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"serve: error: {e}") from None
+    check_at_least("--max_batch_size", max_batch_size, 1)
+    check_at_least("--max_chars", max_chars, 1)
+    check_at_least("--max_length", max_length, 1)
+    check_at_least("--batch_timeout", batch_timeout, 0)
+    check_at_least("--timeout", timeout, 0)
+    check_at_least("--generation.max_new_tokens", generation.max_new_tokens, 1)
+    if not 1024 <= port <= 65535:  # LitServe's range
+        raise ConfigError(f"--port must be in 1024..65535, got {port}")
     api_key = os.environ.get(api_key_env, "").strip() or None
+    if api_key is None and not is_loopback(host) and not insecure_no_api_key:
+        raise ConfigError(f"--host {host} is reachable from the network and no API key is set: put one in "
+                          f"${api_key_env}, or pass --insecure_no_api_key true to serve without one")  # fmt: skip
+    prompt = check_startup(model_name_or_path, adapter_path, generation, max_length, allow_base_mismatch)
     api = DiagnosisAPI(
         model_name_or_path, adapter_path, dtype, attn_implementation, generation, prompt, max_length, max_chars,
-        max_batch_size, batch_timeout, api_key,
+        max_batch_size, batch_timeout, allow_base_mismatch,
     )  # fmt: skip
     server = ls.LitServer(
         api, accelerator="cuda" if device == "cuda" else device, devices=1, timeout=timeout,
         # Bytes: a character is up to 3 UTF-8 bytes, or 6 as a JSON \\u escape; chat requests carry the prompt too.
         max_payload_size=6 * max_chars + 65536,
         model_metadata={"model_name_or_path": model_name_or_path, "adapter_path": adapter_path},
+        middlewares=[(ApiKeyMiddleware, {"api_key": api_key})] if api_key else None,
     )  # fmt: skip
+    server.app.add_exception_handler(RequestValidationError, one_line_validation_error)
     _serve_page_at_root(server, page_html(api_key is not None))
+    if api_key is None and not is_loopback(host):
+        print(f"serve: WARNING: --insecure_no_api_key: {host}:{port} serves the model to anyone who can reach it, "
+              "without a key", file=sys.stderr, flush=True)  # fmt: skip
     print(f"serve: http://{host}:{port}/  (POST {PREDICT_PATH}, POST /v1/chat/completions, GET /health); "
           f"API key {'required, from $' + api_key_env if api_key else 'off'}", flush=True)  # fmt: skip
     _stop_on_sigterm()

@@ -21,6 +21,10 @@ user message has been seen, so every fault is hit deterministically whatever ord
 ``auth``              401 (a wrong key)
 ``auth_echo``         401 that echoes the key it was sent, as OpenAI's own does ("Incorrect API key provided: sk-…")
 ``html``              200 with an HTML page (a wrong base URL, a captive gateway)
+``echo_key_long``     400 echoing the Authorization header after 400 characters of text (a long key straddles the
+                      500-character cut of failure reasons)
+``html_key``          200 with an HTML page that shows the key 30 characters in (straddles the 80-character preview)
+``key_cut``           401 quoting the key's first 60 characters only (a server that cut its own message mid-key)
 ====================  ===============================================================================================
 
 Setting :attr:`FakeOpenAIServer.healed` makes every later request succeed (the "fixed upstream, rerun" scenario);
@@ -203,6 +207,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "auth_echo":
             key = self.headers.get("Authorization", "").removeprefix("Bearer ")
             self._error(401, f"Incorrect API key provided: {key}. You can find your API key at https://example.invalid.")
+        elif fault == "echo_key_long":
+            self._error(400, f"invalid request; {'x' * 400} header was {self.headers.get('Authorization', '')}")
+        elif fault == "html_key":
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            self._send(200, f"<html><body>gateway login for {key}</body></html>".encode(), "text/html")
+        elif fault == "key_cut":
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            self._error(401, f"Incorrect API key provided: {key[:60]}")
         elif fault == "html":
             self._send(200, b"<html><body>gateway login</body></html>", "text/html")
         else:

@@ -186,9 +186,9 @@ def test_command_line_writes_the_report(three_files, tmp_path: Path, capfd, monk
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--report", "{refs}"], "--report {refs} is the input --references: writing it would destroy it"),
-        (["--html", "{a}"], "--html {a} is the input system 'a': writing it would destroy it"),
-        (["--report", "{tmp}/o.json", "--html", "{tmp}/o.json"], "--report and --html are the same file {tmp}/o.json"),
+        (["--report", "{refs}"], "--report {refs} would overwrite --references {refs}; choose another path"),
+        (["--html", "{a}"], "--html {a} would overwrite system 'a' {a}; choose another path"),
+        (["--report", "{tmp}/o.json", "--html", "{tmp}/o.json"], "--html {tmp}/o.json would overwrite --report {tmp}/o.json; choose another path"),
         (["--resamples", "10"], "resamples must be >= 100, got 10"),
         (["--confidence", "1.5"], "confidence must be between 0 and 1, got 1.5"),
         (["{tmp}/nothing.jsonl"], "system 'nothing': no such predictions file: {tmp}/nothing.jsonl"),

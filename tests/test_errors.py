@@ -159,6 +159,96 @@ def test_user_error_is_one_line_naming_the_file_or_option(command, case, inputs,
         assert "duplicate" in error_lines[0] and "id" in error_lines[0]
 
 
+def fit_argv(inputs: dict[str, Path], tmp: Path, *extra: str) -> list[str]:
+    argv, _ = command_line("fit", "good", inputs, tmp)
+    return argv + ["--data.batch_size", "1", *extra]
+
+
+def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Refusals that were tracebacks or silent overwrites (issue 17, points 4 and 6): ``case → (argv, the whole error
+    line after "error: ")``."""
+    good, empty = inputs["good"], tmp / "empty.jsonl"
+    empty.write_bytes(b"")
+    two = write_jsonl(tmp / "two.jsonl", labelled_records(2))
+    folder = tmp / "a_folder"
+    folder.mkdir()
+    linked = tmp / "linked.jsonl"  # a hard link: another name for the same file
+    os.link(good, linked)
+    evaluate = ["evaluate", "--predictions", str(good), "--references", str(linked)]
+    label = ["label", "--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--progress", "false"]
+    serve = ["serve", "--model_name_or_path", str(inputs["model"]), "--device", "cpu"]
+    failures_named = write_jsonl(tmp / "out.failures.jsonl", labelled_records(2))
+    return {
+        "fit: empty training file": (fit_argv(inputs, tmp, "--data.train_file", str(empty)),
+                                     f"{empty}: no usable training records"),
+        "fit: empty validation file": (fit_argv(inputs, tmp, "--data.val_file", str(empty)),
+                                       f"{empty}: no usable validation records"),
+        "fit: val_fraction takes every record": (
+            fit_argv(inputs, tmp, "--data.train_file", str(two), "--data.val_file", "null", "--data.val_fraction",
+                     "0.9", "--data.batch_size", "1"),
+            f"data.val_fraction 0.9 leaves none of the 2 record(s) of {two} for training; lower it or give "
+            "data.val_file"),
+        "fit: accumulate_grad_batches 0": (fit_argv(inputs, tmp, "--trainer.accumulate_grad_batches", "0"),
+                                           "trainer.accumulate_grad_batches must be >= 1, got 0"),
+        "predict: max_length under the prompt": (
+            [*command_line("predict", "good", inputs, tmp)[0], "--data.max_length", "20"],
+            "data.max_length 20 is too small: the prompt without any case text is 105 tokens; raise it"),
+        "evaluate: --report is a folder": ([*evaluate, "--report", str(folder)],
+                                           f"--report {folder} is a folder; give a file path"),
+        "evaluate: --report is --predictions": (
+            [*evaluate, "--report", str(good)],
+            f"--report {good} would overwrite --predictions {good}; choose another path"),
+        "evaluate: --per_record is --references (a hard link)": (
+            [*evaluate, "--per_record", str(good)],
+            f"--per_record {good} would overwrite --predictions {good}; choose another path"),
+        "evaluate: --per_record is --report": (
+            [*evaluate, "--report", str(tmp / "r.json"), "--per_record", str(tmp / "r.json")],
+            f"--per_record {tmp / 'r.json'} would overwrite --report {tmp / 'r.json'}; choose another path"),
+        "label: --output is a folder": ([*label, "--input", str(good), "--output", str(folder)],
+                                        f"--output {folder} is a folder; give a file path"),
+        "label: --output is --input (a hard link)": (
+            [*label, "--input", str(good), "--output", str(linked)],
+            f"--output {linked} would overwrite --input {good}; choose another path"),
+        "serve: missing model folder": ([*serve[:1], "--model_name_or_path", str(tmp / "no_model"), *serve[3:]],
+                                        f"--model_name_or_path: no such model folder: {tmp / 'no_model'}"),
+        "serve: missing adapter folder": ([*serve, "--adapter_path", str(tmp / "no_adapter")],
+                                          f"{tmp / 'no_adapter'}: no such adapter folder (--adapter_path)"),
+        "serve: missing adapter checkpoint": ([*serve, "--adapter_path", str(tmp / "gone.ckpt")],
+                                              f"{tmp / 'gone.ckpt'}: no such checkpoint file (--adapter_path)"),
+        "serve: max_length under the prompt": (
+            [*serve, "--max_length", "20"],
+            "--max_length 20 is too small: the prompt without any case text is 105 tokens; raise it"),
+        "serve: max_batch_size 0": ([*serve, "--max_batch_size", "0"], "--max_batch_size must be >= 1, got 0"),
+        "label: the failures file is --input": (
+            [*label, "--input", str(failures_named), "--output", str(tmp / "out.jsonl")],
+            f"--output's failures file {failures_named} would overwrite --input {failures_named}; choose another path"),
+    }  # fmt: skip
+
+
+REFUSALS = ["fit: empty training file", "fit: empty validation file", "fit: val_fraction takes every record",
+            "fit: accumulate_grad_batches 0", "predict: max_length under the prompt", "evaluate: --report is a folder",
+            "evaluate: --report is --predictions", "evaluate: --per_record is --references (a hard link)",
+            "evaluate: --per_record is --report", "label: --output is a folder",
+            "label: --output is --input (a hard link)", "label: the failures file is --input",
+            "serve: missing model folder", "serve: missing adapter folder", "serve: missing adapter checkpoint",
+            "serve: max_length under the prompt", "serve: max_batch_size 0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusal_is_one_line_with_status_2_and_leaves_the_inputs_alone(case, inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    argv, message = refusal_cases(inputs, tmp_path)[case]
+    if argv[0] == "serve":  # found before LitServe starts any process (in a model worker it was "workers failed")
+        monkeypatch.setattr("litserve.LitServer.run", lambda *a, **k: pytest.fail("the server started"))
+        monkeypatch.setattr("healthai.serve._stop_on_sigterm", lambda: None)
+    before = {p: p.read_bytes() for p in [*tmp_path.rglob("*.jsonl"), inputs["good"]] if p.is_file()}
+    code, err = run_in_process(argv, capfd)
+    assert (code, err.rstrip("\n").splitlines()[-1]) == (2, f"healthai {argv[0]}: error: {message}"), err
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in before} == before  # no input was written to
+
+
 def test_debug_env_var_shows_the_traceback(inputs, capfd, monkeypatch) -> None:
     monkeypatch.setenv("HEALTHAI_DEBUG", "1")
     from healthai.jsonl import BadRecordError

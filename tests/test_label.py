@@ -372,7 +372,7 @@ def test_bad_input_lines(tmp_path: Path, server: FakeOpenAIServer) -> None:
     src.write_text('{"id": 1, "feature_content": "a"}\n{"id": 1, "feature_content": "b"}\n', encoding="utf-8")
     with pytest.raises(BadRecordError, match=r"in\.jsonl:2: duplicate id 1 \(first at line 1\)"):
         run(fast_settings(tmp_path, server.base_url, on_bad_record="skip"))
-    with pytest.raises(InputError, match="must differ"):
+    with pytest.raises(InputError, match="--output .* would overwrite --input"):
         label(LabelSettings(input=str(src), output=str(src), base_url=server.base_url, model="m"))
 
 
@@ -443,6 +443,45 @@ def test_key_echoed_in_a_401_body_appears_nowhere(
     failures = read_rows(failures_path_for(out))
     assert [r["id"] for r in failures] == [0] and "Incorrect API key provided: ***." in failures[0]["reason"]
     assert_no_key(tmp_path, captured.out, captured.err, str(info.value))
+
+
+LONG_KEY = "sk-proj-" + "".join(f"{i:02d}Qz" for i in range(30))
+"""A project key as OpenAI issues them today: over 100 characters, longer than the cuts of a preview (80) and of a
+failure reason's server text (500) where it lands."""
+
+
+def test_a_long_key_cut_by_a_message_leaks_no_piece_of_itself(
+    tmp_path: Path, server: FakeOpenAIServer, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut by this project's own previews (scrubbed before the cut) or by the server itself (a piece of 12 or more
+    characters is scrubbed wherever it appears): no stream or file holds any piece of the key."""
+    monkeypatch.setenv("HEALTHAI_API_KEY", LONG_KEY)
+    write_input(tmp_path / "in.jsonl", ["echo_key_long", "html_key", "key_cut"])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as info:
+        main(["label", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url", server.base_url,
+              "--model", "m", "--concurrency", "1", "--max_retries", "0", "--progress", "false"])  # fmt: skip
+    assert info.value.code == 1
+    assert server.requests[0].authorization == f"Bearer {LONG_KEY}"
+    captured = capsys.readouterr()
+    reasons = {r["id"]: r["reason"] for r in read_rows(failures_path_for(out))}
+    assert "header was Bearer ***" in reasons[0]
+    assert "gateway login for ***" in reasons[1]
+    assert reasons[2] == "HTTP 401: Incorrect API key provided: ***"
+    texts = [captured.out, captured.err, str(info.value)]
+    texts += [p.read_text(encoding="utf-8") for p in tmp_path.rglob("*") if p.is_file()]
+    secret = LONG_KEY[len("sk-proj-"):]
+    pieces = {secret[i : i + 12] for i in range(len(secret) - 11)}
+    assert not [piece for piece in pieces for text in texts if piece in text]
+
+
+def test_redactor_scrubs_bearer_tokens_and_pieces_of_the_key() -> None:
+    redact = Redactor(LONG_KEY)
+    assert redact(f"cut: {LONG_KEY[:40]}") == "cut: ***"
+    assert redact(f"{LONG_KEY[-30:]} and {LONG_KEY[50:70]} end") == "*** and *** end"
+    assert redact("Authorization: Bearer some-other-token, then") == "Authorization: Bearer ***, then"
+    assert redact(f"sk-proj- alone and {LONG_KEY[:11]}") == f"sk-proj- alone and {LONG_KEY[:11]}"  # under 12: kept
+    assert redact.cut(f"{'x' * 70}{LONG_KEY}", 80) == f"{'x' * 70}***"
 
 
 def test_a_429_pauses_every_worker(tmp_path: Path) -> None:

@@ -41,18 +41,30 @@ REQUEST_TIMEOUT_S = 120
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA adapter folder as fit writes it (weights, tokenizer, prompt.json), with non-zero LoRA weights so that
-    it changes the answers."""
+    it changes the answers; beside it, ``adapter.ckpt``: the same adapter as a fit checkpoint holds it (LoRA settings
+    in the hyperparameters, weights in the state dict, base and prompt in the record predict reads)."""
+    import dataclasses
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from healthai.adapter import CKPT_KEY, base_record
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
     out = tmp_path_factory.mktemp("adapter")
-    get_peft_model(base, config).save_pretrained(out)
+    model = get_peft_model(base, config)
+    model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     PROMPT.save(out)
+    hparams = {"lora_r": 4, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+               "target_modules": ["q_proj", "v_proj"], "adapter_path": None}  # fmt: skip
+    weights = {f"model.{n}": p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    torch.save({"state_dict": weights, "hyper_parameters": hparams,
+                CKPT_KEY: {"base": base_record(str(tiny_model_dir)), "prompt": dataclasses.asdict(PROMPT)}},
+               out.parent / "adapter.ckpt")  # fmt: skip
     return out
 
 
@@ -106,11 +118,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir, adapter):
-    """Started, not waited for: a test can do its in-process work while the server loads (tests call ``ready()``)."""
+    """Started, not waited for: a test can do its in-process work while the server loads (tests call ``ready()``).
+
+    It serves the adapter as a fit ``.ckpt``; the tests compare its answers with predict's from the adapter folder."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "healthai", "serve", "--model_name_or_path", str(tiny_model_dir),
-           "--adapter_path", str(adapter), "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1",
+           "--adapter_path", str(adapter.parent / "adapter.ckpt"), "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--max_batch_size", "8", "--batch_timeout", "0.05", "--max_length", "768",
            "--max_chars", str(MAX_CHARS), "--api_key_env", KEY_ENV, *GENERATION]  # fmt: skip
     env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(REPO)}
@@ -193,12 +207,22 @@ def test_bad_chat_requests_keys_and_huge_bodies_get_4xx_and_the_server_keeps_ser
     chat = server.ready().url + "/v1/chat/completions"
     assert request(chat, {"model": "m", "messages": [{"role": "system", "content": "hi"}]})[0] == 422
     assert request(chat, {"model": "m", "messages": [{"role": "user", "content": " "}]})[0] == 422
-    assert request(chat, b"{broken")[0] == 422  # FastAPI's validation of the OpenAI request model
+    # FastAPI's validation of the OpenAI request model, answered as /predict answers: a status and one line
+    assert request(chat, b"{broken") == (400, {"detail": "the body is not valid JSON: Expecting property name "
+                                                        "enclosed in double quotes"})  # fmt: skip
+    assert request(chat, b"[1, 2]")[0] == 400
+    assert request(chat, {"model": "m"}) == (422, {"detail": "field 'messages': Field required"})
     good = {"feature_content": "性别: 男\n年龄: 60\n主诉: 胸痛2小时"}
     status, body = request(server.url + "/predict", good, key=None)
     assert status == 401 and "API key" in body["detail"]
     assert request(server.url + "/predict", good, key="wrong-key-0123456789")[0] == 401
+    assert request(chat, {"model": "m", "messages": [{"role": "user", "content": "病历"}]}, key=None)[0] == 401
+    # Every route but / and /health needs the key: FastAPI's own pages too, and paths that do not exist.
+    for path in ("/docs", "/openapi.json", "/redoc", "/info", "/no-such-route"):
+        assert request(server.url + path, key=None)[0] == 401, path
+    assert request(server.url + "/openapi.json")[0] == 200
     assert request(server.url + "/health", key=None)[0] == 200  # open for load balancers
+    assert request(server.url + "/", key=None)[0] == 200  # the page asks for the key itself
     huge = json.dumps({"feature_content": "x" * (6 * MAX_CHARS + 70000)}).encode()  # over the byte limit
     assert request(server.url + "/predict", huge)[0] == 413
     status, body = request(server.url + "/predict", good)
@@ -230,6 +254,45 @@ def test_healthai_label_against_the_server_writes_labels(server, adapter, tmp_pa
     labelled = {row["id"]: (row["diseases"], row["reason"]) for row in read_jsonl(out)}
     assert labelled == {i: (a["diseases"].strip(), a["reason"].strip()) for i, a in usable.items()}
     assert code == (0 if len(usable) == len(records) else 1)
+
+
+def test_the_key_is_read_from_bearer_or_x_api_key():
+    from healthai.serve import key_matches
+
+    assert key_matches({"authorization": f"Bearer {KEY}"}, KEY)
+    assert key_matches({"authorization": f"bearer  {KEY} "}, KEY)
+    assert key_matches({"x-api-key": KEY}, KEY)
+    assert not key_matches({"authorization": f"Basic {KEY}"}, KEY)
+    assert not key_matches({"x-api-key": KEY[:-1]}, KEY)
+    assert not key_matches({}, KEY)
+
+
+def test_a_network_host_needs_a_key_or_the_loudly_named_opt_out(tiny_model_dir, monkeypatch, capsys):
+    """Checked in-process up to the point where LitServe would start listening (its ``run`` is replaced)."""
+    import litserve
+
+    from healthai.__main__ import main
+
+    started = []
+    monkeypatch.setattr(litserve.LitServer, "run", lambda self, **kwargs: started.append(kwargs["host"]))
+    monkeypatch.setattr("healthai.serve._stop_on_sigterm", lambda: None)  # not in the test process
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    argv = ["serve", "--model_name_or_path", str(tiny_model_dir), "--device", "cpu", "--api_key_env", KEY_ENV]
+    for host in ("0.0.0.0", "::", "192.0.2.7"):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--host", host])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"healthai serve: error: --host {host} is reachable from the network and no API key is set: put one in "
+            f"${KEY_ENV}, or pass --insecure_no_api_key true to serve without one")  # fmt: skip
+    assert not started
+    main([*argv, "--host", "::1"])  # this machine only: no key needed
+    main([*argv, "--host", "0.0.0.0", "--insecure_no_api_key", "true"])
+    assert "WARNING: --insecure_no_api_key: 0.0.0.0:8000 serves the model to anyone" in capsys.readouterr().err
+    monkeypatch.setenv(KEY_ENV, KEY)
+    main([*argv, "--host", "0.0.0.0"])
+    assert "API key required" in capsys.readouterr().out
+    assert started == ["::1", "0.0.0.0", "0.0.0.0"]
 
 
 def test_case_text_is_taken_out_of_the_projects_chat_prompt():
