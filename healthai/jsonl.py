@@ -7,8 +7,10 @@ torn last line a crash (even SIGKILL) can leave behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Literal
 
@@ -138,3 +140,45 @@ def recover_jsonl(path: str | Path, key: str = "id") -> list[Any]:
             f.flush()
             os.fsync(f.fileno())
     return keys
+
+
+class DurableAppender:
+    """Appends rows to a JSONL file with :func:`append_rows` (flush + fsync) from a worker thread, for asyncio code.
+
+    Why a thread: an fsync takes milliseconds (tens on a network disk) and on the event loop it would stall every
+    request in flight. Why batches: rows that finish while one fsync runs are written and fsync'ed together right
+    after it (group commit), so one slow fsync does not queue up one more per row. A row is on disk once its batch is;
+    a crash before that leaves it out of the file, and a resuming caller (``healthai label``) redoes it — never
+    twice.
+    """
+
+    def __init__(self, path: str | Path, mode: str, wrap: Callable[[IO[str]], Any] | None = None):
+        """Open ``path`` with ``mode`` ("a" to resume, "w" to start over); ``wrap`` puts a filter around the file
+        (e.g. :meth:`healthai.redact.Redactor.writer`, which scrubs a key from every write)."""
+        self.path = Path(path)
+        file = open(self.path, mode, encoding="utf-8")
+        self._file = wrap(file) if wrap is not None else file
+        self._pending: list[dict] = []
+        self._drain: asyncio.Future | None = None
+
+    def add(self, row: dict) -> None:
+        if self._drain is not None and self._drain.done():
+            self._drain.result()  # re-raise a failed write (disk full) now, not at the end of the run
+            self._drain = None
+        self._pending.append(row)
+        if self._drain is None:  # else the running drain picks the row up after its current batch
+            self._drain = asyncio.ensure_future(self._write_pending())
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            # One batch at a time, so rows never interleave and the file keeps whole lines in arrival order.
+            await asyncio.to_thread(append_rows, self._file, batch)
+
+    async def aclose(self) -> None:
+        """Write what is still pending, then close the file."""
+        try:
+            if self._drain is not None:
+                await self._drain
+        finally:
+            self._file.close()

@@ -13,16 +13,17 @@ How a run works:
   backoff and jitter, honouring ``Retry-After``. What the client cannot do is done here: a 429 pauses *every* worker
   (rate limits belong to the key, not to one record; an httpx hook holds each request until the pause ends), 401/403/404
   stop the run (bad key, no access, unknown model: every record would fail alike), and so does a streak of records that
-  ran out of retries (the server is down or the quota spent).
+  ran out of retries (the server is down or the quota spent). The client and its error handling are
+  :mod:`healthai.teacher`.
 * Each good result is appended to the output file and fsync'ed as it arrives (off the event loop, see
-  :class:`DurableAppender`). Failures go to ``<output>.failures.jsonl`` (this run's only) and are not "done": a rerun
-  labels exactly the ids that are not in the output yet — the failed ones and the ones a crash or a stop never reached —
-  after cutting a torn last line off the output.
+  :class:`~healthai.jsonl.DurableAppender`). Failures go to ``<output>.failures.jsonl`` (this run's only) and are
+  not "done": a rerun labels exactly the ids that are not in the output yet — the failed ones and the ones a crash or a
+  stop never reached — after cutting a torn last line off the output.
 * SIGTERM / SIGINT stop the run: requests in flight are dropped (a rerun redoes them), what was labelled is fsync'ed,
   the summary says how to resume, and the exit status is 143 / 130.
 * The API key is read from ``HEALTHAI_API_KEY`` (else ``OPENAI_API_KEY``) and is never an argument, so it cannot end up
   in a saved config. Some servers echo it back in error bodies (OpenAI's 401 does), so everything the run prints to
-  stdout / stderr, writes to its files, raises or returns passes through one :class:`Redactor`.
+  stdout / stderr, writes to its files, raises or returns passes through one :class:`~healthai.redact.Redactor`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
-import re
 import signal
 import sys
 import time
@@ -41,53 +39,30 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import openai
-from openai.types.chat import ChatCompletion
 from tqdm import tqdm
 
 from healthai.decoding import answer_fields, load_answer_json
-from healthai.errors import ConfigError, InputError, UserError, check_at_least, check_output
-from healthai.jsonl import OnBadRecord, Rejects, append_rows, recover_jsonl, rejects_path_for
+from healthai.errors import ConfigError, check_at_least, check_output
+from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
 from healthai.records import read_records as read_input_records
-
-API_KEY_ENV_VARS = ("HEALTHAI_API_KEY", "OPENAI_API_KEY")
-"""Where the key is looked for, in this order. It is never a command-line flag."""
-
-FATAL_STATUSES = frozenset({401, 403, 404})
-"""Statuses that mean the run is misconfigured (key, access, model name), not that one record is bad."""
+from healthai.redact import Redactor
+from healthai.teacher import (
+    FATAL_STATUSES,
+    BadResponseError,
+    PauseGate,
+    api_key_from_env,
+    attempts_of,
+    chat_completion,
+    classify_error,
+    make_client,
+    rejects_json_mode,
+)
 
 MIN_GIVE_UP_STREAK = 10
 """The run stops when this many records in a row (at least twice ``concurrency``) ran out of retries with no success
 in between: the server is down or the quota is spent, and hammering it with every remaining record helps nobody."""
-
-DEFAULT_PAUSE_S = 1.0
-"""How long a 429 without a readable ``Retry-After`` pauses every worker (the client backs off on its own besides)."""
-
-MAX_PAUSE_S = 120.0
-"""Upper bound on the shared pause: the client itself does not honour a ``Retry-After`` above two minutes."""
-
-MIN_SECRET_CHARS = 8
-"""Keys at least this long are treated as secrets and scrubbed; shorter ones are the dummies local servers take
-("EMPTY", "x"), and replacing those would garble every message for no gain."""
-
-MIN_FRAGMENT_CHARS = 12
-"""A piece of the key this long or longer is scrubbed wherever it appears (a server's message cut mid-key)."""
-
-BEARER_RE = re.compile(r"(?i)\bBearer\s+[^\s\"',;]+")
-"""An ``Authorization: Bearer`` token in text: scrubbed whatever key it holds."""
-
-MAX_MESSAGE_CHARS = 500
-"""Server error bodies are cut to this length in failure reasons."""
-
-
-class MissingApiKeyError(UserError):
-    """Neither key variable is set."""
-
-
-class BadResponseError(Exception):
-    """The server answered 200 with something that is not a chat completion (an HTML page, broken JSON): most likely
-    a wrong ``--base_url`` or a gateway in the way, so the record fails at once and counts towards stopping the run."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,210 +216,10 @@ def failures_path_for(output: str | Path) -> Path:
     return path.with_name(stem + ".failures.jsonl")
 
 
-def api_key_from_env() -> str:
-    """The API key from the first set variable of :data:`API_KEY_ENV_VARS`."""
-    for name in API_KEY_ENV_VARS:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    raise MissingApiKeyError(
-        f"no API key: set {API_KEY_ENV_VARS[0]} (or {API_KEY_ENV_VARS[1]}) in the environment; "
-        "for a local server that needs none (vLLM, Ollama) any dummy value will do"
-    )
-
-
 def read_records(path: str | Path, on_bad_record: OnBadRecord, rejects: Rejects) -> list[Record]:
     """The input records, read and validated by the rules every stage shares (:mod:`healthai.records`)."""
     rows = read_input_records(path, labelled=False, on_bad_record=on_bad_record, rejects=rejects)
     return [Record(r["id"], r["feature_content"]) for r in rows]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Keeping the key out of everything the run emits
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class Redactor:
-    """The one place the API key is scrubbed from text (replaced by ``***``).
-
-    :meth:`guard` puts it between the run and everything the run emits: stdout and stderr (summary, progress bar,
-    messages), the files it writes (:meth:`writer`), exceptions leaving the run, and the returned summary. So a key
-    echoed in a server's error body cannot leak through a message someone adds later either. (A key split across two
-    separate ``write`` calls would pass; every line is written whole.)
-
-    Besides the whole key it scrubs any piece of it of :data:`MIN_FRAGMENT_CHARS` or more (a server or a message
-    that cut its text mid-key leaves its first characters) and every ``Bearer <token>`` (a gateway echoing the
-    header). Text is scrubbed before it is cut (:meth:`cut`), so the cut cannot split the key either.
-    """
-
-    def __init__(self, secret: str):
-        self._secret = secret if len(secret) >= MIN_SECRET_CHARS else None
-        n = MIN_FRAGMENT_CHARS
-        # Every n-character window of the key (a fragment of n or more characters contains one), looked up only in
-        # runs of n or more of the key's own characters: a case record's Chinese text has few such runs.
-        self._windows = frozenset(secret[i : i + n] for i in range(len(secret) - n + 1))
-        self._runs = re.compile("[" + "".join(re.escape(c) for c in sorted(set(secret))) + "]{%d,}" % n)
-
-    def __call__(self, text: str) -> str:
-        if self._secret is None:
-            return text
-        text = BEARER_RE.sub("Bearer ***", text.replace(self._secret, "***"))
-        return self._scrub_fragments(text)
-
-    def _scrub_fragments(self, text: str) -> str:
-        """Replace each run of text covered by windows of the key with ``***``."""
-        n, spans = MIN_FRAGMENT_CHARS, []
-        for run in self._runs.finditer(text):
-            chars = run.group()
-            spans += [(run.start() + i, run.start() + i + n) for i in range(len(chars) - n + 1)
-                      if chars[i : i + n] in self._windows]  # fmt: skip
-        if not spans:
-            return text
-        merged = [list(spans[0])]
-        for start, end in spans[1:]:
-            if start <= merged[-1][1]:  # overlapping windows: one fragment
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        for start, end in reversed(merged):
-            text = text[:start] + "***" + text[end:]
-        return text
-
-    def cut(self, text: str, limit: int) -> str:
-        """``text`` scrubbed, then cut to ``limit`` characters: cutting first could split the key and leave the
-        part before the cut unrecognised."""
-        return self(text)[:limit]
-
-    def writer(self, stream: Any) -> "_RedactingWriter":
-        """``stream`` (a text file or stream) with every write scrubbed."""
-        return _RedactingWriter(stream, self)
-
-    def scrub_exception(self, exc: Optional[BaseException]) -> None:
-        """Scrub the string arguments of ``exc`` and of the exceptions chained to it, in place."""
-        seen: set[int] = set()
-        while exc is not None and id(exc) not in seen:
-            seen.add(id(exc))
-            exc.args = tuple(self(a) if isinstance(a, str) else a for a in exc.args)
-            exc = exc.__cause__ or exc.__context__
-
-    def scrub_summary(self, summary: "Summary") -> "Summary":
-        return dataclasses.replace(summary, **{
-            f.name: self(v) for f in dataclasses.fields(summary) if isinstance(v := getattr(summary, f.name), str)
-        })  # fmt: skip
-
-    @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
-        """Scrub stdout, stderr and any exception raised inside the block."""
-        out, err = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = self.writer(out), self.writer(err)
-        try:
-            yield
-        except BaseException as e:
-            self.scrub_exception(e)
-            raise
-        finally:
-            sys.stdout, sys.stderr = out, err
-
-
-class _RedactingWriter:
-    """A text stream or file whose writes go through a :class:`Redactor`; everything else is the wrapped object's."""
-
-    def __init__(self, inner: Any, redact: Callable[[str], str]):
-        self._inner, self._redact = inner, redact
-
-    def write(self, text: str) -> int:
-        return self._inner.write(self._redact(text))
-
-    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, close, encoding, ...
-        return getattr(self._inner, name)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Talking to the server
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ApiFailure:
-    """One request that failed for good (the client's retries included), classified."""
-
-    reason: str
-    status: Optional[int] = None
-    server_trouble: bool = False
-    """The server's health, not the record, is to blame: out of retries (429, 5xx, timeouts, connections)."""
-
-
-def classify_error(exc: openai.APIError, timeout: float, redactor: Redactor) -> ApiFailure:
-    """Describe a request error the client gave up on (or does not retry: any other 4xx or API error); the server's
-    text is scrubbed of the key before it is cut to :data:`MAX_MESSAGE_CHARS`."""
-    if isinstance(exc, openai.APITimeoutError):
-        return ApiFailure(f"timed out after {timeout:g}s", server_trouble=True)
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-        return ApiFailure(f"connection error ({detail})", server_trouble=True)
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        # The client prefixes "Error code: 429 - "; the status is in our own prefix already.
-        message = redactor.cut(str(exc.message).removeprefix(f"Error code: {status} - "), MAX_MESSAGE_CHARS)
-        retried = status in (408, 409, 429) or status >= 500  # the statuses the client retries
-        return ApiFailure(f"HTTP {status}: {message}", status=status, server_trouble=retried)
-    # APIResponseValidationError and friends: the server answered, but not with a chat completion.
-    return ApiFailure(f"{type(exc).__name__}: {redactor.cut(str(exc), MAX_MESSAGE_CHARS)}")
-
-
-def attempts_of(exc: openai.APIError) -> int:
-    """Requests the client sent for the call that raised ``exc``: it numbers its retries in a header of each."""
-    request = getattr(exc, "request", None)
-    try:
-        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
-    except (AttributeError, ValueError):
-        return 1
-
-
-class PauseGate:
-    """A shared "no requests before" time: a 429 pauses every worker, not just the one that was told off."""
-
-    def __init__(self) -> None:
-        self._until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        self._until = max(self._until, time.monotonic() + seconds)
-
-    async def wait(self) -> None:
-        while (remaining := self._until - time.monotonic()) > 0:
-            await asyncio.sleep(remaining)
-
-    # httpx event hooks: every request the client sends, its own retries included, passes through these.
-
-    async def hold_request(self, request: Any) -> None:
-        await self.wait()
-
-    async def note_response(self, response: Any) -> None:
-        if response.status_code == 429:
-            self.pause(retry_after_s(response.headers))
-
-
-def retry_after_s(headers: Any) -> float:
-    """The pause a 429 asks for (``retry-after-ms`` or ``Retry-After`` in seconds; the HTTP-date form, which the
-    client's own retry honours, pauses the others :data:`DEFAULT_PAUSE_S`)."""
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return min(max(float(headers[name]) * scale, 0.0), MAX_PAUSE_S)
-        except (KeyError, TypeError, ValueError):
-            continue
-    return DEFAULT_PAUSE_S
-
-
-def make_client(settings: LabelSettings, api_key: str, gate: PauseGate) -> openai.AsyncOpenAI:
-    """The async client: its retries, backoff and timeouts, plus the shared pause hooked into every request."""
-    http_client = openai.DefaultAsyncHttpxClient(
-        event_hooks={"request": [gate.hold_request], "response": [gate.note_response]}
-    )
-    return openai.AsyncOpenAI(
-        base_url=settings.base_url, api_key=api_key, timeout=settings.timeout, max_retries=settings.max_retries,
-        http_client=http_client,
-    )  # fmt: skip
 
 
 @dataclass
@@ -462,46 +237,15 @@ class Failed:
     """Says something about the server rather than the record: out of retries, or not a chat completion at all."""
 
 
-class DurableAppender:
-    """Appends rows to a JSONL file with :func:`~healthai.jsonl.append_rows` (flush + fsync) from a worker thread.
+class LabelRun:
+    """One ``healthai label`` run in progress: its settings, teacher client, output and failures files, progress bar
+    and :class:`Summary`, and what happens to each record (:meth:`label_record` asks the teacher,
+    :meth:`record_outcome` writes the result).
 
-    Why a thread: an fsync takes milliseconds (tens on a network disk) and on the event loop it would stall every
-    request in flight. Why batches: rows that finish while one fsync runs are written and fsync'ed together right
-    after it (group commit), so one slow fsync does not queue up one more per row. A row is on disk once its batch is;
-    a crash before that leaves it out of the output, and the rerun labels it again — never twice.
+    The ``concurrency`` workers of :func:`_run_workers` share it; the event loop is single-threaded, so no locks are
+    needed. It also holds what the run learns on the way: JSON mode turned off, the streak of records that ran out
+    of retries, and why it stopped early (:meth:`abort`).
     """
-
-    def __init__(self, path: str | Path, mode: str, redactor: Redactor):
-        self.path = Path(path)
-        self._file = redactor.writer(open(self.path, mode, encoding="utf-8"))
-        self._pending: list[dict] = []
-        self._drain: Optional[asyncio.Future] = None
-
-    def add(self, row: dict) -> None:
-        if self._drain is not None and self._drain.done():
-            self._drain.result()  # re-raise a failed write (disk full) now, not at the end of the run
-            self._drain = None
-        self._pending.append(row)
-        if self._drain is None:  # else the running drain picks the row up after its current batch
-            self._drain = asyncio.ensure_future(self._write_pending())
-
-    async def _write_pending(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            # One batch at a time, so rows never interleave and the file keeps whole lines in arrival order.
-            await asyncio.to_thread(append_rows, self._file, batch)
-
-    async def aclose(self) -> None:
-        """Write what is still pending, then close the file."""
-        try:
-            if self._drain is not None:
-                await self._drain
-        finally:
-            self._file.close()
-
-
-class _Run:
-    """State shared by the workers of one run. The event loop is single-threaded, so no locks are needed."""
 
     def __init__(
         self, settings: LabelSettings, prompt: PromptStyle, client: openai.AsyncOpenAI, redactor: Redactor,
@@ -521,27 +265,6 @@ class _Run:
 
     # -- the API -----------------------------------------------------------------------------------------------------
 
-    async def request(self, record: Record, json_mode: bool) -> tuple[Optional[str], Optional[str]]:
-        """One chat completion (the client retries what is worth retrying): ``(content, finish_reason)``."""
-        s = self.settings
-        kwargs: dict[str, Any] = {}
-        if json_mode:
-            kwargs["response_format"] = {"type": "json_object"}
-        try:
-            response = await self.client.chat.completions.create(
-                model=s.model, messages=self.prompt.messages(record.text), temperature=s.temperature,
-                max_tokens=s.max_tokens, **kwargs,
-            )  # fmt: skip
-        except json.JSONDecodeError as e:  # the client parses a JSON content-type body without wrapping errors
-            raise BadResponseError(f"the server's answer is not valid JSON ({e.msg}); check --base_url") from None
-        if not isinstance(response, ChatCompletion):  # a non-JSON body (e.g. an HTML page) comes back as a str
-            preview = self.redactor.cut(str(response), 80)
-            raise BadResponseError(f"the server did not answer with a chat completion ({preview!r}); check --base_url")
-        if not response.choices:
-            return None, None
-        choice = response.choices[0]
-        return choice.message.content, choice.finish_reason
-
     async def label_record(self, record: Record) -> Labelled | Failed | None:
         """Label one record. None means the run was stopped before it started."""
         while True:
@@ -549,12 +272,15 @@ class _Run:
                 return None
             json_mode = self.json_mode
             try:
-                content, finish_reason = await self.request(record, json_mode)
+                content, finish_reason = await chat_completion(
+                    self.client, self.redactor, model=self.settings.model, messages=self.prompt.messages(record.text),
+                    temperature=self.settings.temperature, max_tokens=self.settings.max_tokens, json_mode=json_mode,
+                )  # fmt: skip
             except openai.APIError as exc:
                 failure = classify_error(exc, self.settings.timeout, self.redactor)
                 # Checked against this request's json_mode, not the shared flag: with N requests in flight, N may
                 # come back refused, and each must retry even though the first one already switched it off.
-                if json_mode and _rejects_json_mode(failure):
+                if json_mode and rejects_json_mode(failure):
                     self.disable_json_mode(failure.reason)
                     continue
                 attempts = attempts_of(exc)
@@ -624,7 +350,7 @@ class _Run:
 
     def write_failure(self, record: Record, failure: Failed) -> None:
         if self.failures is None:  # created on the first failure, so a clean run leaves no failures file
-            self.failures = DurableAppender(failures_path_for(self.settings.output), "w", self.redactor)
+            self.failures = DurableAppender(failures_path_for(self.settings.output), "w", self.redactor.writer)
             self.summary.failures = str(self.failures.path)
         row: dict[str, Any] = {"id": record.id, "reason": failure.reason, "attempts": failure.attempts}
         if failure.raw is not None:
@@ -644,12 +370,6 @@ class _Run:
         finally:
             if self.bar is not None:
                 self.bar.close()
-
-
-def _rejects_json_mode(failure: ApiFailure) -> bool:
-    """A 400 that names response_format / JSON mode: the server does not support it (older vLLM, some gateways)."""
-    text = failure.reason.lower()
-    return failure.status == 400 and ("response_format" in text or "json_object" in text)
 
 
 def _outcome_from_reply(content: Optional[str], finish_reason: Optional[str], max_tokens: int) -> Labelled | Failed:
@@ -672,7 +392,8 @@ def _outcome_from_reply(content: Optional[str], finish_reason: Optional[str], ma
 
 def check_outputs(settings: LabelSettings) -> None:
     """The files the run writes — the output and, beside it, the rejects and failures files (the failures file is
-    deleted at the start) — must not be the input, and the output must not be a folder (:class:`InputError`)."""
+    deleted at the start) — must not be the input, and the output must not be a folder
+    (:class:`~healthai.errors.InputError`)."""
     inputs = {"--input": settings.input}
     check_output("--output", settings.output, inputs)
     for derived in (failures_path_for(settings.output), rejects_path_for(settings.output)):
@@ -687,7 +408,7 @@ def _pending_records(settings: LabelSettings, rejects: Rejects) -> tuple[list[Re
     return pending, len(records), len(records) - len(pending)
 
 
-async def _worker(run: _Run, queue: Iterator[Record]) -> None:
+async def _worker(run: LabelRun, queue: Iterator[Record]) -> None:
     # All workers pull from one iterator; the loop is single-threaded, so next() is never called concurrently.
     for record in queue:
         if run.summary.aborted:
@@ -714,7 +435,7 @@ def _on_stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-async def _run_workers(run: _Run, pending: list[Record]) -> None:
+async def _run_workers(run: LabelRun, pending: list[Record]) -> None:
     """``concurrency`` workers over one queue, until done, a fatal error or a stop signal. If one worker dies of a
     bug, the others are stopped before the files close."""
     queue = iter(pending)
@@ -740,9 +461,10 @@ async def _run_workers(run: _Run, pending: list[Record]) -> None:
 async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) -> Summary:
     """Label every input record that is not in the output yet and return what happened.
 
-    ``api_key`` defaults to :func:`api_key_from_env`. Raises :class:`MissingApiKeyError`, :class:`InputError` or
+    ``api_key`` defaults to :func:`~healthai.teacher.api_key_from_env`. Raises
+    :class:`~healthai.teacher.MissingApiKeyError`, :class:`~healthai.errors.InputError` or
     :class:`~healthai.jsonl.BadRecordError` before any request is made when the run cannot start. Everything the run
-    prints, writes, raises and returns is scrubbed of the key (:class:`Redactor`).
+    prints, writes, raises and returns is scrubbed of the key (:class:`~healthai.redact.Redactor`).
     """
     api_key = api_key if api_key is not None else api_key_from_env()
     redactor = Redactor(api_key)
@@ -769,11 +491,13 @@ async def _label_pending(settings: LabelSettings, api_key: str, redactor: Redact
     failures_path_for(settings.output).unlink(missing_ok=True)
 
     gate = PauseGate()
-    client = make_client(settings, api_key, gate)
-    run = _Run(settings, prompt, client, redactor, summary)
+    client = make_client(
+        settings.base_url, api_key, timeout=settings.timeout, max_retries=settings.max_retries, gate=gate
+    )
+    run = LabelRun(settings, prompt, client, redactor, summary)
     try:
         Path(settings.output).parent.mkdir(parents=True, exist_ok=True)
-        run.out = DurableAppender(settings.output, "a", redactor)
+        run.out = DurableAppender(settings.output, "a", redactor.writer)
         run.bar = tqdm(total=len(to_label), unit="rec", desc="label", disable=not settings.progress, file=sys.stderr)
         await _run_workers(run, to_label)
     finally:

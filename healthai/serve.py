@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.resources
 import ipaddress
 import json
 import logging
@@ -297,56 +298,15 @@ def encode_answer(answer: ParsedAnswer, route: str) -> dict[str, Any]:
 # The page
 # ---------------------------------------------------------------------------------------------------------------------
 
-PAGE = """<!doctype html>
-<html lang="zh-CN"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>HealthAI 诊断</title>
-<style>
-body{font-family:"Noto Sans CJK SC","Source Han Sans SC","PingFang SC","Microsoft YaHei","WenQuanYi Micro Hei",
- system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.6;color:#222}
-textarea{width:100%;height:14rem;font:inherit}button{font:inherit;padding:.3rem 1.2rem}
-#status{color:#666}.error{color:#b00}h2{font-size:1.1rem;margin:1.2rem 0 .3rem}
-</style></head><body>
-<h1>HealthAI 病历诊断</h1>
-<form id="form"><textarea id="case" placeholder="粘贴病历（性别、年龄、主诉、现病史、既往史、体格检查、辅助检查……）"></textarea>
-<p>__KEY_FIELD__<button type="submit">诊断</button> <span id="status"></span></p></form>
-<div id="result" hidden><h2>诊断</h2><ul id="diseases"></ul><h2>诊断依据</h2><ol id="reasons"></ol></div>
-<script>
-const $ = (id) => document.getElementById(id);
-function items(list, texts) { list.replaceChildren(...texts.map((t) => { const li = document.createElement("li");
-  li.textContent = t; return li; })); }
-// "1. xx；2. yy" or one reason per line → list items, the numbers dropped (the <ol> numbers them).
-const numbering = /(?:^|\\n|[；;。]\\s*)\\s*[(（]?\\d+\\s*[.、．)）]\\s*|\\n/;
-const reasons = (r) => r.split(numbering).map((s) => s.trim()).filter(Boolean);
-async function diagnose(ev) {
-  if (ev) ev.preventDefault();
-  const headers = {"Content-Type": "application/json"}, key = $("key");
-  if (key && key.value) headers["Authorization"] = "Bearer " + key.value;
-  $("status").className = ""; $("status").textContent = "诊断中…"; $("result").hidden = true;
-  try {
-    const body = JSON.stringify({feature_content: $("case").value});
-    const resp = await fetch("predict", {method: "POST", headers, body});
-    const answer = await resp.json();
-    if (!resp.ok) throw new Error(answer.detail || resp.statusText);
-    items($("diseases"), answer.diseases.split(/[；;，,、]/).map((s) => s.trim()).filter(Boolean));
-    items($("reasons"), reasons(answer.reason));
-    $("status").textContent = "完成（" + answer.parse_status + "）"; $("result").hidden = false;
-  } catch (e) { $("status").className = "error"; $("status").textContent = "出错：" + e.message; }
-}
-$("form").addEventListener("submit", diagnose);
-// /?q=<case text> fills the form and submits it: a link to a diagnosis, and what the headless browser test loads.
-// A key may come in the fragment (#key=...): browsers never send the fragment, so it stays out of server logs.
-const fragmentKey = new URLSearchParams(location.hash.slice(1)).get("key");
-if (fragmentKey && $("key")) $("key").value = fragmentKey;
-const q = new URLSearchParams(location.search).get("q");
-if (q) { $("case").value = q; diagnose(); }
-</script></body></html>
-"""
+PAGE_FILE = "static/serve.html"
+"""The page (package data); ``__KEY_FIELD__`` in it becomes :data:`KEY_FIELD` when the server requires a key."""
 
 KEY_FIELD = '<input id="key" type="password" placeholder="API key" autocomplete="off"> '
 
 
 def page_html(require_key: bool) -> str:
-    return PAGE.replace("__KEY_FIELD__", KEY_FIELD if require_key else "")
+    page = importlib.resources.files("healthai").joinpath(PAGE_FILE).read_text(encoding="utf-8")
+    return page.replace("__KEY_FIELD__", KEY_FIELD if require_key else "")
 
 
 def _serve_page_at_root(server: ls.LitServer, html: str) -> None:

@@ -23,20 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fake server live
 from fake_openai_server import GOOD_ANSWER, FakeOpenAIServer  # noqa: E402
 
 from healthai.__main__ import main  # noqa: E402
-from healthai.errors import ConfigError  # noqa: E402
+from healthai.errors import ConfigError, InputError  # noqa: E402
 from healthai.jsonl import BadRecordError, rejects_path_for  # noqa: E402
 from healthai.label import (  # noqa: E402
-    InputError,
     LabelSettings,
-    MissingApiKeyError,
-    Redactor,
     Summary,
     failures_path_for,
     label,
     parse_teacher_reply,
-    retry_after_s,
     run_labelling,
 )
+from healthai.redact import Redactor  # noqa: E402
+from healthai.teacher import MissingApiKeyError, retry_after_s  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-healthai-LEAKCHECK-7f3a9c51e2"
