@@ -19,6 +19,7 @@ from healthai.decoding import GenerationSettings, JsonConstraint, ParsedAnswer, 
 from healthai.errors import ConfigError, check_at_least, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.prompts import DISEASE_SEPARATOR, join_diseases
+from healthai.sharding import gathered_head, synced_generation
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The seven linear projections of every Qwen2 decoder layer."""
@@ -134,8 +135,9 @@ class DiagnosisLoRA(L.LightningModule):
     # -- building the model -------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Load the base, apply LoRA and set up checkpointing. Lightning calls this on the target device before a
-        checkpoint is restored (so ``fit --ckpt_path`` finds the adapter's parameters in place)."""
+        """Load the base, apply LoRA and set up checkpointing, and shard the model under a ``ModelParallelStrategy``.
+        Lightning calls this on the target device before a checkpoint is restored (so ``fit --ckpt_path`` finds the
+        adapter's parameters in place)."""
         if self.model is not None:
             return
         self.tokenizer = self._tokenizer()
@@ -153,6 +155,10 @@ class DiagnosisLoRA(L.LightningModule):
             self.model.enable_input_require_grads()
         if self.global_rank == 0:
             self.model.print_trainable_parameters()
+        if self.device_mesh is not None:  # healthai.sharding.LoRAFSDPStrategy: FSDP2, one unit per decoder layer
+            from healthai.sharding import shard_model
+
+            shard_model(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
 
     def _tokenizer(self):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -244,7 +250,8 @@ class DiagnosisLoRA(L.LightningModule):
         hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
-        return head_cross_entropy(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep], reduction)
+        with gathered_head(base) as head:  # sharded (FSDP), the head's weight is gathered for the chunked loss
+            return head_cross_entropy(hidden[:, :-1][keep], head, targets[keep], reduction)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # The sum, not the mean: on_before_optimizer_step divides the step's gradient by all of its answer tokens.
@@ -417,6 +424,9 @@ class DiagnosisLoRA(L.LightningModule):
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=[self.constraint().logits_processor()] if g.constrained else None,
+            # Sharded, every decoding step gathers each layer from all ranks: a rank whose answers are done must go on
+            # stepping until every rank's are (transformers recognises FSDP1 and DeepSpeed, not FSDP2).
+            synced_gpus=synced_generation(self.model),
         )
         return self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
 

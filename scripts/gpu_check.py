@@ -28,6 +28,12 @@ them) in bf16 as ``configs/predict.yaml``'s ``bf16-true``, with the project's ge
 xgrammar JSON constraint, once without, after an untimed warm-up (grammar compile, kernels). Records/s, new tokens/s,
 ms per decoding step, peak memory.
 
+FSDP: the sharded path of ``configs/qwen_lora_fsdp.yaml`` (``healthai.sharding.LoRAFSDPStrategy``: FSDP2 through
+Lightning's ``ModelParallelStrategy``, bf16-mixed, clipping 1.0) on the one device, world size 1, on a fresh model at
+the first micro-batch size: it still wraps (one unit per decoder layer), shards (DTensor parameters), trains and writes
+a checkpoint. Reports tokens/s, peak memory, the checkpoint's size, time and content (LoRA only); ``--no_fsdp`` leaves
+it out. Several GPUs are needed to measure how it scales; this shows that it runs and what it costs on one.
+
 Budget: time counts from ``$GPU_CHECK_T0`` (epoch seconds; gpu_check.sh sets it before installing the wheels) or from
 the start of this process. The first fit size always runs. Every other item runs only if its estimate (from what was
 measured so far) fits in what is left of ``--budget_s``; an optional item must also leave the estimated time of the
@@ -614,6 +620,7 @@ def parse_args(argv: Optional[list[str]]):
     parser.add_argument("--predict_new_tokens", type=int, help="most new tokens per record (gpu 512, the project's)")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--no_liger", action="store_true", help="leave out the Liger fit")
+    parser.add_argument("--no_fsdp", action="store_true", help="leave out the FSDP fit")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     return parser.parse_args(argv)
 
@@ -685,6 +692,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress("predict", predicts, planner)
         del lit
         release(cuda)
+        if not args.no_fsdp:  # before Liger, which patches transformers' Qwen2 for the whole process
+            data["fsdp"] = run_fsdp(model_dir, prompts, tokenizer.pad_token_id, planner, report, args, cuda, tmp)
+            report.save()
+            print(f"fsdp done at {planner.elapsed():.0f} s ({data['fsdp']['status']})", flush=True)
         liger = [i for i in items if i.kind == "fit" and i.liger]
         if liger:
             run_liger(liger, model_dir, prompts, tokenizer.pad_token_id, planner, report, args, cuda, tmp)
@@ -693,8 +704,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for line in table(data):
         print(line)
+    if not args.no_fsdp:
+        print(fsdp_line(data.get("fsdp")))
     print(f"report: {report.path} ({planner.elapsed():.0f} s)", flush=True)
-    return exit_status(items, cuda)
+    status = exit_status(items, cuda)
+    if data.get("fsdp", {}).get("status") == "error":
+        print(f"gpu_check: FAILED: fsdp: {data['fsdp']['error']}", flush=True)
+        status = 1
+    return status
 
 
 def progress(what: str, items: list[Item], planner: Planner) -> None:
@@ -718,6 +735,107 @@ def run_liger(items: list[Item], model_dir: Path, prompts, pad_id: int, planner:
     report.data["build_liger"] = run_fit(lit, items, prompts, pad_id, planner, report, args, cuda, tmp)
     del lit
     release(cuda)
+
+
+def run_fsdp(model_dir: Path, prompts, pad_id: int, planner: Planner, report, args, cuda: bool, tmp: str) -> dict:
+    """The FSDP path of configs/qwen_lora_fsdp.yaml (``healthai.sharding.LoRAFSDPStrategy``: FSDP2, bf16-mixed,
+    gradient clipping 1.0) on this one device, world size 1: a fresh model is wrapped (one unit per decoder layer, the
+    head, the decoder), trains ``--warmup_steps`` + ``--steps`` steps at the first micro-batch size, and writes one
+    checkpoint. Returns the report's ``fsdp`` entry: tokens/s, peak memory, what was sharded, the checkpoint's size,
+    time and content (adapter only). One GPU shows that the path runs and what it costs, not the scaling."""
+    import lightning as L
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader
+
+    from healthai.data import TrainCollator
+    from healthai.sharding import LoRAFSDPStrategy
+
+    mb, steps = args.micro_batches[0], args.warmup_steps + args.steps
+    tps = planner.tokens_per_s.get(mb) or planner.guess["tokens_per_s"]
+    # The strategy builds the base on the CPU, then shards it and moves the shards: slower than the plain build.
+    build = 2 * max(planner.build_s or 0.0, planner.guess["build_s"])
+    estimate = build + steps * args.seq * mb / tps * 1.25 + planner.guess["item_s"]
+    if estimate > planner.left():
+        return {"status": "skipped", "reason": f"time budget: needs ~{estimate:.0f} s, {max(0.0, planner.left()):.0f} s "
+                                               f"left of {args.budget_s:.0f} s"}  # fmt: skip
+    examples, batches = train_batches(prompts, args.seq, [mb], steps, args.answer_tokens)
+    real_tokens = sum(len(examples[j]["input_ids"]) for b in batches[args.warmup_steps :] for j in b)
+    loader = DataLoader(examples, batch_sampler=batches, collate_fn=TrainCollator(pad_id))
+    result: dict[str, Any] = {"micro_batch": mb, "seq": args.seq, "timed_steps": args.steps, "precision": "bf16-mixed"}
+    ckpt_path = Path(tmp) / "fsdp" / "last.ckpt"
+
+    class Meter(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            params = list(pl_module.model.parameters())
+            lora = next(p for p in params if p.requires_grad)
+            inv_freq = next(b for n, b in pl_module.model.named_buffers() if n.endswith("inv_freq"))
+            result.update(units=sum(isinstance(m, FSDPModule) for m in pl_module.modules()),
+                          sharded_params=sum(isinstance(p, DTensor) for p in params), params=len(params),
+                          lora_dtype=str(lora.dtype), inv_freq_dtype=str(inv_freq.dtype))  # fmt: skip
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup_steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            result["last_loss"] = float(outputs["loss"])
+
+        def on_train_end(self, trainer, pl_module):
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - self.t0
+            result.update(seconds=seconds, tokens_per_s=real_tokens / seconds,
+                          peak_allocated_gb=torch.cuda.max_memory_allocated() / GB if cuda else None,
+                          peak_reserved_gb=torch.cuda.max_memory_reserved() / GB if cuda else None)  # fmt: skip
+            t = time.perf_counter()
+            trainer.save_checkpoint(ckpt_path)  # collective: gathers the LoRA weights and optimizer state only
+            result["checkpoint_s"] = time.perf_counter() - t
+
+    saved_env = dict(os.environ)  # the strategy sets MASTER_ADDR/PORT, RANK, ... for its process group
+    try:
+        lit = make_model(model_dir, args, cuda, liger=False)
+        trainer = L.Trainer(
+            accelerator="gpu" if cuda else "cpu", devices=1, strategy=LoRAFSDPStrategy(), precision="bf16-mixed",
+            max_steps=steps, max_epochs=1, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            use_distributed_sampler=False, default_root_dir=tmp, callbacks=[Meter()],
+        )  # fmt: skip
+        trainer.fit(lit, train_dataloaders=loader)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        weights = ckpt["state_dict"]
+        result.update(status="ok", checkpoint_mb=ckpt_path.stat().st_size / 1e6, checkpoint_tensors=len(weights),
+                      checkpoint_base_tensors=sum("lora_" not in k for k in weights),
+                      checkpoint_optimizer_states=len(ckpt["optimizer_states"][0]["state"]))  # fmt: skip
+    except Exception as e:  # recorded, not hidden: the report and the exit status say it
+        status = "oom" if isinstance(e, torch.OutOfMemoryError) else "error"
+        result.update(status=status, error=f"{type(e).__name__}: {str(e).strip()[:400]}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        lit = trainer = None
+        release(cuda)
+    return result
+
+
+def fsdp_line(row: Optional[dict]) -> str:
+    """The FSDP item's line of the printed table."""
+    if row is None:
+        return "fsdp: not run"
+    if row["status"] != "ok":
+        return f"fsdp (1 device): {row['status']}  {row.get('reason') or row.get('error') or ''}"
+    peak = fmt(row.get("peak_allocated_gb"), ".1f", " GB")
+    return (f"fsdp (1 device, {row['units']} units, {row['sharded_params']}/{row['params']} params sharded, LoRA "
+            f"{row['lora_dtype']}, inv_freq {row['inv_freq_dtype']}): {row['tokens_per_s']:,.0f} tokens/s at "
+            f"{row['seq']} x {row['micro_batch']}, peak {peak}; checkpoint {row['checkpoint_mb']:.1f} MB "
+            f"({row['checkpoint_tensors']} tensors, {row['checkpoint_base_tensors']} of the base) in "
+            f"{row['checkpoint_s']:.1f} s")  # fmt: skip
 
 
 def exit_status(items: list[Item], cuda: bool) -> int:

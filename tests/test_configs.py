@@ -182,3 +182,21 @@ def test_readme_table_shows_each_configs_estimate():
         row = next((line for line in readme.splitlines() if f"--config {rel(config)}`" in line), None)
         assert row is not None, f"README's config table has no row for {rel(config)}"
         assert f"**{peak} GB**" in row, f"README shows a stale estimate for {rel(config)}: {row}"
+
+
+@pytest.mark.parametrize("config", ["configs/qwen_lora.yaml", "configs/qwen2.5-14b/lora.yaml",
+                                    "configs/qwen2.5-32b/lora.yaml"])  # fmt: skip
+def test_fsdp_overlay_shards_a_model_config_and_keeps_its_settings(config):
+    """configs/qwen_lora_fsdp.yaml layered over a model config: the sharded strategy (FSDP2, not Lightning's FSDP1
+    strategy, which cannot train a bf16 base with fp32 LoRA) and bf16-mixed, with the model config's base, sizes and
+    clipping kept."""
+    alone = resolved(config)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(REPO / config), "--config", str(REPO / "configs/qwen_lora_fsdp.yaml"),
+                  "--print_config"])  # fmt: skip
+    both = yaml.safe_load(out.getvalue())
+    assert both["trainer"]["strategy"]["class_path"] == "healthai.sharding.LoRAFSDPStrategy"
+    assert both["trainer"]["precision"] == "bf16-mixed" and both["trainer"]["devices"] == -1
+    assert both["model"] == alone["model"] and both["data"] == alone["data"]
+    assert both["trainer"]["gradient_clip_val"] == alone["trainer"]["gradient_clip_val"] == 1.0

