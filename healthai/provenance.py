@@ -7,7 +7,7 @@ their weights differ. That stays cheap on a 15 GB model because no weight file i
 
 * in a Hugging Face hub cache the file is a symlink to ``blobs/<sha256>``: the hub names each weight blob by the
   SHA-256 of its content, which is used as it is (nothing is read);
-* in a local folder each file is hashed once (about 0.7 GB/s on one CPU core here: a 15 GB 7B in about 20 s) and the
+* in a local folder each file is hashed once (~0.7 GB/s on one CPU core here: a 15 GB 7B in 20–25 s) and the
   digest is kept in ``.healthai-sha256.json`` beside the files — or, when the folder is read-only, in the user cache
   (``$XDG_CACHE_HOME/healthai`` or ``~/.cache/healthai``) — keyed by the file's name, size, modification time and
   inode. A file replaced or rewritten is hashed again; one rewritten in place with its old size and modification time
