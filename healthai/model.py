@@ -139,8 +139,9 @@ class DiagnosisLoRA(L.LightningModule):
         if stage == "fit" and datamodule is not None and self.generation.constrained:
             from healthai.data import check_answer_caps
 
-            check_answer_caps({"training": datamodule.train_set, "validation": datamodule.val_set},
-                              self.generation.max_diseases_chars, self.generation.max_reason_chars)  # fmt: skip
+            splits = {"training": getattr(datamodule, "train_set", None),
+                      "validation": getattr(datamodule, "val_set", None)}  # fmt: skip
+            check_answer_caps(splits, self.generation.max_diseases_chars, self.generation.max_reason_chars)
 
     # -- building the model -------------------------------------------------------------------------------------------
 
