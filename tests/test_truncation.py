@@ -96,12 +96,12 @@ def test_fit_refuses_labels_over_the_caps_before_loading_the_base(tmp_path, tiny
     monkeypatch.chdir(REPO)
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
     val_rows = labelled_records(2)
-    val_rows[1]["diseases"] = "慢性乙型病毒性肝炎；肝硬化"  # 13 characters, over the tiny config's cap of 12
+    val_rows[1]["diseases"] = "慢性乙型病毒性肝炎；肝硬化；" * 3  # 42 characters, over the tiny config's cap of 32
     val = write_jsonl(tmp_path / "val.jsonl", val_rows)
     loaded: list = []
     _stub_base_loader(monkeypatch, loaded)
     with pytest.raises(UserError, match=r"^1 of 2 validation label\(s\) cannot be written under the answer caps: 1 "
-                                        r"with diseases of 12\+ characters .*longest 13, id "):  # fmt: skip
+                                        r"with diseases of 32\+ characters .*longest 42, id "):  # fmt: skip
         cli_main(fit_args(tmp_path, tiny_model_dir, train, val))
     assert not loaded  # refused at fit start, before the base was loaded
     assert not (tmp_path / "runs" / "ckpt").exists()
