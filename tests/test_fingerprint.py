@@ -53,9 +53,23 @@ def test_weights_differing_only_in_the_middle_give_different_fingerprints(tmp_pa
     a = make_base(tmp_path / "a")
     b = tmp_path / "b"
     shutil.copytree(a, b)
-    assert base_fingerprint(str(a)) == base_fingerprint(str(b))  # a copy is the same base (its own cache missed)
+    assert base_fingerprint(str(a)) == base_fingerprint(str(b))  # a copy is the same base
     flip_middle_byte(b / "model.safetensors")  # far from the first and last MiB, the header unchanged
     assert base_fingerprint(str(a)) != base_fingerprint(str(b))
+
+
+def test_a_digest_cache_copied_with_its_folder_is_not_trusted(tmp_path, hashes):
+    a = make_base(tmp_path / "a")
+    fingerprint = base_fingerprint(str(a))  # writes a's cache
+    b = tmp_path / "b"
+    shutil.copytree(a, b)  # copies the cache file and the weights' size and modification time (copy2)
+    weights = b / "model.safetensors"
+    stat = weights.stat()
+    flip_middle_byte(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same name, size and mtime: only the inode differs
+    assert (b / HASH_CACHE_NAME).is_file()
+    assert base_fingerprint(str(b)) != fingerprint
+    assert hashes == [a.resolve() / "model.safetensors", weights.resolve()]
 
 
 def test_a_folder_is_hashed_once_and_again_after_a_change(tmp_path, hashes):
