@@ -590,7 +590,7 @@ def check_answer_caps(splits: dict[str, Optional[EncodedDataset]], max_diseases_
                 if len(value) >= cap:
                     bad_ids.add(id_key(example["id"]))
                     n_over[key] = n_over.get(key, 0) + 1
-                    if len(value) > longest.get(key, (0, None))[0]:
+                    if len(value) > longest.get(key, (-1, None))[0]:
                         longest[key] = (len(value), example["id"])
                 if CAPPED_UNWRITABLE.search(value):
                     bad_ids.add(id_key(example["id"]))
