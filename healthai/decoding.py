@@ -5,7 +5,8 @@ tokenizer once; a fresh logits processor per ``generate`` call masks every token
 format is pinned to ``json.dumps``'s separators — exactly what the model was trained to write — and each string gets a
 ``maxLength`` so that a budget of new tokens can close the object.
 
-Parsing: strict ``json.loads``, else json-repair, else failure → ``parse_status`` ``ok`` | ``repaired`` | ``failed``.
+Parsing: strict ``json.loads``, else json-repair, else failure → ``parse_status`` ``ok`` | ``repaired`` | ``failed``;
+an answer with a field at its ``maxLength`` is ``truncated`` (the constraint closed that string, not the model).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from healthai.prompts import ANSWER_JSON_SCHEMA, join_diseases
 
-ParseStatus = Literal["ok", "repaired", "failed"]
+ParseStatus = Literal["ok", "repaired", "truncated", "failed"]
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 # A Markdown fence, with or without a language tag; the closing fence may be missing when the reply was cut off.
@@ -30,7 +31,12 @@ REASON_SEPARATOR = "\n"
 
 @dataclass
 class ParsedAnswer:
-    """A model's answer, parsed. ``diseases``/``reason`` are ``None`` when ``status`` is ``failed``."""
+    """A model's answer, parsed. ``diseases``/``reason`` are ``None`` when ``status`` is ``failed``.
+
+    ``status``: ``ok`` (strict JSON), ``repaired`` (json-repair was needed: e.g. the token budget cut the answer),
+    ``truncated`` (a field reached its ``maxLength`` cap, so the constraint may have cut it: diagnoses or findings
+    may be missing), ``failed`` (no answer could be read).
+    """
 
     diseases: Optional[str]
     reason: Optional[str]
@@ -102,18 +108,39 @@ def load_answer_json(text: str, allow_repair: bool = True) -> tuple[Any, bool]:
     return repaired, True
 
 
-def parse_answer(text: str) -> ParsedAnswer:
-    """Parse a model's answer: strict JSON (code fences allowed), else json-repair, else ``failed``."""
+def parse_answer(text: str, max_diseases_chars: Optional[int] = None, max_reason_chars: Optional[int] = None
+                 ) -> ParsedAnswer:  # fmt: skip
+    """Parse a model's answer: strict JSON (code fences allowed), else json-repair, else ``failed``.
+
+    Pass the caps the answer was generated under (``None`` = uncapped, or unconstrained decoding): a field that
+    reaches its cap makes the answer ``truncated``. xgrammar closes a string at ``maxLength`` whatever the model was
+    about to write, so an answer at the cap looks complete but may have lost diagnoses; one that happens to end exactly
+    at the cap is marked too (it cannot be told apart).
+    """
     try:
         obj, repaired = load_answer_json(text)
         diseases, reason = answer_fields(obj)
     except (ValueError, TypeError, RecursionError) as e:
         return ParsedAnswer(None, None, status="failed", error=str(e), raw=text)
+    at_cap = [f"{key} reached its cap of {cap} characters"
+              for key, value, cap in (("diseases", diseases, max_diseases_chars), ("reason", reason, max_reason_chars))
+              if cap is not None and len(value) >= cap]  # fmt: skip
+    if at_cap:
+        return ParsedAnswer(diseases, reason, status="truncated", error="; ".join(at_cap), raw=text)
     return ParsedAnswer(diseases, reason, status="repaired" if repaired else "ok", raw=text)
 
 
+CAPPED_UNWRITABLE = re.compile(r'["\\\x00-\x1f]')
+"""Characters an answer string cannot hold under a ``maxLength`` cap. xgrammar (0.2.9) compiles a capped string to
+a run of at most ``cap`` characters other than a quote, a backslash, CR and LF, with no escape sequences; the model is
+trained on ``json.dumps`` text, which writes a quote, a backslash and every control character (newline, tab) as an
+escape. A label holding one of them cannot be written under a cap (tests/test_truncation.py checks this against
+xgrammar)."""
+
+
 def answer_schema(max_diseases_chars: Optional[int], max_reason_chars: Optional[int]) -> dict[str, Any]:
-    """The answer's JSON schema, with optional ``maxLength`` bounds on the two strings."""
+    """The answer's JSON schema, with optional ``maxLength`` bounds on the two strings (see :data:`CAPPED_UNWRITABLE`
+    for what a bounded string cannot hold)."""
     schema = json.loads(json.dumps(ANSWER_JSON_SCHEMA))
     for key, bound in (("diseases", max_diseases_chars), ("reason", max_reason_chars)):
         if bound is not None:

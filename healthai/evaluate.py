@@ -197,9 +197,10 @@ def _table(report: dict[str, Any]) -> str:
 
     keys = ["disease_precision", "disease_recall", "disease_f1", "json_valid_rate", "reason_rougeL",
             "n", "n_predictions", "n_reasons", "missing", "duplicates", "unknown"]  # fmt: skip
-    width = max(len(k) for k in keys)
+    rows = [(k, report[k]) for k in keys] + [(f"parse_status {s}", n) for s, n in report["parse_status"].items()]
+    width = max(len(k) for k, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
-    lines += [f"{k.ljust(width)}  {fmt(report[k])}" for k in keys]
+    lines += [f"{k.ljust(width)}  {fmt(v)}" for k, v in rows]
     return "\n".join(lines)
 
 
@@ -261,8 +262,9 @@ def evaluate(
     references are listed in ``unknown`` and not scored. ``json_valid_rate`` is over the prediction rows scored
     (so a missing record does not lower it; null when no row is scored); a row without ``parse_status`` (the
     official submission format) counts as valid when its ``diseases`` is a string. ``reason_rougeL`` averages over
-    references that have a reason and is null when none has. A malformed line, a bad field or a repeated reference
-    id stops with ``file:line``; a references file without records is an error, and so is an output that is a folder
+    references that have a reason and is null when none has. ``parse_status`` counts the scored rows by status:
+    ``truncated`` rows (a field reached the length cap, diagnoses may be missing) are scored as they are, and are not
+    valid JSON for ``json_valid_rate``. A malformed line, a bad field or a repeated reference id stops with ``file:line``; a references file without records is an error, and so is an output that is a folder
     or would replace an input (``--report`` equal to ``--predictions``, say).
 
     The report also breaks disease P/R/F1 down (``breakdown``): per diagnosis for the ``top_diagnoses`` reference
@@ -286,8 +288,9 @@ def evaluate(
 
     Returns:
         The report: ``n``, ``n_predictions``, ``n_reasons``, ``disease_precision``, ``disease_recall``,
-        ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``missing``, ``duplicates``, ``unknown``, ``tp``,
-        ``fp``, ``fn``, ``breakdown`` and the two input paths.
+        ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``parse_status`` (rows scored per status, every one
+        of :data:`~healthai.metrics.PARSE_STATUSES`), ``missing``, ``duplicates``, ``unknown``, ``tp``, ``fp``,
+        ``fn``, ``breakdown`` and the two input paths.
     """
     # Options and output paths are checked before any scoring work, so a mistake costs nothing.
     _check_outputs(predictions, references, report, per_record, html)
@@ -304,6 +307,9 @@ def evaluate(
     for name in ("missing", "duplicates", "unknown"):
         if result[name]:
             print(f"{name} ids: {_preview(result[name])}")
+    truncated = [p.id for k, p in scored.preds.rows.items() if k in scored.refs and p.parse_status == "truncated"]
+    if truncated:
+        print(f"truncated ids (a field reached the length cap; diagnoses may be missing): {_preview(truncated)}")
     if report is not None:
         _write_json(Path(report), result)
     if per_record is not None:
@@ -350,6 +356,7 @@ def score(
         "disease_f1": float(prf["f1"]),
         "json_valid_rate": float(json_valid.compute()) if scored else None,
         "reason_rougeL": float(rouge.compute()) if int(rouge.count) > 0 else None,
+        "parse_status": {s: sum(p.parse_status == s for p in scored.values()) for s in PARSE_STATUSES},
         "tp": int(disease_f1.tp),
         "fp": int(disease_f1.fp),
         "fn": int(disease_f1.fn),

@@ -17,8 +17,10 @@ from torchmetrics import Metric
 
 from healthai.prompts import join_diseases
 
-PARSE_STATUSES = ("ok", "repaired", "failed")
-"""Values of a prediction row's ``parse_status``; only ``ok`` counts as valid JSON."""
+PARSE_STATUSES = ("ok", "repaired", "truncated", "failed")
+"""Values of a prediction row's ``parse_status`` (:class:`healthai.decoding.ParsedAnswer`); only ``ok`` counts as
+valid JSON: a ``truncated`` answer parses, but the constraint closed one of its strings at the length cap, so it is
+not the answer the model wrote."""
 
 DiseasesField = Union[str, Sequence[str], None]
 """A ``diseases`` value as found in data: one string, a list of names (joined with ``；``) or missing."""
@@ -176,32 +178,53 @@ class DiseaseF1(Metric):
         return {"precision": precision, "recall": recall, "f1": f1}
 
 
-class JsonValidRate(Metric):
-    """Share of prediction rows whose ``parse_status`` is ``ok`` (``repaired`` and ``failed`` are not); 0 if none."""
+class ParseStatusRate(Metric):
+    """Share of prediction rows whose ``parse_status`` is one of ``statuses``; 0 if there are none.
+
+    An unknown status (a typo such as ``OK``) raises ValueError instead of silently counting as another.
+    """
 
     is_differentiable = False
-    higher_is_better = True
     full_state_update = False
 
-    valid: torch.Tensor
+    hits: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, statuses: Sequence[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("valid", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.statuses = tuple(statuses)
+        self.add_state("hits", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, statuses: Sequence[str]) -> None:
-        """Add one batch of ``parse_status`` values (``ok`` | ``repaired`` | ``failed``)."""
+        """Add one batch of ``parse_status`` values (one of :data:`PARSE_STATUSES` each)."""
         unknown = sorted({s for s in statuses if s not in PARSE_STATUSES})
         if unknown:
-            # A typo such as "OK" would silently count as invalid; better to stop.
             raise ValueError(f"unknown parse_status {unknown}; expected one of {PARSE_STATUSES}")
-        self.valid += sum(s == "ok" for s in statuses)
+        self.hits += sum(s in self.statuses for s in statuses)
         self.total += len(statuses)
 
     def compute(self) -> torch.Tensor:
-        return _ratio(self.valid, self.total)
+        return _ratio(self.hits, self.total)
+
+
+class JsonValidRate(ParseStatusRate):
+    """Share of prediction rows whose ``parse_status`` is ``ok``: strict JSON the model closed itself (``repaired``,
+    ``truncated`` and ``failed`` are not); 0 if none."""
+
+    higher_is_better = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(("ok",), **kwargs)
+
+
+class TruncatedRate(ParseStatusRate):
+    """Share of prediction rows whose ``parse_status`` is ``truncated`` (a field reached its length cap); 0 if none."""
+
+    higher_is_better = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(("truncated",), **kwargs)
 
 
 class ReasonRougeL(Metric):

@@ -126,11 +126,23 @@ class DiagnosisLoRA(L.LightningModule):
         self._init_metrics()
 
     def _init_metrics(self) -> None:
-        from healthai.metrics import DiseaseF1, JsonValidRate, ReasonRougeL
+        from healthai.metrics import DiseaseF1, JsonValidRate, ReasonRougeL, TruncatedRate
 
         self.val_disease = DiseaseF1()
         self.val_json_valid = JsonValidRate()
+        self.val_truncated = TruncatedRate()
         self.val_rouge = ReasonRougeL()
+
+    def setup(self, stage: str) -> None:
+        """At fit start — after the data module has read and encoded the labels, before the base is loaded — refuse
+        labels the length-capped constraint could not write back (:func:`healthai.data.check_answer_caps`)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and self.generation.constrained:
+            from healthai.data import check_answer_caps
+
+            splits = {"training": getattr(datamodule, "train_set", None),
+                      "validation": getattr(datamodule, "val_set", None)}  # fmt: skip
+            check_answer_caps(splits, self.generation.max_diseases_chars, self.generation.max_reason_chars)
 
     # -- building the model -------------------------------------------------------------------------------------------
 
@@ -343,6 +355,7 @@ class DiagnosisLoRA(L.LightningModule):
         refs = batch["references"][:take]
         self.val_disease.update([a.diseases or "" for a in answers], [r["diseases"] for r in refs])
         self.val_json_valid.update([a.status for a in answers])
+        self.val_truncated.update([a.status for a in answers])
         self.val_rouge.update([a.reason or "" for a in answers], [r["reason"] for r in refs])
         keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
         for record_id, case_text, ref, answer in list(zip(batch["ids"], batch["case_texts"], refs, answers))[:keep]:
@@ -354,8 +367,9 @@ class DiagnosisLoRA(L.LightningModule):
         scores = self.val_disease.compute()
         self.log_dict({f"val/disease_{k}": v for k, v in scores.items()}, sync_dist=False)
         self.log("val/json_valid", self.val_json_valid.compute())
+        self.log("val/truncated", self.val_truncated.compute())
         self.log("val/reason_rougeL", self.val_rouge.compute())
-        for metric in (self.val_disease, self.val_json_valid, self.val_rouge):
+        for metric in (self.val_disease, self.val_json_valid, self.val_truncated, self.val_rouge):
             metric.reset()
         self._log_val_samples()
 
@@ -431,14 +445,17 @@ class DiagnosisLoRA(L.LightningModule):
         return self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
 
     def generate_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """:meth:`generate_texts`, each parsed by :func:`~healthai.decoding.parse_answer`."""
+        """:meth:`generate_texts`, each parsed by :func:`~healthai.decoding.parse_answer` (``truncated`` where a field
+        reached its cap under the constraint)."""
         was_training = self.training
         self.eval()
         try:
             texts = self.generate_texts(input_ids, attention_mask)
         finally:
             self.train(was_training)
-        return [parse_answer(t) for t in texts]
+        g = self.generation
+        caps = (g.max_diseases_chars, g.max_reason_chars) if g.constrained else (None, None)
+        return [parse_answer(t, *caps) for t in texts]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Rows in submission key order (``id, reason, diseases, feature_content, parse_status``), plus the input

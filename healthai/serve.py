@@ -3,7 +3,8 @@
 One LitServe worker holds one copy of the model. Its requests come from two routes that share one queue, so requests
 from both are batched together (``max_batch_size`` / ``batch_timeout``):
 
-* ``POST /predict`` ``{"feature_content": "...", "id": ...}`` → ``{"diseases", "reason", "parse_status"}`` (+ ``id``);
+* ``POST /predict`` ``{"feature_content": "...", "id": ...}`` → ``{"diseases", "reason", "parse_status"}`` (+ ``id``),
+  ``parse_status`` as predict writes it (``ok`` | ``repaired`` | ``truncated`` | ``failed``);
 * ``POST /v1/chat/completions``: LitServe's OpenAI spec, so any OpenAI client (``healthai label --base_url``) works;
   the case record is read from the last user message (see :func:`case_from_messages`);
 * ``GET /``: a small page for a person; ``GET /health``: 200 once the model is loaded.

@@ -252,7 +252,7 @@ class DiagnosisWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self._write_meta(self._run)
             n = self.merge(trainer.datamodule.predict_order)
-            print(f"wrote {n} prediction(s) to {self.output_path}", flush=True)
+            print(f"wrote {n} prediction(s) to {self.output_path}{status_summary(self.output_path)}", flush=True)
         trainer.strategy.barrier("healthai-writer-done")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -367,6 +367,23 @@ def _resume_command(argv: Optional[list[str]] = None) -> str:
     if kept and Path(kept[0]).name == "__main__.py" and Path(kept[0]).parent.name == "healthai":
         kept = ["python", "-m", "healthai", *kept[1:]]
     return shlex.join(kept)
+
+
+def status_summary(path: Path) -> str:
+    """`` (ok N, repaired N, truncated N, failed N)`` over the rows of a merged output file, with a warning on its
+    own line when answers reached a length cap: they parse, but diagnoses may be missing."""
+    from healthai.metrics import PARSE_STATUSES
+
+    counts = dict.fromkeys(PARSE_STATUSES, 0)
+    for _, row, _ in iter_jsonl(path):
+        if isinstance(row, dict) and row.get("parse_status") in counts:
+            counts[row["parse_status"]] += 1
+    text = " (" + ", ".join(f"{status} {n}" for status, n in counts.items()) + ")"
+    if counts["truncated"]:
+        text += (f"\nwarning: {counts['truncated']} answer(s) reached a length cap (parse_status truncated: the "
+                 "constraint closed the string, diagnoses may be missing); raise model.generation.max_diseases_chars"
+                 " / max_reason_chars (and max_new_tokens to hold them)")  # fmt: skip
+    return text
 
 
 def submission_row(row: dict) -> dict:

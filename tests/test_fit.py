@@ -108,9 +108,9 @@ def test_validation_generation_logs_diagnosis_metrics_to_tensorboard(tmp_path, t
         "--model.val_generate_limit", "3", "--model.generation.max_new_tokens", "48")  # fmt: skip
     logged = scalars(tmp_path / "tiny" / "version_0")
     for tag in ("val/loss", "val/disease_f1", "val/disease_precision", "val/disease_recall", "val/json_valid",
-                "val/reason_rougeL"):  # fmt: skip
+                "val/truncated", "val/reason_rougeL"):  # fmt: skip
         assert len(logged[tag]) == 2, tag
-    assert all(0.0 <= v <= 1.0 for _, v in logged["val/json_valid"])
+    assert all(0.0 <= v <= 1.0 for _, v in logged["val/json_valid"] + logged["val/truncated"])
 
 
 def test_resume_mid_epoch_continues_with_the_uninterrupted_runs_batches(tmp_path, tiny_model_dir, monkeypatch):

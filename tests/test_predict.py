@@ -40,11 +40,16 @@ def test_every_id_exactly_once_in_input_order_and_every_row_parses(tmp_path, tin
     out = tmp_path / "pred.jsonl"
     cli_main(predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "8"))
     rows = read_jsonl(out)
+    generation = yaml.safe_load((REPO / "configs" / "predict_tiny.yaml").read_text(encoding="utf-8"))["model"]["generation"]
+    caps = {key: generation[f"max_{key}_chars"] for key in ("diseases", "reason")}
     assert [r["id"] for r in rows] == [r["id"] for r in records]  # once each, in input order
     for row, record in zip(rows, records):
         assert tuple(row)[:5] == SUBMISSION_KEYS
         assert row["feature_content"] == record["feature_content"]
-        assert row["parse_status"] == "ok", row  # constrained decoding: even random weights give valid JSON
+        # Constrained decoding: even random weights give strict JSON; the noise they write often runs into a length
+        # cap, and exactly those rows are reported truncated.
+        at_cap = any(len(row[key]) >= cap for key, cap in caps.items())
+        assert row["parse_status"] == ("truncated" if at_cap else "ok"), row
         assert isinstance(row["diseases"], str) and isinstance(row["reason"], str)
     assert not list(tmp_path.glob("pred.jsonl.rank*"))  # shards merged and removed
 
