@@ -412,12 +412,17 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(header)
     print("-" * len(header))
+    off_name = "(a') = (a) without the JSON processor, same length"
+    off = (f"{off_name:<56} {'':>7} {'':>6} {'':>8} {'':>10} {'':>8} {'':>10} {new['positions']:9d} "
+           f"{new['off_generate_s']:6.2f} {new['positions'] / new['off_generate_s']:8.1f}")  # fmt: skip
     for name, r in rows:
         rate, tok_rate = r["records"] / r["seconds"], r["new_tokens"] / r["seconds"]
         pos_rate = r["positions"] / r["generate_s"]
         print(f"{name:<56} {r['records']:7d} {r['prompt_len']:6.0f} {r['seconds']:8.2f} {rate:10.2f} "
               f"{r['new_tokens']:8d} {tok_rate:10.1f} {r['positions']:9d} {r['generate_s']:6.2f} {pos_rate:8.1f} "
               f"{r['parse_ok']:>4}/{r['records']:<3}")  # fmt: skip
+        if r is new:
+            print(off)
     print("(prompt = mean prompt tokens; new tok = generated tokens, each row up to and including its stop token;")
     print(" positions = rows x decoding steps, what the model computed: a batch runs until its longest row ends, and (c)")
     print(" writes as many tokens per row as (a) ran steps on the same batch; gen s = seconds inside generate (no data")
