@@ -100,7 +100,8 @@ def test_a_decode_step_moves_the_last_tokens_to_the_host_once_and_skips_finished
             Recording.calls = []
             out = processor(input_ids.as_subclass(Recording), scores.as_subclass(Recording))
             steps.append({"transfers": [c for c in Recording.calls if c in HOST_TRANSFERS],
-                          "live": len(getattr(processor, "live", ())), "mask": id(getattr(processor, "host_mask", 0))})  # fmt: skip
+                          "live": len(getattr(processor, "live", ())),
+                          "mask": id(getattr(processor, "host_mask", 0))})  # fmt: skip
             return out.as_subclass(torch.Tensor)
 
         return call
