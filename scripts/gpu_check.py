@@ -26,7 +26,8 @@ Predict: ``DiagnosisLoRA.generate_answers`` (greedy, KV cache: what ``predict_st
 records (the median-length batch of the records sorted by length, left-padded, as ``DiagnosisDataModule`` batches
 them) in bf16 as ``configs/predict.yaml``'s ``bf16-true``, with the project's generation settings: once with the
 xgrammar JSON constraint, once without, after an untimed warm-up (grammar compile, kernels). Records/s, new tokens/s,
-ms per decoding step, peak memory.
+ms per decoding step, peak memory. Then, budget allowing, the constraint's per-token cost at equal length (up to 128
+steps, :func:`run_constraint_cost`): constrained vs unconstrained token positions/s and the processor's time per step.
 
 FSDP: the sharded path of ``configs/qwen_lora_fsdp.yaml`` (``healthai.sharding.LoRAFSDPStrategy``: FSDP2 through
 Lightning's ``ModelParallelStrategy``, bf16-mixed, clipping 1.0) on the one device, world size 1, on a fresh model at
@@ -493,6 +494,80 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
         report.save()
 
 
+CONSTRAINT_COST_TOKENS = 128
+"""Most decoding steps of the constraint-cost comparison (enough for a per-token figure; the random 7B, constrained,
+would otherwise write up to the caps)."""
+TARGET_CONSTRAINT_RATIO = 0.9
+
+
+def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> None:
+    """The JSON constraint's per-token cost on the predict batch, as ``scripts/bench_predict.py`` measures it on CPU:
+    greedy ``generate`` with the project's processor (:class:`healthai.decoding.JsonLogitsProcessor`), then without
+    it for exactly as many tokens per row (``min_new_tokens`` = ``max_new_tokens`` = the constrained run's steps), so
+    both compute the same token positions. Reports the ratio of their rates (target >= 0.9) and the processor's host
+    time per step, in ``report.data["constraint_cost"]``. Runs only if it fits in the budget, after the core items."""
+    import copy
+
+    import torch
+
+    from healthai.data import end_of_turn_id, pad_batch
+
+    steps_cap = min(lit.generation.max_new_tokens, CONSTRAINT_COST_TOKENS)
+    cost = 2 * steps_cap * (planner.decode_step_s or planner.guess["decode_step_s"]) + planner.guess["item_s"]
+    reserve = sum(planner.estimate(i) for i in planner.items if i.core and i.result is None)
+    if cost + reserve > planner.left():
+        report.data["constraint_cost"] = {"status": "skipped", "reason": f"time budget: needs ~{cost:.0f} s + "
+                                          f"{reserve:.0f} s kept for core items, {max(0.0, planner.left()):.0f} s left"}
+        report.save()
+        return
+    device = torch.device("cuda" if cuda else "cpu")
+    pad = lit.tokenizer.pad_token_id
+    ids = pad_batch(prompts, pad, "left").to(device)
+    mask = pad_batch([[1] * len(p) for p in prompts], 0, "left").to(device)
+    settings = dataclasses.replace(lit.generation, max_new_tokens=steps_cap)
+    config = settings.transformers_config([end_of_turn_id(lit.tokenizer), pad], pad)
+    lit.base_model.generation_config = copy.deepcopy(config)  # as generate_texts: no checkpoint default leaks in
+
+    def timed(**kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = lit.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        return out.shape[1] - ids.shape[1], time.perf_counter() - t
+
+    was_training = lit.training
+    lit.eval()
+    try:
+        with torch.no_grad():
+            processor = lit.constraint().logits_processor()
+            steps, on_s = timed(generation_config=config, logits_processor=[processor])
+            plain = copy.deepcopy(config)
+            plain.min_new_tokens = plain.max_new_tokens = steps
+            plain_steps, off_s = timed(generation_config=plain)
+    except Exception as e:  # recorded: the report says it
+        report.data["constraint_cost"] = {"status": "oom" if isinstance(e, torch.OutOfMemoryError) else "error",
+                                          "error": f"{type(e).__name__}: {str(e).strip()[:400]}"}  # fmt: skip
+        release(cuda)
+        report.save()
+        return
+    finally:
+        lit.train(was_training)
+    positions = steps * len(prompts)
+    result = {
+        "status": "ok", "batch": len(prompts), "decode_steps": steps, "unconstrained_steps": plain_steps,
+        "constrained_s": on_s, "unconstrained_s": off_s, "constrained_positions_per_s": positions / on_s,
+        "unconstrained_positions_per_s": positions / off_s, "ratio": off_s / on_s,
+        "target_ratio": TARGET_CONSTRAINT_RATIO, "processor_ms_per_step": 1e3 * processor.seconds / processor.steps,
+    }  # fmt: skip
+    report.data["constraint_cost"] = result
+    report.save()
+    print(f"constraint cost at equal length: batch {len(prompts)}, {steps} steps: constrained {result['ratio']:.2f}x "
+          f"unconstrained token positions/s (target >= {TARGET_CONSTRAINT_RATIO:g}x); JSON processor "
+          f"{result['processor_ms_per_step']:.2f} ms per step (host)", flush=True)  # fmt: skip
+
+
 # -- report ------------------------------------------------------------------------------------------------------------
 
 
@@ -691,6 +766,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress("fit plain", plain, planner)
         predicts = [i for i in items if i.kind == "predict"]
         run_predict(lit, predicts, batch, warm, planner, cuda, report)
+        run_constraint_cost(lit, batch, planner, cuda, report)
         progress("predict", predicts, planner)
         del lit
         release(cuda)
