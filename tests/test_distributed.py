@@ -23,7 +23,8 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return result
 
 
-def test_ddp_fit_on_two_cpu_processes_saves_adapter_and_adapter_only_checkpoint(tmp_path, tiny_model_dir):
+def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resume(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
     run([
         "fit", "--config", "configs/tiny.yaml", *DDP,
@@ -37,6 +38,22 @@ def test_ddp_fit_on_two_cpu_processes_saves_adapter_and_adapter_only_checkpoint(
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 and all("lora_" in k for k in ckpt["state_dict"])
     assert (tmp_path / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Resumed on one process, the saved position (2 ranks x 2 batches of 2) would mean other records: refused.
+    from healthai.cli import cli_main
+    from healthai.resume import ResumeRefused
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ResumeRefused, match="processes .* 2, now 1"):
+        cli_main([
+            "fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--model.model_name_or_path", str(tiny_model_dir), "--ckpt_path", "last",
+            "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "256",
+            "--data.batch_size", "2", "--trainer.max_steps", "6", "--trainer.max_epochs", "10",
+            "--model.generate_every_n_epochs", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+        ])  # fmt: skip
 
 
 def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir, monkeypatch):
