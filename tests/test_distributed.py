@@ -102,3 +102,20 @@ def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(t
     single = flat(steps[1][0]["grads"])
     for rank in ranks:  # DDP leaves every rank with the same, all-reduced gradient
         assert (flat(rank["grads"]) - single).norm() <= 1e-5 * single.norm()
+
+
+def test_ddp_validation_loss_is_the_single_process_loss_without_the_repeated_record(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):  # fmt: skip
+    # 3 records on 2 ranks: rank 1 gets record 1 and a repeat of record 0 to stay in step; the repeat must not count.
+    from healthai.cli import cli_main
+
+    val = write_jsonl(tmp_path / "val.jsonl", labelled_records(3))
+    common = ["validate", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
+              "--data.val_file", str(val), "--data.max_length", "256", "--data.eval_batch_size", "1",
+              "--model.generate_every_n_epochs", "0", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    out = run([*common, *DDP]).stdout
+    ddp = float(next(line.split()[-2] for line in out.splitlines() if "val/loss" in line))
+    monkeypatch.chdir(REPO)
+    single = float(cli_main(common).trainer.callback_metrics["val/loss"])
+    assert ddp == pytest.approx(single, rel=1e-5)
