@@ -216,10 +216,12 @@ class DiagnosisLoRA(L.LightningModule):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True,
             )  # fmt: skip
-            if self._trainer is not None:
-                # Each process's 4-bit base on its own device: without a device map every DDP rank would quantize
-                # onto the current default GPU (rank 0's), and bitsandbytes weights cannot be moved afterwards.
-                kwargs["device_map"] = {"": str(self.trainer.strategy.root_device)}
+            device = self.trainer.strategy.root_device if self._trainer is not None else None
+            if device is not None and device.type == "cuda":
+                # Each process's 4-bit base on its own GPU: without a device map every DDP rank would quantize onto
+                # the current default GPU (rank 0's), and bitsandbytes weights cannot be moved afterwards. (On the CPU
+                # the weights stay where they load, and transformers refuses a "cpu" map for 4-bit offloading.)
+                kwargs["device_map"] = {"": str(device)}
         base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if self.hparams.quantization == "nf4":
             from peft import prepare_model_for_kbit_training
