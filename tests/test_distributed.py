@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -78,6 +80,19 @@ def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny
     assert [r["id"] for r in ddp] == [r["id"] for r in records]  # every id exactly once, input order
     assert ddp == single
     assert not list(tmp_path.glob("ddp.jsonl.rank*"))
+
+    # A 3-process run killed mid-write (rank 2's last line torn, rows 2 and 5 never written), resumed by 2 processes:
+    # rank zero repairs every shard, both read them all, and each id ends up in the output once.
+    shutil.copy(tmp_path / "single.jsonl.meta.json", tmp_path / "resumed.jsonl.meta.json")
+    write_jsonl(tmp_path / "resumed.jsonl.rank0.jsonl", [single[0], single[3]])
+    write_jsonl(tmp_path / "resumed.jsonl.rank1.jsonl", [single[1]])
+    rank2 = write_jsonl(tmp_path / "resumed.jsonl.rank2.jsonl", [single[4]])
+    with open(rank2, "a", encoding="utf-8") as f:
+        f.write(json.dumps(single[5], ensure_ascii=False)[:25])
+    out = run([*common, *DDP, "--writer.output_path", str(tmp_path / "resumed.jsonl")]).stdout
+    assert "4 record(s) already done, 2 to go" in out
+    assert read_jsonl(tmp_path / "resumed.jsonl") == single
+    assert not list(tmp_path.glob("resumed.jsonl.rank*"))
 
 
 def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(tmp_path, tiny_model_dir):
