@@ -273,7 +273,8 @@ class EvalSampler(DistributedSampler):
 
     def __init__(self, size: int, num_replicas: int = 1, rank: int = 0):
         # DistributedSampler.__init__ would query torch.distributed; set its fields directly instead.
-        self.num_replicas, self.rank, self.epoch, self.seed, self.shuffle, self.drop_last = num_replicas, rank, 0, 0, False, False
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.seed, self.shuffle, self.drop_last = 0, 0, False, False
         self.num_samples = math.ceil(size / num_replicas)
         self.total_size = self.num_samples * num_replicas
 

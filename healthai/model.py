@@ -682,7 +682,8 @@ def check_monitored_metrics(callbacks: list, generate_every_n_epochs: int) -> No
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
         if isinstance(monitor, str) and monitor.startswith(GENERATED_METRICS):
-            when = "never generates" if generate_every_n_epochs == 0 else f"generates every {generate_every_n_epochs} epochs"
+            n = generate_every_n_epochs
+            when = "never generates" if n == 0 else f"generates every {n} epochs"
             raise ConfigError(f"{type(callback).__name__} monitors {monitor}, which only validations that generate "
                               f"log, and model.generate_every_n_epochs {generate_every_n_epochs} {when}; set "
                               "model.generate_every_n_epochs 1 or monitor val/loss")  # fmt: skip

@@ -109,7 +109,8 @@ def check_checkpoint_matches(recorded: dict[str, Any], base: dict[str, Any], lor
     old_base = recorded.get("base") or {}
     if old_base.get("fingerprint") and base.get("fingerprint") and old_base["fingerprint"] != base["fingerprint"]:
         line = (f"--ckpt_path {ckpt} was trained on base {old_base.get('name_or_path')} (fingerprint "
-                f"{old_base['fingerprint']}); {base.get('name_or_path')} has fingerprint {base['fingerprint']}")  # fmt: skip
+                f"{old_base['fingerprint']}); {base.get('name_or_path')} has fingerprint "
+                f"{base['fingerprint']}")  # fmt: skip
         if not allow_base_mismatch:
             raise ResumeRefused(f"{line}; resume with its base, or pass --model.allow_base_mismatch true")
         from lightning.pytorch.utilities import rank_zero_warn
@@ -125,8 +126,9 @@ def check_checkpoint_matches(recorded: dict[str, Any], base: dict[str, Any], lor
     old_prompt = recorded.get("prompt")
     if old_prompt is not None and old_prompt != prompt:
         fields = sorted(k for k in set(old_prompt) | set(prompt) if old_prompt.get(k) != prompt.get(k))
-        raise ResumeRefused(f"--ckpt_path {ckpt} was trained with another prompt ({', '.join(f'prompt.{k}' for k in fields)}"
-                            " differs); resume with the checkpoint's --data.prompt settings")  # fmt: skip
+        names = ", ".join(f"prompt.{k}" for k in fields)
+        raise ResumeRefused(f"--ckpt_path {ckpt} was trained with another prompt ({names} differs); resume with the "
+                            "checkpoint's --data.prompt settings")  # fmt: skip
 
 
 def check_all_restored(saved: Sequence[str], trainable: set[str], ckpt: Any) -> None:
@@ -138,9 +140,10 @@ def check_all_restored(saved: Sequence[str], trainable: set[str], ckpt: Any) -> 
         return
     extra = f"; it holds {len(unexpected)} weight(s) this model lacks (e.g. {unexpected[0]})" if unexpected else ""
     example = f" (e.g. {missing[0]})" if missing else ""
-    raise ResumeRefused(f"--ckpt_path {ckpt} restores {len(trainable) - len(missing)} of the {len(trainable)} trainable "
-                        f"weights: {len(missing)} not restored{example}{extra}; was it written by another PEFT version "
-                        "or with other LoRA settings?")  # fmt: skip
+    restored = len(trainable) - len(missing)
+    raise ResumeRefused(f"--ckpt_path {ckpt} restores {restored} of the {len(trainable)} trainable weights: "
+                        f"{len(missing)} not restored{example}{extra}; was it written by another PEFT version or with "
+                        "other LoRA settings?")  # fmt: skip
 
 
 def check_last_checkpoint(trainer, ckpt_path: Any) -> None:

@@ -212,7 +212,9 @@ class DiagnosisWriter(BasePredictionWriter):
             ]
             input_changed = (old.get("input") or {}).get("sha256") != run["input"]["sha256"]
         except (AttributeError, TypeError, KeyError) as e:  # valid JSON of another shape: hand-edited or foreign
-            raise ResumeRefused(f"{self.meta_path}: not the record of a predict run ({one_line(e)}); {start_over}") from None
+            raise ResumeRefused(
+                f"{self.meta_path}: not the record of a predict run ({one_line(e)}); {start_over}"
+            ) from None
         if differences:
             raise ResumeRefused(
                 f"{self.output_path}: its {len(done)} row(s) were written with other settings ("

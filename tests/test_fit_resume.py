@@ -107,7 +107,8 @@ def test_allow_layout_change_resumes_in_a_new_layout_with_a_warning(run_dir, tin
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli_main(fit_args(run_dir, tiny_model_dir, run_dir / "train.jsonl", "--trainer.max_steps", "3",
-                          "--ckpt_path", "last", "--data.batch_size", "4", "--data.allow_layout_change", "true"))  # fmt: skip
+                          "--ckpt_path", "last", "--data.batch_size", "4",
+                          "--data.allow_layout_change", "true"))  # fmt: skip
     assert len(seen) == 1 and seen[0][2] == 2  # one step more than the checkpoint's 2, in batches of 4
     assert any("data.batch_size 2, now 4" in str(w.message) and "may repeat or miss" in str(w.message) for w in caught)
 

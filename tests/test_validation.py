@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import torch
 
 from conftest import labelled_records, write_jsonl
 from healthai.data import DiagnosisDataModule, EvalSampler, PaddedEvalSet, TrainCollator
