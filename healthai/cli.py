@@ -32,6 +32,12 @@ class HealthAICLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_at_least("trainer.accumulate_grad_batches", config.trainer.accumulate_grad_batches, 1)
 
+    def before_fit(self) -> None:
+        from healthai.resume import check_last_checkpoint
+
+        # Lightning only warns when `--ckpt_path last` finds no last.ckpt, and trains from scratch.
+        check_last_checkpoint(self.trainer, self.config["fit"].get("ckpt_path"))
+
     def before_predict(self) -> None:
         # Rows are streamed to disk by the writer; holding every prediction in memory too would defeat that.
         self.trainer.predict_loop.return_predictions = False

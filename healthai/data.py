@@ -156,6 +156,8 @@ class TrainCollator:
             batch["ids"] = [e["id"] for e in examples]
             batch["references"] = [{"diseases": e["diseases"], "reason": e["reason"]} for e in examples]
             batch["case_texts"] = [e["feature_content"] for e in examples]  # the sample table in TensorBoard
+            # Records repeated only to give every process as many batches (EvalSampler): not counted in metrics.
+            batch["repeat"] = torch.tensor([bool(e.get("repeat")) for e in examples])
         return batch
 
 
@@ -248,6 +250,41 @@ class LengthGroupedSampler(DistributedSampler):
         return self.num_samples
 
 
+class PaddedEvalSet(Dataset):
+    """A dataset indexed past its end by :class:`EvalSampler`: position ``len + k`` is record ``k`` again, marked
+    ``repeat`` so that validation leaves it out of its metrics."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.dataset)
+        return self.dataset[i] if i < n else {**self.dataset[i % n], "repeat": True}
+
+
+class EvalSampler(DistributedSampler):
+    """Validation's share of each process, in dataset order: rank ``r`` takes positions ``r, r + R, …`` as
+    ``DistributedSampler(shuffle=False)`` does, and the last round is padded so every rank runs as many batches (the
+    ranks must stay in step); the padding positions lie past the dataset's end, so :class:`PaddedEvalSet` marks them as
+    repeats instead of passing them off as more records. A ``DistributedSampler``, so Lightning keeps it."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0):
+        # DistributedSampler.__init__ would query torch.distributed; set its fields directly instead.
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.seed, self.shuffle, self.drop_last = 0, 0, False, False
+        self.num_samples = math.ceil(size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class ResumableLoader(DataLoader):
     """The training ``DataLoader``, resumable at the exact batch: Lightning saves its :meth:`state_dict` (the epoch and
     the batches handed out in it) in every checkpoint, and after :meth:`load_state_dict` the next iteration of that
@@ -313,6 +350,7 @@ class DiagnosisDataModule(L.LightningDataModule):
         pad_to_multiple_of: int = 1,
         mega_batch_mult: int = 50,
         num_workers: int = 0,
+        allow_layout_change: bool = False,
     ):
         """
         Args:
@@ -337,6 +375,11 @@ class DiagnosisDataModule(L.LightningDataModule):
             mega_batch_mult: Mega-batch size, in global batches, within which the sampler sorts by length. Larger =
                 less padding, less randomness.
             num_workers: DataLoader worker processes.
+            allow_layout_change: On ``fit --ckpt_path``, accept a checkpoint written in another training layout
+                (number of processes, batch size, accumulation, sampler settings, seed, training or validation
+                records): the epoch's order is drawn again in this layout and the run goes on at the checkpoint's
+                batch count, so that epoch may repeat or miss records (later epochs are whole). By default such a
+                resume is refused naming the change.
         """
         # A bad value is the user's config error, named here, not a ZeroDivisionError deep in a sampler.
         check_at_least("data.max_length", max_length, 1)
@@ -364,6 +407,7 @@ class DiagnosisDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mega_batch_mult = mega_batch_mult
         self.num_workers = num_workers
+        self.allow_layout_change = allow_layout_change
         self.tokenizer = None
         self._rejects: dict[str, Rejects] = {}
         self._train_loader: Optional[ResumableLoader] = None
@@ -531,9 +575,19 @@ class DiagnosisDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def train_batches(self) -> int:
+        """Training batches per process in an epoch (what :class:`LengthGroupedSampler` hands out)."""
+        num_replicas, _ = self._replicas()
+        return max(1, math.ceil(len(self.train_set) / (self.batch_size * num_replicas)))
+
     def state_dict(self) -> dict[str, Any]:
-        """The train loader's position (:class:`ResumableLoader`), whenever Lightning writes a checkpoint."""
-        return self._train_loader.state_dict() if self._train_loader is not None else {}
+        """The train loader's position (:class:`ResumableLoader`) and the layout it means something in
+        (:func:`healthai.resume.training_layout`), whenever Lightning writes a checkpoint."""
+        if self._train_loader is None:
+            return {}
+        from healthai.resume import training_layout
+
+        return {**self._train_loader.state_dict(), "layout": training_layout(self, self.trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning also restores the loader itself from its fit loop's state, but not when configure_optimizers has
@@ -541,6 +595,11 @@ class DiagnosisDataModule(L.LightningDataModule):
         # is always the case here. This hook runs in every resume, before the first batch is fetched.
         if not state_dict:
             return
+        from healthai.resume import check_layout, training_layout
+
+        state_dict = dict(state_dict)
+        layout = state_dict.pop("layout", None)
+        check_layout(layout, training_layout(self, self.trainer), self.trainer.ckpt_path, self.allow_layout_change)
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state_dict)
         else:
@@ -565,8 +624,9 @@ class DiagnosisDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         collate = TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, with_prompts=True)
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate)  # fmt: skip
+        num_replicas, rank = self._replicas()
+        return DataLoader(PaddedEvalSet(self.val_set), batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          sampler=EvalSampler(len(self.val_set), num_replicas, rank), collate_fn=collate)  # fmt: skip
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False,

@@ -47,6 +47,7 @@ class DiagnosisLoRA(L.LightningModule):
         min_lr_ratio: float = 0.1,
         generation: GenerationSettings = GenerationSettings(),
         generate_every_n_epochs: int = 1,
+        val_every_n_steps: Optional[int] = None,
         val_generate_limit: int = 32,
         quantization: Optional[Literal["nf4"]] = None,
         random_init: bool = False,
@@ -73,7 +74,13 @@ class DiagnosisLoRA(L.LightningModule):
             min_lr_ratio: The cosine decay ends at ``learning_rate * min_lr_ratio``.
             generation: Decoding settings for validation generation and predict.
             generate_every_n_epochs: In validation, generate answers every this many epochs and log disease
-                precision/recall/F1, JSON validity and reason ROUGE-L (0 = never).
+                precision/recall/F1, JSON validity and reason ROUGE-L (0 = never). A checkpoint callback that
+                monitors one of those metrics needs 1 (checked at start).
+            val_every_n_steps: Validate every this many optimizer steps (null = Lightning's
+                ``trainer.val_check_interval``, by default once per epoch). Counted in steps, not in micro-batches
+                per process: the same setting means the same on 1 or 64 GPUs and whatever
+                ``accumulate_grad_batches``, and a validation always falls between two steps. Longer than an epoch:
+                validation runs at each epoch's end instead (with a warning).
             val_generate_limit: Validation records generated for those metrics (a fixed subset: the first ones).
             quantization: ``nf4`` loads the base in 4 bit through bitsandbytes (QLoRA, for 24 GB cards).
             random_init: Build the base from its config with random weights instead of loading them (benchmarks of
@@ -91,6 +98,9 @@ class DiagnosisLoRA(L.LightningModule):
         # Bad values are the user's config errors, named here before anything loads.
         check_model_source(model_name_or_path, "model.model_name_or_path")
         check_at_least("model.lora_r", lora_r, 1)
+        # alpha 0 scales the LoRA update to nothing: an adapter that trains and changes nothing.
+        check_at_least("model.lora_alpha", lora_alpha, 1)
+        check_at_least("model.val_every_n_steps", val_every_n_steps, 1, allow_none=True)
         check_at_least("model.learning_rate", learning_rate, 0)
         check_at_least("model.generate_every_n_epochs", generate_every_n_epochs, 0)
         check_at_least("model.val_generate_limit", val_generate_limit, 0)
@@ -119,6 +129,9 @@ class DiagnosisLoRA(L.LightningModule):
         # Summed over the micro-batches of the optimizer step under way (see on_before_optimizer_step).
         self._step_loss_sum = torch.zeros((), dtype=torch.float64)
         self._step_tokens = torch.zeros((), dtype=torch.float64)
+        # The same for validation (see validation_step).
+        self._val_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._val_tokens = torch.zeros((), dtype=torch.float64)
         # Checkpoints hold only the adapter (see on_save_checkpoint), so loading them must not expect base weights.
         self.strict_loading = False
         if adapter_path is not None and not random_init:
@@ -221,6 +234,12 @@ class DiagnosisLoRA(L.LightningModule):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True,
             )  # fmt: skip
+            device = self.trainer.strategy.root_device if self._trainer is not None else None
+            if device is not None and device.type == "cuda":
+                # Each process's 4-bit base on its own GPU: without a device map every DDP rank would quantize onto
+                # the current default GPU (rank 0's), and bitsandbytes weights cannot be moved afterwards. (On the CPU
+                # the weights stay where they load, and transformers refuses a "cpu" map for 4-bit offloading.)
+                kwargs["device_map"] = {"": str(device)}
         base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if self.hparams.quantization == "nf4":
             from peft import prepare_model_for_kbit_training
@@ -296,6 +315,28 @@ class DiagnosisLoRA(L.LightningModule):
                     param.grad.mul_(scale)
         self.log("train/loss", loss_sum / tokens, prog_bar=True)
 
+    def setup(self, stage: str) -> None:
+        """Checks and settings of fit that must come before the base loads (Lightning calls this first)."""
+        if stage != "fit":
+            return
+        from healthai.resume import check_max_steps
+
+        check_max_steps(self.trainer)
+        check_monitored_metrics(self.trainer.callbacks, self.hparams.generate_every_n_epochs)
+        if self.hparams.val_every_n_steps is not None:
+            self._set_validation_interval()
+
+    def _set_validation_interval(self) -> None:
+        """Translate ``val_every_n_steps`` into Lightning's ``val_check_interval`` (micro-batches per process)."""
+        trainer = self.trainer
+        if trainer.val_check_interval != 1.0:
+            raise ConfigError(f"model.val_every_n_steps {self.hparams.val_every_n_steps} and trainer.val_check_interval "
+                              f"{trainer.val_check_interval} both say when to validate; set only one")  # fmt: skip
+        datamodule = getattr(trainer, "datamodule", None)
+        batches = datamodule.train_batches() if hasattr(datamodule, "train_batches") else None
+        trainer.val_check_interval = validation_interval(self.hparams.val_every_n_steps,
+                                                         trainer.accumulate_grad_batches, batches)  # fmt: skip
+
     def on_train_start(self) -> None:
         every, accumulate = self.trainer.val_check_batch, self.trainer.accumulate_grad_batches
         if isinstance(every, int) and every % accumulate and every < self.trainer.num_training_batches:
@@ -335,6 +376,8 @@ class DiagnosisLoRA(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
         self._val_samples = []
+        self._val_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def on_validation_start(self) -> None:
         if self.hparams.generate_every_n_epochs > 0:
@@ -345,23 +388,40 @@ class DiagnosisLoRA(L.LightningModule):
         return n > 0 and (self.current_epoch + 1) % n == 0 and not self.trainer.sanity_checking
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        batch_size = batch["input_ids"].shape[0]
-        self.log("val/loss", self.answer_loss(batch), prog_bar=True, sync_dist=True, batch_size=batch_size)
-        if not self._generate_this_epoch() or self._val_generated >= self.hparams.val_generate_limit:
+        # Rows the sampler repeated to keep the processes in step (EvalSampler) run through the model like the others
+        # (every rank does the same work) but count in no metric.
+        repeat = batch.get("repeat")
+        flags = repeat.tolist() if repeat is not None else [False] * batch["input_ids"].shape[0]
+        rows = [i for i, repeated in enumerate(flags) if not repeated]
+        labels = batch["labels"]
+        if len(rows) < labels.shape[0]:
+            labels = labels.clone()
+            labels[repeat.to(labels.device)] = IGNORE_INDEX
+        # Summed over the answer tokens, divided at the epoch's end by all of them on every rank: val/loss is a mean
+        # per token, as train/loss is, not a mean of per-batch means.
+        loss_sum = self.answer_loss({**batch, "labels": labels}, reduction="sum")
+        self._val_loss_sum = self._val_loss_sum.to(loss_sum.device) + loss_sum.detach()
+        self._val_tokens = self._val_tokens.to(loss_sum.device) + answer_tokens(labels)
+        if not self._generate_this_epoch() or self._val_generated >= self.hparams.val_generate_limit or not rows:
             return
-        take = min(batch_size, self.hparams.val_generate_limit - self._val_generated)
-        self._val_generated += take
-        answers = self.generate_answers(batch["prompt_ids"][:take], batch["prompt_mask"][:take])
-        refs = batch["references"][:take]
+        rows = rows[: self.hparams.val_generate_limit - self._val_generated]
+        self._val_generated += len(rows)
+        answers = self.generate_answers(batch["prompt_ids"][rows], batch["prompt_mask"][rows])
+        refs = [batch["references"][i] for i in rows]
         self.val_disease.update([a.diseases or "" for a in answers], [r["diseases"] for r in refs])
         self.val_json_valid.update([a.status for a in answers])
         self.val_truncated.update([a.status for a in answers])
         self.val_rouge.update([a.reason or "" for a in answers], [r["reason"] for r in refs])
         keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
-        for record_id, case_text, ref, answer in list(zip(batch["ids"], batch["case_texts"], refs, answers))[:keep]:
-            self._val_samples.append(sample_row(record_id, case_text, ref, answer))
+        for i, ref, answer in list(zip(rows, refs, answers))[:keep]:
+            self._val_samples.append(sample_row(batch["ids"][i], batch["case_texts"][i], ref, answer))
 
     def on_validation_epoch_end(self) -> None:
+        totals = torch.stack([self._val_loss_sum, self._val_tokens]).to(self.device)
+        loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        # Already summed over the ranks, so every rank holds the same value (sync_dist averages equal numbers; it only
+        # spares Lightning's warning about unsynchronised epoch metrics).
+        self.log("val/loss", loss_sum / max(tokens, 1.0), prog_bar=True, sync_dist=True)
         if not self._generate_this_epoch():
             return
         scores = self.val_disease.compute()
@@ -488,8 +548,23 @@ class DiagnosisLoRA(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         from healthai.adapter import CKPT_KEY
 
+        from healthai.resume import lora_settings
+
         checkpoint[CKPT_KEY] = {"base": self.base_record(), "prompt": dataclasses.asdict(self._prompt()),
-                                "val_metrics": self._val_metrics()}  # fmt: skip
+                                "lora": lora_settings(self.model), "val_metrics": self._val_metrics()}  # fmt: skip
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another base, LoRA settings or prompt, or one that does not restore every trainable
+        weight (Lightning loads it non-strictly: it holds no base weights) — before anything of it is loaded."""
+        from healthai.adapter import CKPT_KEY
+        from healthai.resume import check_all_restored, check_checkpoint_matches, lora_settings
+
+        ckpt = self.trainer.ckpt_path
+        recorded = checkpoint.get(CKPT_KEY) or {}
+        check_checkpoint_matches(recorded, self.base_record(), lora_settings(self.model),
+                                 dataclasses.asdict(self._prompt()), ckpt, self.hparams.allow_base_mismatch)  # fmt: skip
+        if "state_dict" in checkpoint:
+            check_all_restored(checkpoint["state_dict"], self.trainable_names(), ckpt)
 
     def base_record(self) -> dict[str, Any]:
         """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once."""
@@ -620,6 +695,38 @@ class DiagnosisLoRA(L.LightningModule):
         self.save_adapter(last_dir, last, {"which": f"the last step ({step})", "metrics": last_metrics})
         rank_zero_info(f"adapter saved to {directory}: {which}")
         rank_zero_info(f"last step's adapter saved to {last_dir} (step {step})")
+
+
+GENERATED_METRICS = ("val/disease_", "val/json_valid", "val/reason_rougeL")
+"""Prefixes of the metrics only a validation that generates logs (see ``generate_every_n_epochs``)."""
+
+
+def check_monitored_metrics(callbacks: list, generate_every_n_epochs: int) -> None:
+    """Refuse at start a callback (ModelCheckpoint, EarlyStopping) monitoring a generated metric that some
+    validations would not log: Lightning stops at the first such validation, hours into a run."""
+    if generate_every_n_epochs == 1:
+        return
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith(GENERATED_METRICS):
+            n = generate_every_n_epochs
+            when = "never generates" if n == 0 else f"generates every {n} epochs"
+            raise ConfigError(f"{type(callback).__name__} monitors {monitor}, which only validations that generate "
+                              f"log, and model.generate_every_n_epochs {generate_every_n_epochs} {when}; set "
+                              "model.generate_every_n_epochs 1 or monitor val/loss")  # fmt: skip
+
+
+def validation_interval(every_n_steps: int, accumulate: int, batches_per_epoch: Optional[int]) -> int | float:
+    """Lightning's ``val_check_interval`` for "every ``every_n_steps`` optimizer steps": that many windows of
+    ``accumulate`` micro-batches per process (so a validation never splits a window), or 1.0 (each epoch's end, also
+    between steps) when an epoch has fewer batches than that."""
+    batches = every_n_steps * accumulate
+    if batches_per_epoch is not None and batches > batches_per_epoch:
+        steps = -(-batches_per_epoch // accumulate)
+        rank_zero_warn(f"WARNING: model.val_every_n_steps {every_n_steps} is longer than an epoch ({steps} step(s) on "
+                       "this data and number of processes): validating at each epoch's end instead")  # fmt: skip
+        return 1.0
+    return batches
 
 
 def check_liger_kernel() -> None:

@@ -32,8 +32,11 @@ from typing import Any, Optional, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from healthai.errors import UserError, check_output
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
 from healthai.provenance import adapter_fingerprint, base_fingerprint, package_versions, sha256_file
+from healthai.records import id_key
+from healthai.resume import ResumeRefused
 
 SUBMISSION_KEYS = ("id", "reason", "diseases", "feature_content", "parse_status")
 """Key order of a prediction row (the official submission order, plus ``parse_status``)."""
@@ -90,19 +93,22 @@ class DiagnosisWriter(BasePredictionWriter):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
             return
+        # Lightning calls this before the model loads: every refusal here costs the user seconds, not a base load.
         if self.output_path is None:
-            raise ValueError("writer.output_path is not set: where should the predictions go?")
+            raise UserError("writer.output_path is not set: where should the predictions go?")
         datamodule = trainer.datamodule
+        self._check_writable()
         self._refuse_input_as_output(datamodule.predict_file)
         if self.overwrite and trainer.is_global_zero:
             self.remove_outputs()
         trainer.strategy.barrier("healthai-writer-overwrite")
-        # Each rank repairs only its own shard (cutting a torn last line) before anyone reads the others: a rank must
-        # never truncate a file another rank may be appending to.
-        shard = self.shard_path(trainer.global_rank)
-        recover_jsonl(shard)
-        if shard.exists() and shard.stat().st_size == 0:
-            shard.unlink()  # a shard whose only line was torn holds nothing: no empty file left behind
+        # Rank zero repairs every shard (cutting a torn last line) before anyone reads them: the shards of an earlier
+        # run with any number of processes, so that any number resumes them. No process of this run appends yet.
+        if trainer.is_global_zero:
+            for shard in self.shard_paths():
+                recover_jsonl(shard)
+                if shard.stat().st_size == 0:
+                    shard.unlink()  # a shard whose only line was torn holds nothing: no empty file left behind
         trainer.strategy.barrier("healthai-writer-recover")
         done = self.done_rows()
         trainer.strategy.barrier("healthai-writer-read")
@@ -112,7 +118,7 @@ class DiagnosisWriter(BasePredictionWriter):
             for note in notes:
                 print(f"note: {note}", flush=True)
         self._run = run  # written to the meta file before the first row (and at the merge), not before: no litter
-        todo = datamodule.exclude_predict_ids(set(done))
+        todo = datamodule.exclude_predict_ids({i for i in datamodule.predict_order if id_key(i) in done})
         if trainer.is_global_zero and done:
             print(f"resuming {self.output_path}: {len(done)} record(s) already done, {todo} to go", flush=True)
         if todo == 0:
@@ -125,23 +131,37 @@ class DiagnosisWriter(BasePredictionWriter):
             self._bar = tqdm(total=todo, unit="rec", desc="predict", dynamic_ncols=True)
 
     def _refuse_input_as_output(self, predict_file: Optional[str]) -> None:
+        """The one output rule (:func:`healthai.errors.check_output`) for every file this writer writes: the output,
+        its meta file and each rank's shard."""
         if predict_file is None:
             return
-        own = {self.output_path, self.meta_path, *self.shard_paths(), self.shard_path(0)}
-        if Path(predict_file).resolve() in {p.resolve() for p in own}:
-            raise ValueError(
-                f"--writer.output_path {self.output_path} would overwrite the input --data.predict_file "
-                f"{predict_file}; choose another output file"
-            )
+        for path in (self.output_path, self.meta_path, *self.shard_paths(), self.shard_path(0)):
+            option = "--writer.output_path" + ("" if path == self.output_path else f" ({path.name})")
+            check_output(option, path, {"--data.predict_file": predict_file})
+
+    def _check_writable(self) -> None:
+        """Refuse an output path that is a folder, or in a folder that cannot be created or written (a read-only
+        disk), before the model loads and a batch is generated."""
+        out = self.output_path
+        if out.is_dir():
+            raise UserError(f"--writer.output_path {out} is a directory; name a file, e.g. {out / 'predictions.jsonl'}")
+        probe = out.with_name(f".{out.name}.{os.getpid()}.probe")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--writer.output_path {out}: cannot write in {out.parent} ({e.strerror or e})") from None
 
     def remove_outputs(self) -> None:
         """Delete the output, its shards and its meta file (``overwrite``)."""
         for path in [self.output_path, *self.shard_paths(), self.meta_path]:
             path.unlink(missing_ok=True)
 
-    def done_rows(self) -> dict[Any, str]:
-        """``id → feature_content`` of the rows already written to the output file or to any shard (read only)."""
-        done: dict[Any, str] = {}
+    def done_rows(self) -> dict[str, str]:
+        """``id_key(id) → feature_content`` of the rows already written to the output file or to any shard (read
+        only); ids are compared by :func:`healthai.records.id_key` (``5`` and ``"5"`` are one record)."""
+        done: dict[str, str] = {}
         for path in [self.output_path, *self.shard_paths()]:
             if path.exists():
                 done.update(_rows_in(path))
@@ -157,41 +177,49 @@ class DiagnosisWriter(BasePredictionWriter):
         if not done:
             return []
         start_over = "rerun with --writer.overwrite true to start over, or choose another --writer.output_path"
-        unknown = set(done) - set(datamodule.predict_order)
+        texts = {id_key(i): text for i, text in datamodule.predict_texts().items()}
+        unknown = set(done) - set(texts)
         if unknown:
-            raise ValueError(
+            raise ResumeRefused(
                 f"{self.output_path}: holds {len(unknown)} id(s) not in the input (e.g."
                 f" {sorted(map(str, unknown))[:3]}); is this the output of another input file? {start_over}"
             )
-        texts = datamodule.predict_texts()
         changed = [i for i, text in done.items() if texts[i] != text]
         if changed:
-            raise ValueError(
+            raise ResumeRefused(
                 f"{self.output_path}: {len(changed)} of {len(done)} row(s) already written have another feature_content"
                 f" than {datamodule.predict_file} (e.g. id {changed[0]!r}): they were predicted from another input;"
                 f" {start_over}"
             )
         if not self.meta_path.is_file():
-            raise ValueError(
+            raise ResumeRefused(
                 f"{self.output_path}: holds {len(done)} row(s) but no {self.meta_path.name} recording what produced"
                 f" them, so resuming could mix models or settings; {start_over}"
             )
         try:
             old = json.loads(self.meta_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{self.meta_path}: unreadable ({e}); {start_over}") from None
-        differences = compare_runs(old, run)
+            raise ResumeRefused(f"{self.meta_path}: unreadable ({one_line(e)}); {start_over}") from None
+        try:
+            if not isinstance(old, dict):
+                raise TypeError(f"a JSON {type(old).__name__}")
+            differences = compare_runs(old, run)
+            notes = [
+                f"{self.output_path} was started with {name} {old['packages'][name]}, this run has {version}"
+                for name, version in run["packages"].items()
+                if (old.get("packages") or {}).get(name, version) != version
+            ]
+            input_changed = (old.get("input") or {}).get("sha256") != run["input"]["sha256"]
+        except (AttributeError, TypeError, KeyError) as e:  # valid JSON of another shape: hand-edited or foreign
+            raise ResumeRefused(
+                f"{self.meta_path}: not the record of a predict run ({one_line(e)}); {start_over}"
+            ) from None
         if differences:
-            raise ValueError(
+            raise ResumeRefused(
                 f"{self.output_path}: its {len(done)} row(s) were written with other settings ("
                 + "; ".join(differences) + f"); {start_over}"
             )
-        notes = [
-            f"{self.output_path} was started with {name} {old['packages'][name]}, this run has {version}"
-            for name, version in run["packages"].items()
-            if old.get("packages", {}).get(name, version) != version
-        ]
-        if old.get("input", {}).get("sha256") != run["input"]["sha256"]:
+        if input_changed:
             notes.append(f"{datamodule.predict_file} changed since {self.output_path} was started; the {len(done)} "
                          "row(s) already written still match it by id and feature_content, so they are kept")
         return notes
@@ -274,7 +302,9 @@ class DiagnosisWriter(BasePredictionWriter):
 
     def merge(self, order: dict[Any, int]) -> int:
         """Merge the output file and every shard into the output, in input order; atomic; removes the shards."""
-        rows: dict[Any, dict] = {}
+        rows: dict[str, dict] = {}
+        given = {id_key(i): i for i in order}  # each id as the input writes it (a kept row may have had 5 for "5")
+        order = {id_key(i): n for i, n in order.items()}
         shards = self.shard_paths()
         for path in [self.output_path, *shards]:
             if not path.exists():
@@ -282,11 +312,12 @@ class DiagnosisWriter(BasePredictionWriter):
             for line_no, row, error in iter_jsonl(path):
                 if error is not None:
                     raise BadRecordError(path, line_no, error)
-                rows.setdefault(row["id"], row)  # an id is written once; keep the first if a rerun raced
+                rows.setdefault(id_key(row["id"]), row)  # an id is written once; keep the first if a rerun raced
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.output_path.with_name(f".{self.output_path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            append_rows(f, (rows[i] for i in sorted(rows, key=lambda i: order.get(i, len(order)))))
+            ordered = sorted(rows, key=lambda i: order.get(i, len(order)))
+            append_rows(f, ({**rows[i], "id": given.get(i, rows[i]["id"])} for i in ordered))
         os.replace(tmp, self.output_path)
         for path in shards:
             path.unlink()
@@ -394,13 +425,17 @@ def submission_row(row: dict) -> dict:
     return out
 
 
-def _rows_in(path: Path) -> dict[Any, str]:
-    """``id → feature_content`` of a file that its writer has already repaired (see ``DiagnosisWriter.setup``)."""
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _rows_in(path: Path) -> dict[str, str]:
+    """``id_key(id) → feature_content`` of a file that its writer has already repaired (see ``DiagnosisWriter.setup``)."""
     rows = {}
     for line_no, row, error in iter_jsonl(path):
         if error is None and "id" not in row:
             error = "row without 'id'"
         if error is not None:
             raise BadRecordError(path, line_no, f"cannot resume from this file: {error}")
-        rows[row["id"]] = row.get("feature_content")
+        rows[id_key(row["id"])] = row.get("feature_content")
     return rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +25,8 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return result
 
 
-def test_ddp_fit_on_two_cpu_processes_saves_adapter_and_adapter_only_checkpoint(tmp_path, tiny_model_dir):
+def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resume(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
     run([
         "fit", "--config", "configs/tiny.yaml", *DDP,
@@ -37,6 +40,22 @@ def test_ddp_fit_on_two_cpu_processes_saves_adapter_and_adapter_only_checkpoint(
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 and all("lora_" in k for k in ckpt["state_dict"])
     assert (tmp_path / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Resumed on one process, the saved position (2 ranks x 2 batches of 2) would mean other records: refused.
+    from healthai.cli import cli_main
+    from healthai.resume import ResumeRefused
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ResumeRefused, match="processes .* 2, now 1"):
+        cli_main([
+            "fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--model.model_name_or_path", str(tiny_model_dir), "--ckpt_path", "last",
+            "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "256",
+            "--data.batch_size", "2", "--trainer.max_steps", "6", "--trainer.max_epochs", "10",
+            "--model.generate_every_n_epochs", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+        ])  # fmt: skip
 
 
 def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir, monkeypatch):
@@ -62,6 +81,19 @@ def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny
     assert ddp == single
     assert not list(tmp_path.glob("ddp.jsonl.rank*"))
 
+    # A 3-process run killed mid-write (rank 2's last line torn, rows 2 and 5 never written), resumed by 2 processes:
+    # rank zero repairs every shard, both read them all, and each id ends up in the output once.
+    shutil.copy(tmp_path / "single.jsonl.meta.json", tmp_path / "resumed.jsonl.meta.json")
+    write_jsonl(tmp_path / "resumed.jsonl.rank0.jsonl", [single[0], single[3]])
+    write_jsonl(tmp_path / "resumed.jsonl.rank1.jsonl", [single[1]])
+    rank2 = write_jsonl(tmp_path / "resumed.jsonl.rank2.jsonl", [single[4]])
+    with open(rank2, "a", encoding="utf-8") as f:
+        f.write(json.dumps(single[5], ensure_ascii=False)[:25])
+    out = run([*common, *DDP, "--writer.output_path", str(tmp_path / "resumed.jsonl")]).stdout
+    assert "4 record(s) already done, 2 to go" in out
+    assert read_jsonl(tmp_path / "resumed.jsonl") == single
+    assert not list(tmp_path.glob("resumed.jsonl.rank*"))
+
 
 def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(tmp_path, tiny_model_dir):
     # 8 examples, one step of 2 accumulated global batches of 4: 1 process × batch 4, or 2 ranks × batch 2 (the
@@ -85,3 +117,20 @@ def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(t
     single = flat(steps[1][0]["grads"])
     for rank in ranks:  # DDP leaves every rank with the same, all-reduced gradient
         assert (flat(rank["grads"]) - single).norm() <= 1e-5 * single.norm()
+
+
+def test_ddp_validation_loss_is_the_single_process_loss_without_the_repeated_record(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):  # fmt: skip
+    # 3 records on 2 ranks: rank 1 gets record 1 and a repeat of record 0 to stay in step; the repeat must not count.
+    from healthai.cli import cli_main
+
+    val = write_jsonl(tmp_path / "val.jsonl", labelled_records(3))
+    common = ["validate", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
+              "--data.val_file", str(val), "--data.max_length", "256", "--data.eval_batch_size", "1",
+              "--model.generate_every_n_epochs", "0", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    out = run([*common, *DDP]).stdout
+    ddp = float(next(line.split()[-2] for line in out.splitlines() if "val/loss" in line))
+    monkeypatch.chdir(REPO)
+    single = float(cli_main(common).trainer.callback_metrics["val/loss"])
+    assert ddp == pytest.approx(single, rel=1e-5)

@@ -136,7 +136,7 @@ def test_rows_without_a_meta_file_are_not_resumed(run_dir, tiny_model_dir):
 def test_output_equal_to_the_input_is_refused_and_leaves_no_litter(tmp_path, tiny_model_dir):
     src = write_jsonl(tmp_path / "records.jsonl", short_records(3))
     before = files(tmp_path)
-    with pytest.raises(ValueError, match="would overwrite the input --data.predict_file"):
+    with pytest.raises(ValueError, match="would overwrite --data.predict_file"):
         cli_main(predict_args(tiny_model_dir, src, src))
     assert files(tmp_path) == before  # no shard, no meta file
 
@@ -236,3 +236,101 @@ def test_the_resume_hint_never_starts_over():
     argv = ["/x/healthai/__main__.py", "predict", "--writer.overwrite", "true", "--data.predict_file", "a b.jsonl",
             "--writer.overwrite=true"]  # fmt: skip
     assert _resume_command(argv) == "python -m healthai predict --data.predict_file 'a b.jsonl'"
+
+
+# -- any number of processes resumes any earlier run's shards; ids by the one id rule ----------------------------------
+
+
+def test_shards_of_an_earlier_run_with_more_processes_and_a_torn_line_resume_in_one_process(run_dir, tiny_model_dir,
+                                                                                            capsys):  # fmt: skip
+    """A 4-process run killed mid-write (SIGKILL: rank 3's last line torn) is resumed by one process: every shard is
+    repaired and read, the torn record is redone, and every id is in the output exactly once."""
+    rows = read_jsonl(run_dir / "pred.jsonl")
+    (run_dir / "pred.jsonl").unlink()
+    write_jsonl(run_dir / "pred.jsonl.rank0.jsonl", [rows[0], rows[4]])
+    write_jsonl(run_dir / "pred.jsonl.rank1.jsonl", [rows[1]])
+    rank3 = write_jsonl(run_dir / "pred.jsonl.rank3.jsonl", [rows[3]])
+    with open(rank3, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rows[5], ensure_ascii=False)[:30])  # the kill cut this line
+    cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl"))
+    assert "4 record(s) already done, 2 to go" in capsys.readouterr().out
+    assert read_jsonl(run_dir / "pred.jsonl") == rows  # greedy: the redone rows are the ones the first run wrote
+    assert set(files(run_dir)) == {"records.jsonl", "pred.jsonl", "pred.jsonl.meta.json"}
+
+
+def test_rows_resume_by_the_id_rule_5_and_string_5_are_one_record(run_dir, tiny_model_dir, capsys):
+    """The rows were written with integer ids; the input now writes them as strings: the same records, resumed."""
+    rows = read_jsonl(run_dir / "pred.jsonl")
+    write_jsonl(run_dir / "records.jsonl", [dict(r, id=str(r["id"])) for r in short_records(6)])
+    cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl"))
+    assert "6 record(s) already done, 0 to go" in capsys.readouterr().out
+    # The output names each record as the input does now.
+    assert read_jsonl(run_dir / "pred.jsonl") == [dict(r, id=str(r["id"])) for r in rows]
+
+
+# -- every refusal is one line and exit status 2, found before the model loads ----------------------------------------
+
+
+def run_main(argv: list[str], capfd) -> tuple[int, str]:
+    from healthai.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("other settings", "were written with other settings (generation.max_new_tokens 12, now 10)"),
+    ("other content", "already written have another feature_content"),
+    ("other adapter", "were written with other settings (adapter none (zero-shot), now "),
+    ("meta deleted", "but no pred.jsonl.meta.json"),
+    ("meta corrupt", "pred.jsonl.meta.json: unreadable"),
+    ("meta a list", "pred.jsonl.meta.json: not the record of a predict run"),
+    ("meta of another shape", "pred.jsonl.meta.json: not the record of a predict run"),
+    ("output is the input", "would overwrite --data.predict_file"),
+    ("output is a directory", "is a directory; name a file"),
+    ("output under a file", "cannot write in"),
+    ("read-only folder", "cannot write in"),
+])  # fmt: skip
+def test_every_predict_refusal_is_one_line_exit_2_before_the_model_loads(run_dir, tiny_model_dir, adapter_dir, case,
+                                                                         expected, capfd, monkeypatch):  # fmt: skip
+    from healthai.model import DiagnosisLoRA
+
+    def no_load(self):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(DiagnosisLoRA, "configure_model", no_load)
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    src, out, extra = run_dir / "records.jsonl", run_dir / "pred.jsonl", []
+    meta = run_dir / "pred.jsonl.meta.json"
+    if case == "other settings":
+        extra = ["--model.generation.max_new_tokens", "10"]
+    elif case == "other content":
+        src = write_jsonl(run_dir / "other.jsonl", short_records(6, prefix="（复诊）"))
+    elif case == "other adapter":
+        extra = ["--model.adapter_path", str(adapter_dir)]
+    elif case == "meta deleted":
+        meta.unlink()
+    elif case == "meta corrupt":
+        meta.write_text('{"input": ', encoding="utf-8")
+    elif case == "meta a list":
+        meta.write_text("[]\n", encoding="utf-8")
+    elif case == "meta of another shape":
+        meta.write_text('{"base": "Qwen", "generation": [1]}\n', encoding="utf-8")
+    elif case == "output is the input":
+        out = src
+    elif case == "output is a directory":
+        out = run_dir
+    elif case == "output under a file":
+        out = src / "pred.jsonl"
+    elif case == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder: the refusal cannot be seen as root")
+        folder = run_dir / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        out = folder / "pred.jsonl"
+    code, err = run_main(predict_args(tiny_model_dir, src, out, *extra), capfd)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("healthai predict: error: ") and expected in lines[-1], lines[-1]

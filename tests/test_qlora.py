@@ -75,3 +75,24 @@ def test_nf4_base_is_4bit_and_answer_loss_trains_lora_only(tiny_model_dir, dtype
     optimizer.zero_grad()
     module.answer_loss(batch).backward()
     assert all(g is not None and g.abs().sum() > 0 for g in lora_grads(module, "lora_A").values())
+
+
+def test_nf4_base_loads_on_the_device_of_its_process(tiny_model_dir, monkeypatch):
+    """Under DDP every rank quantizes its own copy of the base: onto its own device (bitsandbytes' 4-bit weights cannot
+    be moved afterwards), not onto the current default GPU."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+
+    def capture(source, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", capture)
+    module = DiagnosisLoRA(model_name_or_path=str(tiny_model_dir), quantization="nf4")
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 3)))
+    with pytest.raises(RuntimeError, match="captured"):
+        module._build_base()
+    assert seen["device_map"] == {"": "cuda:3"}
