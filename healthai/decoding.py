@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
+from healthai.errors import ConfigError
 from healthai.prompts import ANSWER_JSON_SCHEMA, join_diseases
 
 ParseStatus = Literal["ok", "repaired", "truncated", "failed"]
@@ -426,7 +427,7 @@ def check_answer_budget(tokenizer, settings: GenerationSettings) -> Optional[str
     scaffold = len(tokenizer.encode(answer_text("", ""), add_special_tokens=False)) + 1
     budget = settings.max_new_tokens
     if budget < scaffold:
-        raise ValueError(f"generation.max_new_tokens={budget} is below the {scaffold} tokens of an empty answer "
+        raise ConfigError(f"generation.max_new_tokens={budget} is below the {scaffold} tokens of an empty answer "
                          f"object: no answer can be complete; raise it")  # fmt: skip
     caps = (settings.max_diseases_chars, settings.max_reason_chars)
     if None in caps:

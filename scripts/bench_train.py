@@ -192,6 +192,7 @@ def run_project(args) -> dict:
     """(a): the real fit path, a Lightning Trainer over DiagnosisDataModule and DiagnosisLoRA."""
     import lightning as L
 
+    from healthai.decoding import GenerationSettings
     from healthai.model import DiagnosisLoRA
 
     meter = Meter(args.warmup_steps)
@@ -211,6 +212,9 @@ def run_project(args) -> dict:
     model = DiagnosisLoRA(
         args.model, dtype="float32", lora_r=8, lora_alpha=16, lora_dropout=0.0, gradient_checkpointing=True,
         learning_rate=args.lr, generate_every_n_epochs=0,
+        # Uncapped answers: the made-up reasons are one item per line, which a length-capped string cannot hold
+        # (fit refuses such labels under caps); this benchmark times training and generates nothing.
+        generation=GenerationSettings(max_diseases_chars=None, max_reason_chars=None),
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as root:  # on_train_end saves the adapter under default_root_dir
         trainer = L.Trainer(
