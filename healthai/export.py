@@ -10,6 +10,7 @@ real case records, and exits with status 1 when they differ by more than a toler
 from __future__ import annotations
 
 import gc
+import importlib.resources
 import json
 import sys
 from pathlib import Path
@@ -17,16 +18,17 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from healthai.data import check_record, end_of_turn_id, fit_case_text
+from healthai.data import end_of_turn_id, fit_case_text
 from healthai.decoding import GenerationSettings
 from healthai.errors import UserError, check_model_source, check_output
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.adapter import is_checkpoint
 from healthai.prompts import PromptStyle
+from healthai.records import check_record
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_RECORDS = REPO / "data" / "sample_val.jsonl"
-"""Real case records shipped with the repository, used for the parity check when ``--records`` is not given."""
+PARITY_RECORDS = "static/parity_records.jsonl"
+"""The parity check's records when ``--records`` is not given: the case texts of the repository's
+data/sample_val.jsonl, shipped as package data (setup.cfg), so that a non-editable install has them too."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,10 +56,8 @@ Pass ``--tolerance`` to tighten or loosen this for a given model.
 
 
 def default_records_file() -> Path:
-    """The repository's sample records (a pip-installed package without them needs ``--records``)."""
-    if not SAMPLE_RECORDS.is_file():
-        raise FileNotFoundError(f"{SAMPLE_RECORDS} not found: pass --records FILE.jsonl for the parity check")
-    return SAMPLE_RECORDS
+    """The package's own parity records (:data:`PARITY_RECORDS`), found through the package, not the repository."""
+    return Path(str(importlib.resources.files("healthai").joinpath(PARITY_RECORDS)))
 
 
 def first_records(path: Path, n: int) -> list[dict[str, Any]]:
@@ -235,8 +235,8 @@ def export(
             bfloat16 1.0 (half precision rounds too coarsely for a tight bound: export in float32 for a tight
             check and let vLLM cast with --dtype bfloat16).
         parity_records: Number of case records the parity check runs on.
-        records: JSONL of case records {"id", "feature_content"} for the parity check. Default: the repository's
-            data/sample_val.jsonl.
+        records: JSONL of case records {"id", "feature_content"} for the parity check. Default: ten made-up case
+            records shipped with the package (those of the repository's data/sample_val.jsonl).
         parity_max_tokens: Longest prompt (tokens) of a parity record; longer case texts are cut at the end.
             Bounds the memory of the kept reference logits (~0.6 MB per token with Qwen's vocabulary).
         device: Where to load and run the models: cpu, cuda, cuda:1, ...

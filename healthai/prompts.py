@@ -72,10 +72,6 @@ class PromptStyle:
             {"role": "user", "content": self.user_template.replace("{case}", case_text)},
         ]
 
-    def conversation(self, case_text: str, diseases: str | Sequence[str], reason: str) -> list[dict[str, str]]:
-        """:meth:`messages` plus the assistant's answer: a whole training example."""
-        return self.messages(case_text) + [{"role": "assistant", "content": answer_text(diseases, reason)}]
-
     def save(self, directory: str | Path) -> Path:
         """Write the settings to ``directory/prompt.json`` and return that path."""
         path = Path(directory) / PROMPT_FILE

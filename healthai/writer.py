@@ -167,10 +167,6 @@ class DiagnosisWriter(BasePredictionWriter):
                 done.update(_rows_in(path))
         return done
 
-    def done_ids(self) -> set:
-        """Ids already written to the output file or to any shard (read only)."""
-        return set(self.done_rows())
-
     def _check_resume(self, done: dict[Any, str], datamodule, run: dict[str, Any]) -> list[str]:
         """Refuse to add rows to ``done`` unless they were produced from this input, model and settings; returns
         notes on what changed without mattering (package versions, the input file beyond the rows done)."""

@@ -14,40 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchlib import REPO, add_records_option, read_case_records, write_jsonl
 
-from healthai.label import LabelSettings, Summary, run_labelling  # noqa: E402
+from healthai.label import LabelSettings, Summary, run_labelling
 
-DEFAULT_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
 TARGET_RATIO = 12.0
-
-
-def take_records(path: Path, n: int, dest: Path) -> int:
-    """Copy the first ``n`` records' id and feature_content into ``dest``; exits with one line if there are fewer."""
-    count = 0
-    if not path.is_file():
-        raise SystemExit(f"--records {path}: no such file")
-    with open(path, encoding="utf-8") as src, open(dest, "w", encoding="utf-8") as out:
-        for line in src:
-            if count == n:
-                break
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            row = {"id": obj["id"], "feature_content": obj["feature_content"]}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    if count < n:
-        raise SystemExit(f"--n_records {n}: {path} holds only {count} records")
-    return count
 
 
 @contextlib.contextmanager
@@ -84,8 +61,7 @@ def bench_once(workdir: Path, base_url: str, concurrency: int) -> Summary:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS,
-                        help="JSONL of real case records (id, feature_content) (default: the committed fixture)")
+    add_records_option(parser)
     parser.add_argument("--n_records", "--n", type=int, default=96, help="records per run (default: %(default)s)")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds the server takes per request")
     parser.add_argument("--concurrency", type=int, default=16, help="compared against concurrency 1")
@@ -93,7 +69,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_label_") as tmp, fake_server(args.latency) as base_url:
         workdir = Path(tmp)
-        n = take_records(args.records.resolve(), args.n_records, workdir / "in.jsonl")
+        records = read_case_records(args.records.resolve(), args.n_records)
+        write_jsonl(workdir / "in.jsonl", records)
+        n = len(records)
         print(f"{n} records from {args.records.resolve()}, {args.latency * 1000:.0f} ms per request, {base_url}")
         results = {c: bench_once(workdir, base_url, c) for c in (1, args.concurrency)}
 

@@ -57,94 +57,21 @@ numbers there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchlib import (CountingGenerate, add_model_option, add_records_option, new_token_counts, read_case_records,
+                      resolve_path, torch_threads, write_jsonl)  # fmt: skip
 
-# Real case records committed with the tests (96, spanning the length range); pass a larger file for real figures.
-SEED_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
 TARGET_RATIO = 8.0
 TARGET_TOKEN_RATIO = 0.9  # (a)/(c) token positions/s at equal length
-
-
-def resolve_model(path: str) -> str:
-    """``--model`` as given, or relative to the repository root when it is not a folder relative to the cwd."""
-    p = Path(path)
-    if not p.exists() and (REPO / p).exists():
-        return str(REPO / p)
-    return path
-
-
-def read_seed_records(path: Path, n: int, offset: int = 0, warm: int = 0) -> list[dict]:
-    """The first ``n`` + ``warm`` real records (``id``, ``feature_content``) after ``offset``; exits with one line if
-    the file holds fewer."""
-    rows = []
-    if not path.is_file():
-        raise SystemExit(f"--records {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if len(rows) == n + warm:
-                break
-            if i < offset or not line.strip():
-                continue
-            obj = json.loads(line)
-            rows.append({"id": obj["id"], "feature_content": obj["feature_content"]})
-    if len(rows) < n + warm:
-        raise SystemExit(f"--n_records {n} (+ {warm} for warm-up) from --offset {offset}: {path} holds only "
-                         f"{offset + len(rows)} records")  # fmt: skip
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-def new_token_counts(new, stop_ids: set[int]) -> list[int]:
-    """Per row of ``new`` (2-D generated ids): tokens up to and including the first stop token (all if none)."""
-    counts = []
-    for row in new.tolist():
-        n = len(row)
-        for i, t in enumerate(row):
-            if t in stop_ids:
-                n = i + 1
-                break
-        counts.append(n)
-    return counts
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # (a) the project's predict path
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class CountingGenerate:
-    """Wraps ``PeftModel.generate`` to count each row's new tokens and each call's decoding steps (a few list
-    operations per batch)."""
-
-    def __init__(self, generate, stop_ids: set[int]):
-        self.generate = generate
-        self.stop_ids = stop_ids
-        self.new_tokens = self.positions = self.last_steps = 0
-        self.seconds = 0.0
-
-    def __call__(self, *args, input_ids, **kwargs):
-        t = time.perf_counter()
-        out = self.generate(*args, input_ids=input_ids, **kwargs)
-        self.seconds += time.perf_counter() - t
-        new = out[:, input_ids.shape[1] :]
-        self.new_tokens += sum(new_token_counts(new, self.stop_ids))
-        self.last_steps = new.shape[1]
-        self.positions += new.numel()
-        return out
 
 
 class ProjectPath:
@@ -341,9 +268,8 @@ def spread_subset(tokenizer, records: list[dict], m: int) -> tuple[list[dict], f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default="models/tiny-qwen2.5", help="model folder (default: %(default)s)")
-    parser.add_argument("--records", default=str(SEED_RECORDS),
-                        help="JSONL of real case records (id, feature_content) (default: the committed fixture)")
+    add_model_option(parser)
+    add_records_option(parser)
     parser.add_argument("--n_records", type=int, default=64, help="records timed (default: %(default)s)")
     parser.add_argument("--offset", type=int, default=0, help="first record taken from --records")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="same for all paths (default: %(default)s)")
@@ -358,16 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     args = parser.parse_args(argv)
 
-    import torch
     from transformers import AutoTokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    model_path = resolve_model(args.model)
+    threads = torch_threads(args.threads)
+    model_path = resolve_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # Warm-up records are the 2 after the timed ones, so no path has seen the timed prompts.
-    both = read_seed_records(Path(args.records), args.n_records, args.offset, warm=2)
+    both = read_case_records(args.records, args.n_records, args.offset, warm=2)
     records, warm = both[: args.n_records], both[args.n_records :]
 
     with_old = args.old_records > 0
@@ -375,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     old_records = old_records if with_old else []
 
     print(f"model {model_path}; {len(records)} records of {args.records}, max_new_tokens {args.max_new_tokens}, "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} "
+          f"batch {args.batch_size}, torch threads {threads}, load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
     new_path = ProjectPath(model_path, tokenizer, args)
     old_path = OldPath(model_path, tokenizer, args) if with_old else None
@@ -395,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             old_path.generate(warm)
             old_path.new_tokens = 0
         old_warm = time.perf_counter() - t
-        new_path.counter.new_tokens = new_path.counter.positions = plain_path.new_tokens = plain_path.positions = 0
-        new_path.counter.seconds = plain_path.generate_seconds = 0.0
+        new_path.counter.reset()
+        plain_path.new_tokens = plain_path.positions = 0
+        plain_path.generate_seconds = 0.0
         new_path.processors.clear()
         new, old, plain = run_interleaved(new_path, plain_path, old_path, records_file, old_records, args.batch_size)
     new["prompt_len"], plain["prompt_len"] = new_len, new_len

@@ -26,18 +26,8 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SEED_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
-
-
-def read_records(path: Path, n: int) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()][:n]
-    if len(rows) < n:
-        raise SystemExit(f"{path}: only {len(rows)} records, {n} wanted")
-    return [{"id": r["id"], "feature_content": r["feature_content"]} for r in rows]
+from benchlib import REPO, SEED_RECORDS, add_model_option, read_case_records, resolve_path
 
 
 def free_port() -> int:
@@ -76,7 +66,7 @@ def timed(fn) -> tuple[float, list[dict]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="models/tiny-qwen2.5")
+    add_model_option(p)
     p.add_argument("--adapter", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
@@ -93,10 +83,9 @@ def main() -> None:
     if args.records % args.rounds:
         raise SystemExit("--records must be a multiple of --rounds")
 
-    records = read_records(SEED_RECORDS, args.records)
+    records = read_case_records(SEED_RECORDS, args.records, option="--records")
     # The server runs in the repository root: paths given relative to the caller's folder are made absolute.
-    absolute = [str(Path(x).resolve()) if x and Path(x).exists() else x for x in (args.model, args.adapter)]
-    args.model, args.adapter = absolute
+    args.model, args.adapter = resolve_path(args.model), resolve_path(args.adapter)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "healthai", "serve", "--model_name_or_path", args.model, "--dtype", args.dtype,

