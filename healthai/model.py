@@ -139,12 +139,10 @@ class DiagnosisLoRA(L.LightningModule):
         self._init_metrics()
 
     def _init_metrics(self) -> None:
-        from healthai.metrics import DiseaseF1, JsonValidRate, ReasonRougeL, TruncatedRate
+        from healthai.metrics import answer_metrics
 
-        self.val_disease = DiseaseF1()
-        self.val_json_valid = JsonValidRate()
-        self.val_truncated = TruncatedRate()
-        self.val_rouge = ReasonRougeL()
+        # The collection evaluate scores with too: a metric added there is logged as val/<name>.
+        self.val_metrics = answer_metrics()
 
     def setup(self, stage: str) -> None:
         """At fit start — after the data module has read and encoded the labels, before the base is loaded — refuse
@@ -408,10 +406,7 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_generated += len(rows)
         answers = self.generate_answers(batch["prompt_ids"][rows], batch["prompt_mask"][rows])
         refs = [batch["references"][i] for i in rows]
-        self.val_disease.update([a.diseases or "" for a in answers], [r["diseases"] for r in refs])
-        self.val_json_valid.update([a.status for a in answers])
-        self.val_truncated.update([a.status for a in answers])
-        self.val_rouge.update([a.reason or "" for a in answers], [r["reason"] for r in refs])
+        self.val_metrics.update(answers, refs)
         keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
         for i, ref, answer in list(zip(rows, refs, answers))[:keep]:
             self._val_samples.append(sample_row(batch["ids"][i], batch["case_texts"][i], ref, answer))
@@ -424,13 +419,9 @@ class DiagnosisLoRA(L.LightningModule):
         self.log("val/loss", loss_sum / max(tokens, 1.0), prog_bar=True, sync_dist=True)
         if not self._generate_this_epoch():
             return
-        scores = self.val_disease.compute()
-        self.log_dict({f"val/disease_{k}": v for k, v in scores.items()}, sync_dist=False)
-        self.log("val/json_valid", self.val_json_valid.compute())
-        self.log("val/truncated", self.val_truncated.compute())
-        self.log("val/reason_rougeL", self.val_rouge.compute())
-        for metric in (self.val_disease, self.val_json_valid, self.val_truncated, self.val_rouge):
-            metric.reset()
+        # compute() adds up every rank's states (a collective), so the logged values need no sync_dist.
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=False)
+        self.val_metrics.reset()
         self._log_val_samples()
 
     def _log_val_samples(self) -> None:
