@@ -688,18 +688,18 @@ class DiagnosisLoRA(L.LightningModule):
         rank_zero_info(f"last step's adapter saved to {last_dir} (step {step})")
 
 
-GENERATED_METRICS = ("val/disease_", "val/json_valid", "val/reason_rougeL")
-"""Prefixes of the metrics only a validation that generates logs (see ``generate_every_n_epochs``)."""
-
-
 def check_monitored_metrics(callbacks: list, generate_every_n_epochs: int) -> None:
-    """Refuse at start a callback (ModelCheckpoint, EarlyStopping) monitoring a generated metric that some
-    validations would not log: Lightning stops at the first such validation, hours into a run."""
+    """Refuse at start a callback (ModelCheckpoint, EarlyStopping) monitoring a generated metric (``val/<name>`` of
+    :func:`healthai.metrics.answer_metrics`) that some validations would not log: Lightning stops at the first such
+    validation, hours into a run."""
+    from healthai.metrics import answer_metrics
+
     if generate_every_n_epochs == 1:
         return
+    generated = {f"val/{name}" for name in answer_metrics().names()}
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
-        if isinstance(monitor, str) and monitor.startswith(GENERATED_METRICS):
+        if monitor in generated:
             n = generate_every_n_epochs
             when = "never generates" if n == 0 else f"generates every {n} epochs"
             raise ConfigError(f"{type(callback).__name__} monitors {monitor}, which only validations that generate "

@@ -135,3 +135,18 @@ def test_evaluate_reports_the_truncated_rate_over_the_rows_scored(tmp_path: Path
     assert report["truncated_rate"] == 0.5  # of the 2 rows scored; the 2 missing records do not lower it
     none = evaluate(write_jsonl(tmp_path / "none.jsonl", [{"id": 9, "diseases": "肺炎"}]), refs)
     assert none["truncated_rate"] is None and none["json_valid_rate"] is None
+
+
+@pytest.mark.parametrize("monitor", ["val/truncated", "val/answered", "val/disease_recall"])
+def test_monitoring_any_generated_metric_needs_generation_at_every_validation(monitor, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from healthai.errors import ConfigError
+    from healthai.model import check_monitored_metrics
+
+    monkeypatch.setitem(metrics.ANSWER_METRICS, "answered", AnsweredCount)
+    callbacks = [ModelCheckpoint(monitor=monitor, mode="max")]
+    with pytest.raises(ConfigError, match=f"ModelCheckpoint monitors {monitor}, which only validations that generate"):
+        check_monitored_metrics(callbacks, generate_every_n_epochs=2)
+    check_monitored_metrics(callbacks, generate_every_n_epochs=1)
+    check_monitored_metrics([ModelCheckpoint(monitor="val/loss", mode="min")], generate_every_n_epochs=0)
