@@ -142,7 +142,7 @@ class DiagnosisLoRA(L.LightningModule):
         from healthai.metrics import answer_metrics
 
         # The collection evaluate scores with too: a metric added there is logged as val/<name>.
-        self.val_metrics = answer_metrics()
+        self.val_answer_metrics = answer_metrics()
 
     def setup(self, stage: str) -> None:
         """At fit start — after the data module has read and encoded the labels, before the base is loaded — refuse
@@ -406,7 +406,7 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_generated += len(rows)
         answers = self.generate_answers(batch["prompt_ids"][rows], batch["prompt_mask"][rows])
         refs = [batch["references"][i] for i in rows]
-        self.val_metrics.update(answers, refs)
+        self.val_answer_metrics.update(answers, refs)
         keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
         for i, ref, answer in list(zip(rows, refs, answers))[:keep]:
             self._val_samples.append(sample_row(batch["ids"][i], batch["case_texts"][i], ref, answer))
@@ -420,8 +420,8 @@ class DiagnosisLoRA(L.LightningModule):
         if not self._generate_this_epoch():
             return
         # compute() adds up every rank's states (a collective), so the logged values need no sync_dist.
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=False)
-        self.val_metrics.reset()
+        self.log_dict({f"val/{k}": v for k, v in self.val_answer_metrics.compute().items()}, sync_dist=False)
+        self.val_answer_metrics.reset()
         self._log_val_samples()
 
     def _log_val_samples(self) -> None:
