@@ -22,7 +22,7 @@ import numpy as np
 
 from healthai.breakdown import DEFAULT_LENGTH_EDGES, DEFAULT_TOP_DIAGNOSES, RecordScore, format_table
 from healthai.errors import ConfigError, UserError, check_at_least, check_output, require_extra
-from healthai.evaluate import _preview, check_breakdown_options, read_references, score
+from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score
 
 METHOD = "paired bootstrap over records, percentile interval (scipy.stats.bootstrap)"
 
@@ -145,8 +145,8 @@ def pair_summary(pair: dict[str, Any]) -> str:
     )
 
 
-SUMMARY_KEYS = ("disease_precision", "disease_recall", "disease_f1", "json_valid_rate", "reason_rougeL", "n",
-                "n_predictions", "missing", "duplicates", "unknown")  # fmt: skip
+COUNT_KEYS = ("n", "n_predictions", "missing", "duplicates", "unknown")
+"""The report's counts shown under the metrics (every metric of :func:`healthai.metrics.answer_metrics`)."""
 
 
 def side_by_side(names: list[str], reports: list[dict[str, Any]]) -> str:
@@ -155,7 +155,8 @@ def side_by_side(names: list[str], reports: list[dict[str, Any]]) -> str:
     def value(v: Any) -> Any:
         return len(v) if isinstance(v, list) else v
 
-    parts = [format_table(["metric", *names], [[k, *(value(r[k]) for r in reports)] for k in SUMMARY_KEYS])]
+    keys = [*metric_keys(), *COUNT_KEYS]
+    parts = [format_table(["metric", *names], [[k, *(value(r[k]) for r in reports)] for k in keys])]
     first = reports[0]["breakdown"]
     rows = [[d["diagnosis"], d["support"], *(r["breakdown"]["diagnoses"][i]["f1"] for r in reports)]
             for i, d in enumerate(first["diagnoses"])]  # fmt: skip

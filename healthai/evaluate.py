@@ -1,9 +1,9 @@
 """``python -m healthai evaluate``: score a predictions file against references.
 
-Numbers come from the :mod:`healthai.metrics` Metric classes — the same ones validation logs — so offline evaluation
-and training-time validation cannot disagree. Records are joined by ``id``; nothing is dropped silently: missing,
-duplicate and unknown prediction ids are listed in the report, and a malformed line stops the run naming
-``file:line``.
+Numbers come from :func:`healthai.metrics.answer_metrics` — the collection validation logs — so offline evaluation
+and training-time validation cannot disagree, and a metric added there is reported here. Records are joined by
+``id``; nothing is dropped silently: missing, duplicate and unknown prediction ids are listed in the report, and a
+malformed line stops the run naming ``file:line``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from healthai.breakdown import (
 )
 from healthai.errors import ConfigError, UserError, check_at_least, check_output, require_extra
 from healthai.jsonl import BadRecordError, iter_jsonl
-from healthai.metrics import PARSE_STATUSES, DiseaseF1, JsonValidRate, ReasonRougeL, match_diseases, rouge_l_char
+from healthai.metrics import PARSE_STATUSES, answer_metrics, match_diseases, rouge_l_char
 from healthai.prompts import join_diseases
 from healthai.records import id_key
 
@@ -52,6 +52,11 @@ class Prediction:
     parse_status: str
     case_text: Optional[str] = None
     """``feature_content`` when the row has one (predict writes it)."""
+
+    @property
+    def status(self) -> str:
+        """``parse_status``, under the name the metrics read (:class:`healthai.metrics.Answer`)."""
+        return self.parse_status
 
 
 @dataclass
@@ -195,8 +200,7 @@ def _table(report: dict[str, Any]) -> str:
             return str(len(value))
         return str(value)
 
-    keys = ["disease_precision", "disease_recall", "disease_f1", "json_valid_rate", "reason_rougeL",
-            "n", "n_predictions", "n_reasons", "missing", "duplicates", "unknown"]  # fmt: skip
+    keys = [*metric_keys(), "n", "n_predictions", "n_reasons", "missing", "duplicates", "unknown"]
     rows = [(k, report[k]) for k in keys] + [(f"parse_status {s}", n) for s, n in report["parse_status"].items()]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
@@ -221,6 +225,16 @@ def record_scores(refs: dict[str, Reference], preds: dict[str, Prediction]) -> l
                          case_text)  # fmt: skip
         )
     return out
+
+
+REPORT_NAMES = {"json_valid": "json_valid_rate", "truncated": "truncated_rate"}
+"""Report keys that differ from the metric's name in :func:`healthai.metrics.answer_metrics` (validation logs
+``val/json_valid``; the report has said ``json_valid_rate`` since before); any other metric is reported by its name."""
+
+
+def metric_keys() -> list[str]:
+    """The report's metric keys, in the collection's order (the table rows of ``evaluate`` and ``compare``)."""
+    return [REPORT_NAMES.get(name, name) for name in answer_metrics().names()]
 
 
 @dataclass
@@ -254,18 +268,20 @@ def evaluate(
     length_edges: list[int] = list(DEFAULT_LENGTH_EDGES),
     examples: int = 20,
 ) -> dict[str, Any]:
-    """Score predictions against references: disease P/R/F1, JSON validity rate and reason ROUGE-L.
+    """Score predictions against references with the metrics validation logs: disease P/R/F1, JSON validity rate,
+    truncated rate and reason ROUGE-L (:func:`healthai.metrics.answer_metrics`).
 
     Records are joined by ``id`` (``10001`` and ``"10001"`` match). Every reference record is scored; one without
     a prediction counts as an empty prediction (false negatives only) and is listed in ``missing``. For a repeated
     prediction id the first row is used and the id is listed in ``duplicates``; prediction ids absent from the
-    references are listed in ``unknown`` and not scored. ``json_valid_rate`` is over the prediction rows scored
-    (so a missing record does not lower it; null when no row is scored); a row without ``parse_status`` (the
-    official submission format) counts as valid when its ``diseases`` is a string. ``reason_rougeL`` averages over
-    references that have a reason and is null when none has. ``parse_status`` counts the scored rows by status:
-    ``truncated`` rows (a field reached the length cap, diagnoses may be missing) are scored as they are, and are not
-    valid JSON for ``json_valid_rate``. A malformed line, a bad field or a repeated reference id stops with ``file:line``; a references file without records is an error, and so is an output that is a folder
-    or would replace an input (``--report`` equal to ``--predictions``, say).
+    references are listed in ``unknown`` and not scored. ``json_valid_rate`` and ``truncated_rate`` are over the
+    prediction rows scored (so a missing record does not lower them; null when no row is scored); a row without
+    ``parse_status`` (the official submission format) counts as valid when its ``diseases`` is a string.
+    ``reason_rougeL`` averages over references that have a reason and is null when none has. ``parse_status`` counts
+    the scored rows by status: ``truncated`` rows (a field reached the length cap, diagnoses may be missing) are
+    scored as they are, and are not valid JSON for ``json_valid_rate``. A malformed line, a bad field or a repeated
+    reference id stops with ``file:line``; a references file without records is an error, and so is an output that
+    is a folder or would replace an input (``--report`` equal to ``--predictions``, say).
 
     The report also breaks disease P/R/F1 down (``breakdown``): per diagnosis for the ``top_diagnoses`` reference
     diagnoses found in most records (support, P/R/F1), per ``parse_status`` (records without a prediction are
@@ -288,7 +304,8 @@ def evaluate(
 
     Returns:
         The report: ``n``, ``n_predictions``, ``n_reasons``, ``disease_precision``, ``disease_recall``,
-        ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``parse_status`` (rows scored per status, every one
+        ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``truncated_rate`` (every metric of
+        :func:`~healthai.metrics.answer_metrics`), ``parse_status`` (rows scored per status, every one
         of :data:`~healthai.metrics.PARSE_STATUSES`), ``missing``, ``duplicates``, ``unknown``, ``tp``, ``fp``,
         ``fn``, ``breakdown`` and the two input paths.
     """
@@ -339,11 +356,12 @@ def score(
     unknown = [p.id for key, p in preds.rows.items() if key not in refs]
 
     keys = list(refs)
-    disease_f1, json_valid, rouge = DiseaseF1(), JsonValidRate(), ReasonRougeL()
-    disease_f1.update([scored[k].diseases if k in scored else "" for k in keys], [refs[k].diseases for k in keys])
-    json_valid.update([p.parse_status for p in scored.values()])
-    rouge.update([scored[k].reason if k in scored else None for k in keys], [refs[k].reason for k in keys])
-    prf = disease_f1.compute()
+    metrics = answer_metrics()
+    # A record without a prediction is an answer of None: an empty one for F1 and ROUGE-L, no row for the rates.
+    metrics.update([scored.get(k) for k in keys], [{"diseases": refs[k].diseases, "reason": refs[k].reason}
+                                                   for k in keys])  # fmt: skip
+    defined = metrics.defined()
+    disease, rouge = metrics["disease"], metrics["reason_rougeL"]
 
     result: dict[str, Any] = {
         "predictions": str(predictions),
@@ -351,15 +369,12 @@ def score(
         "n": len(refs),
         "n_predictions": len(scored),
         "n_reasons": int(rouge.count),
-        "disease_precision": float(prf["precision"]),
-        "disease_recall": float(prf["recall"]),
-        "disease_f1": float(prf["f1"]),
-        "json_valid_rate": float(json_valid.compute()) if scored else None,
-        "reason_rougeL": float(rouge.compute()) if int(rouge.count) > 0 else None,
+        # A metric with nothing to measure (no row scored, no reference reason) is null, not 0.
+        **{REPORT_NAMES.get(k, k): float(v) if defined[k] else None for k, v in metrics.compute().items()},
         "parse_status": {s: sum(p.parse_status == s for p in scored.values()) for s in PARSE_STATUSES},
-        "tp": int(disease_f1.tp),
-        "fp": int(disease_f1.fp),
-        "fn": int(disease_f1.fn),
+        "tp": int(disease.tp),
+        "fp": int(disease.fp),
+        "fn": int(disease.fn),
         "missing": missing,
         "duplicates": preds.duplicates,
         "unknown": unknown,

@@ -1,5 +1,9 @@
 """Evaluation metrics shared by ``python -m healthai evaluate`` and validation inside the LightningModule.
 
+:func:`answer_metrics` is the one collection both use: validation logs each of its values as ``val/<name>`` and
+``evaluate`` reports and tabulates them (``compare`` too), so a new metric is one :class:`AnswerMetric` subclass and
+one line in :data:`ANSWER_METRICS`.
+
 Each metric is a torchmetrics :class:`~torchmetrics.Metric` whose states are plain counters or sums registered with
 ``dist_reduce_fx="sum"``, so under DDP every process updates on its own shard and ``compute()`` adds the shards up:
 the result equals one process seeing every record. The per-record helpers (:func:`normalize_diseases`,
@@ -10,10 +14,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from healthai.prompts import join_diseases
 
@@ -138,7 +142,49 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num)).float()
 
 
-class DiseaseF1(Metric):
+class Answer(Protocol):
+    """What the metrics read of one predicted answer (:class:`healthai.decoding.ParsedAnswer` is one)."""
+
+    @property
+    def diseases(self) -> DiseasesField: ...
+
+    @property
+    def reason(self) -> Optional[str]: ...
+
+    @property
+    def status(self) -> str:
+        """One of :data:`PARSE_STATUSES`."""
+        ...
+
+
+Reference = Mapping[str, Any]
+"""A reference record as labelled data holds it: ``{"diseases": ..., "reason": ...}`` (``reason`` may be None)."""
+
+
+class AnswerMetric(Metric):
+    """A metric of :func:`answer_metrics`: it is fed a batch of answers and their references.
+
+    ``answers[i]`` is record ``i``'s answer, or ``None`` when the record has no prediction (``evaluate``'s missing
+    records; validation always has one); ``references[i]`` its reference. The default :meth:`update_answers` passes
+    both to ``update``, so a new metric may simply take ``update(answers, references)``; the metrics below keep their
+    own narrower ``update`` (strings, statuses) and override :meth:`update_answers` to pick their inputs.
+    """
+
+    fields: tuple[str, ...] = ()
+    """The keys of the dict ``compute()`` returns (reported as ``<name>_<key>``), or ``()`` when it returns one
+    tensor (reported as ``<name>``)."""
+
+    def update_answers(self, answers: Sequence[Optional[Answer]], references: Sequence[Reference]) -> None:
+        """Add one batch of answers and references."""
+        self.update(answers, references)
+
+    def defined(self) -> bool:
+        """Whether this process's states define a value (``compute()`` gives 0 where there is nothing to measure;
+        ``evaluate`` reports null then). Read it without DDP, or after the states are synced."""
+        return True
+
+
+class DiseaseF1(AnswerMetric):
     """Disease-set precision, recall and F1, micro-averaged: TP, FP and FN are summed over records first.
 
     A record with no predicted names (including a failed or missing prediction) adds only false negatives.
@@ -148,6 +194,7 @@ class DiseaseF1(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    fields = ("precision", "recall", "f1")
 
     tp: torch.Tensor
     fp: torch.Tensor
@@ -170,6 +217,10 @@ class DiseaseF1(Metric):
         self.fp += fp
         self.fn += fn
 
+    def update_answers(self, answers: Sequence[Optional[Answer]], references: Sequence[Reference]) -> None:
+        """A record without an answer has no predicted names."""
+        self.update([a.diseases if a is not None else "" for a in answers], [r["diseases"] for r in references])
+
     def compute(self) -> dict[str, torch.Tensor]:
         precision = _ratio(self.tp, self.tp + self.fp)
         recall = _ratio(self.tp, self.tp + self.fn)
@@ -178,8 +229,11 @@ class DiseaseF1(Metric):
         return {"precision": precision, "recall": recall, "f1": f1}
 
 
-class ParseStatusRate(Metric):
+class ParseStatusRate(AnswerMetric):
     """Share of prediction rows whose ``parse_status`` is one of ``statuses``; 0 if there are none.
+
+    Among answers, a record without one is no prediction row and is not counted (a missing record does not lower
+    the rate).
 
     An unknown status (a typo such as ``OK``) raises ValueError instead of silently counting as another.
     """
@@ -204,6 +258,12 @@ class ParseStatusRate(Metric):
         self.hits += sum(s in self.statuses for s in statuses)
         self.total += len(statuses)
 
+    def update_answers(self, answers: Sequence[Optional[Answer]], references: Sequence[Reference]) -> None:
+        self.update([a.status for a in answers if a is not None])
+
+    def defined(self) -> bool:
+        return int(self.total) > 0
+
     def compute(self) -> torch.Tensor:
         return _ratio(self.hits, self.total)
 
@@ -227,7 +287,7 @@ class TruncatedRate(ParseStatusRate):
         super().__init__(("truncated",), **kwargs)
 
 
-class ReasonRougeL(Metric):
+class ReasonRougeL(AnswerMetric):
     """Character-level ROUGE-L F (see :func:`rouge_l_char`), averaged over records that have a reference reason.
 
     Records whose reference reason is ``None`` or blank are skipped; ``count`` says how many were scored, and
@@ -260,5 +320,78 @@ class ReasonRougeL(Metric):
         self.score_sum += total
         self.count += n
 
+    def update_answers(self, answers: Sequence[Optional[Answer]], references: Sequence[Reference]) -> None:
+        """A record without an answer scores 0 (when its reference has a reason)."""
+        self.update([a.reason if a is not None else None for a in answers], [r["reason"] for r in references])
+
+    def defined(self) -> bool:
+        return int(self.count) > 0
+
     def compute(self) -> torch.Tensor:
         return _ratio(self.score_sum, self.count)
+
+
+ANSWER_METRICS: dict[str, Callable[[], AnswerMetric]] = {
+    "disease": DiseaseF1,
+    "json_valid": JsonValidRate,
+    "truncated": TruncatedRate,
+    "reason_rougeL": ReasonRougeL,
+}
+"""The metrics of generated answers, by name: validation logs ``val/<name>`` (``val/disease_f1``...), ``evaluate``
+reports ``<name>`` (see :data:`healthai.evaluate.REPORT_NAMES` for the older report names) and ``compare`` shows
+them. Adding a metric: an :class:`AnswerMetric` subclass and one line here."""
+
+
+class AnswerMetrics(MetricCollection):
+    """The collection :func:`answer_metrics` builds: one ``update(answers, references)`` for every metric, and a
+    ``compute()`` that gives one flat dict of named values.
+
+    Each metric syncs its own states under DDP in ``compute()`` (a collective: every process must call it), as the
+    metrics do alone. Metrics are kept in name order (as :class:`~torchmetrics.MetricCollection` keeps them).
+    """
+
+    def __init__(self, metrics: dict[str, AnswerMetric]) -> None:
+        # Compute groups share states between metrics that look alike; these are fed different inputs.
+        super().__init__(metrics, compute_groups=False)
+
+    def update(  # type: ignore[override]
+        self, answers: Sequence[Optional[Answer]], references: Sequence[Reference]
+    ) -> None:
+        """Add one batch: ``answers[i]`` (``None``: no prediction) for ``references[i]``."""
+        if len(answers) != len(references):
+            raise ValueError(f"got {len(answers)} answers for {len(references)} references")
+        for metric in self.values(copy_state=False):
+            metric.update_answers(answers, references)
+
+    def names(self) -> list[str]:
+        """The keys of :meth:`compute`'s dict, in its order, known before any update."""
+        return [key for name, metric in self.items(keep_base=True, copy_state=False) for key in _keys(name, metric)]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``{name: value}``; a metric whose ``compute()`` is a dict gives ``<name>_<key>`` for each of its keys."""
+        out: dict[str, torch.Tensor] = {}
+        for name, metric in self.items(keep_base=True, copy_state=False):
+            value = metric.compute()
+            if not metric.fields:
+                out[name] = value
+                continue
+            # names() reads the fields before any compute: a metric must give exactly those.
+            if not isinstance(value, dict) or list(value) != list(metric.fields):
+                raise ValueError(f"{type(metric).__name__}.compute() gave {value!r}, not the fields {metric.fields}")
+            out.update({f"{name}_{field}": value[field] for field in metric.fields})
+        return out
+
+    def defined(self) -> dict[str, bool]:
+        """For each key of :meth:`compute`, whether its metric had something to measure (see
+        :meth:`AnswerMetric.defined`)."""
+        return {key: metric.defined() for name, metric in self.items(keep_base=True, copy_state=False)
+                for key in _keys(name, metric)}  # fmt: skip
+
+
+def _keys(name: str, metric: AnswerMetric) -> list[str]:
+    return [f"{name}_{field}" for field in metric.fields] if metric.fields else [name]
+
+
+def answer_metrics() -> AnswerMetrics:
+    """A fresh collection of :data:`ANSWER_METRICS`, the one validation and ``evaluate`` use."""
+    return AnswerMetrics({name: make() for name, make in ANSWER_METRICS.items()})

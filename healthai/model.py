@@ -139,12 +139,10 @@ class DiagnosisLoRA(L.LightningModule):
         self._init_metrics()
 
     def _init_metrics(self) -> None:
-        from healthai.metrics import DiseaseF1, JsonValidRate, ReasonRougeL, TruncatedRate
+        from healthai.metrics import answer_metrics
 
-        self.val_disease = DiseaseF1()
-        self.val_json_valid = JsonValidRate()
-        self.val_truncated = TruncatedRate()
-        self.val_rouge = ReasonRougeL()
+        # The collection evaluate scores with too: a metric added there is logged as val/<name>.
+        self.val_answer_metrics = answer_metrics()
 
     def setup(self, stage: str) -> None:
         """At fit start — after the data module has read and encoded the labels, before the base is loaded — refuse
@@ -408,10 +406,7 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_generated += len(rows)
         answers = self.generate_answers(batch["prompt_ids"][rows], batch["prompt_mask"][rows])
         refs = [batch["references"][i] for i in rows]
-        self.val_disease.update([a.diseases or "" for a in answers], [r["diseases"] for r in refs])
-        self.val_json_valid.update([a.status for a in answers])
-        self.val_truncated.update([a.status for a in answers])
-        self.val_rouge.update([a.reason or "" for a in answers], [r["reason"] for r in refs])
+        self.val_answer_metrics.update(answers, refs)
         keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
         for i, ref, answer in list(zip(rows, refs, answers))[:keep]:
             self._val_samples.append(sample_row(batch["ids"][i], batch["case_texts"][i], ref, answer))
@@ -424,13 +419,9 @@ class DiagnosisLoRA(L.LightningModule):
         self.log("val/loss", loss_sum / max(tokens, 1.0), prog_bar=True, sync_dist=True)
         if not self._generate_this_epoch():
             return
-        scores = self.val_disease.compute()
-        self.log_dict({f"val/disease_{k}": v for k, v in scores.items()}, sync_dist=False)
-        self.log("val/json_valid", self.val_json_valid.compute())
-        self.log("val/truncated", self.val_truncated.compute())
-        self.log("val/reason_rougeL", self.val_rouge.compute())
-        for metric in (self.val_disease, self.val_json_valid, self.val_truncated, self.val_rouge):
-            metric.reset()
+        # compute() adds up every rank's states (a collective), so the logged values need no sync_dist.
+        self.log_dict({f"val/{k}": v for k, v in self.val_answer_metrics.compute().items()}, sync_dist=False)
+        self.val_answer_metrics.reset()
         self._log_val_samples()
 
     def _log_val_samples(self) -> None:
@@ -697,18 +688,18 @@ class DiagnosisLoRA(L.LightningModule):
         rank_zero_info(f"last step's adapter saved to {last_dir} (step {step})")
 
 
-GENERATED_METRICS = ("val/disease_", "val/json_valid", "val/reason_rougeL")
-"""Prefixes of the metrics only a validation that generates logs (see ``generate_every_n_epochs``)."""
-
-
 def check_monitored_metrics(callbacks: list, generate_every_n_epochs: int) -> None:
-    """Refuse at start a callback (ModelCheckpoint, EarlyStopping) monitoring a generated metric that some
-    validations would not log: Lightning stops at the first such validation, hours into a run."""
+    """Refuse at start a callback (ModelCheckpoint, EarlyStopping) monitoring a generated metric (``val/<name>`` of
+    :func:`healthai.metrics.answer_metrics`) that some validations would not log: Lightning stops at the first such
+    validation, hours into a run."""
+    from healthai.metrics import answer_metrics
+
     if generate_every_n_epochs == 1:
         return
+    generated = {f"val/{name}" for name in answer_metrics().names()}
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
-        if isinstance(monitor, str) and monitor.startswith(GENERATED_METRICS):
+        if monitor in generated:
             n = generate_every_n_epochs
             when = "never generates" if n == 0 else f"generates every {n} epochs"
             raise ConfigError(f"{type(callback).__name__} monitors {monitor}, which only validations that generate "

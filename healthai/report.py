@@ -169,10 +169,21 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-SUMMARY = [("disease_f1", "disease F1"), ("disease_precision", "disease precision"),
-           ("disease_recall", "disease recall"), ("json_valid_rate", "JSON valid (strict)"),
-           ("reason_rougeL", "reason ROUGE-L"), ("n", "reference records"), ("n_predictions", "records predicted"),
-           ("missing", "missing"), ("duplicates", "duplicate ids"), ("unknown", "unknown ids")]  # fmt: skip
+METRIC_LABELS = {"disease_f1": "disease F1", "disease_precision": "disease precision",
+                 "disease_recall": "disease recall", "json_valid_rate": "JSON valid (strict)",
+                 "truncated_rate": "truncated (length cap)", "reason_rougeL": "reason ROUGE-L"}  # fmt: skip
+"""How the summary names a report metric; one not listed (a new metric) is shown under its report key."""
+COUNT_LABELS = [("n", "reference records"), ("n_predictions", "records predicted"), ("missing", "missing"),
+                ("duplicates", "duplicate ids"), ("unknown", "unknown ids")]  # fmt: skip
+
+
+def summary_rows() -> list[tuple[str, str]]:
+    """``(report key, label)`` of the summary table: disease F1 first, then every other metric of
+    :func:`healthai.metrics.answer_metrics` in its order, then the counts."""
+    from healthai.evaluate import metric_keys
+
+    keys = sorted(metric_keys(), key=lambda k: k != "disease_f1")  # stable: the others keep their order
+    return [(k, METRIC_LABELS.get(k, k)) for k in keys] + COUNT_LABELS
 
 STYLE = """
 body { font-family: %s; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -200,7 +211,7 @@ def render_html(
              + " · ".join(f"{_e(s.name)}: {_e(s.path)}" for s in systems) + "</p>"]  # fmt: skip
 
     parts.append("<h2>Summary</h2>")
-    rows = [[label, *(_fmt(s.report[key]) for s in systems)] for key, label in SUMMARY]
+    rows = [[label, *(_fmt(s.report[key]) for s in systems)] for key, label in summary_rows()]
     parts.append(_table(["metric", *map(_e, names)], rows, "num"))
     for s in systems:
         for what in ("missing", "duplicates", "unknown"):
