@@ -144,17 +144,6 @@ class DiagnosisLoRA(L.LightningModule):
         # The collection evaluate scores with too: a metric added there is logged as val/<name>.
         self.val_answer_metrics = answer_metrics()
 
-    def setup(self, stage: str) -> None:
-        """At fit start — after the data module has read and encoded the labels, before the base is loaded — refuse
-        labels the length-capped constraint could not write back (:func:`healthai.data.check_answer_caps`)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and datamodule is not None and self.generation.constrained:
-            from healthai.data import check_answer_caps
-
-            splits = {"training": getattr(datamodule, "train_set", None),
-                      "validation": getattr(datamodule, "val_set", None)}  # fmt: skip
-            check_answer_caps(splits, self.generation.max_diseases_chars, self.generation.max_reason_chars)
-
     # -- building the model -------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
@@ -314,15 +303,27 @@ class DiagnosisLoRA(L.LightningModule):
         self.log("train/loss", loss_sum / tokens, prog_bar=True)
 
     def setup(self, stage: str) -> None:
-        """Checks and settings of fit that must come before the base loads (Lightning calls this first)."""
+        """Checks and settings of fit that must come before the base loads (Lightning calls this first, after the
+        data module has read and encoded the records)."""
         if stage != "fit":
             return
         from healthai.resume import check_max_steps
 
         check_max_steps(self.trainer)
         check_monitored_metrics(self.trainer.callbacks, self.hparams.generate_every_n_epochs)
+        self._check_answer_caps()
         if self.hparams.val_every_n_steps is not None:
             self._set_validation_interval()
+
+    def _check_answer_caps(self) -> None:
+        """Refuse labels the length-capped constraint could not write back (:func:`healthai.data.check_answer_caps`)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and self.generation.constrained:
+            from healthai.data import check_answer_caps
+
+            splits = {"training": getattr(datamodule, "train_set", None),
+                      "validation": getattr(datamodule, "val_set", None)}  # fmt: skip
+            check_answer_caps(splits, self.generation.max_diseases_chars, self.generation.max_reason_chars)
 
     def _set_validation_interval(self) -> None:
         """Translate ``val_every_n_steps`` into Lightning's ``val_check_interval`` (micro-batches per process)."""
