@@ -20,16 +20,35 @@ from healthai.records import id_key
 IGNORE_INDEX = -100
 """Label value that the loss skips (prompt, padding)."""
 
-END_OF_TURN = "<|im_end|>"
-"""ChatML's end-of-turn token: the last token the model learns to write, and the token generation stops at."""
+_ANSWER_PROBE = "HEALTHAI_ANSWER_PROBE"
+"""An assistant message :func:`end_of_turn_id` renders, to see what the chat template writes after an answer."""
 
 
 def end_of_turn_id(tokenizer) -> int:
-    """Id of the chat template's end-of-turn token."""
-    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if eot is None or eot == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {END_OF_TURN} token; a ChatML (Qwen) tokenizer is required")
-    return eot
+    """Id of the token that ends the assistant's turn: the last token the model learns to write, and the token
+    generation stops at.
+
+    Read from the tokenizer, not assumed: the special token the chat template writes right after an assistant message
+    (ChatML's ``<|im_end|>`` for Qwen, ``<|eot_id|>`` for Llama 3, ...), else ``tokenizer.eos_token``. The template
+    comes first because an instruct template can close a turn with another token than the tokenizer's EOS (a Qwen base
+    tokenizer's EOS is ``<|endoftext|>``, while its chat template closes turns with ``<|im_end|>``). Raises ValueError
+    when the tokenizer names neither.
+    """
+    try:
+        chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _ANSWER_PROBE}]
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+    except ValueError:  # no chat template
+        rendered = ""
+    if _ANSWER_PROBE in rendered:
+        after = rendered[rendered.rindex(_ANSWER_PROBE) + len(_ANSWER_PROBE) :]
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        # A special token, not text: what follows may also be plain text (a newline) that no model stops at.
+        if ids and ids[0] in tokenizer.all_special_ids:
+            return ids[0]
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer names no end-of-turn token: its chat template writes no special token after an "
+                     "assistant message and it has no eos_token")  # fmt: skip
 
 
 def prompt_text(tokenizer, prompt: PromptStyle, case_text: str) -> str:
