@@ -18,7 +18,7 @@ from healthai.metrics import PARSE_STATUSES, match_diseases, normalize_diseases
 DEFAULT_TOP_DIAGNOSES = 20
 DEFAULT_LENGTH_EDGES = (250, 500, 1000, 2000)
 """Case-length bucket edges in characters of ``feature_content``. A case text that does not fit ``data.max_length``
-tokens is trimmed (:func:`healthai.data.fit_case_text`): the long buckets show what trimming costs."""
+tokens is trimmed (:func:`healthai.encoding.fit_case_text`): the long buckets show what trimming costs."""
 
 MISSING = "missing"
 """The ``parse_status`` group of reference records that have no prediction row."""

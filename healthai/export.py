@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from healthai.data import end_of_turn_id, fit_case_text
 from healthai.decoding import GenerationSettings
+from healthai.encoding import end_of_turn_id, fit_case_text
 from healthai.errors import UserError, check_model_source, check_output
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.adapter import is_checkpoint

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from healthai.data import IGNORE_INDEX, end_of_turn_id
+from healthai.encoding import IGNORE_INDEX, end_of_turn_id
 from healthai.decoding import GenerationSettings, JsonConstraint, ParsedAnswer, check_answer_budget, parse_answer
 from healthai.errors import ConfigError, check_at_least, check_model_source
 from healthai.loss import head_cross_entropy
@@ -316,10 +316,10 @@ class DiagnosisLoRA(L.LightningModule):
             self._set_validation_interval()
 
     def _check_answer_caps(self) -> None:
-        """Refuse labels the length-capped constraint could not write back (:func:`healthai.data.check_answer_caps`)."""
+        """Refuse labels the length-capped constraint could not write back (:func:`healthai.encoding.check_answer_caps`)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and self.generation.constrained:
-            from healthai.data import check_answer_caps
+            from healthai.encoding import check_answer_caps
 
             splits = {"training": getattr(datamodule, "train_set", None),
                       "validation": getattr(datamodule, "val_set", None)}  # fmt: skip

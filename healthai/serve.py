@@ -13,8 +13,8 @@ Why one LitAPI with an extended spec rather than two LitAPIs (``api_path="/predi
 every LitAPI its own worker process, i.e. a second copy of the 7B model, and batches each route on its own.
 
 The batch is built and decoded by the predict path itself: the prompt saved in the adapter folder, tokenised and
-trimmed by :func:`healthai.data.fit_case_text`, left-padded by :class:`healthai.data.PromptCollator`, generated and
-parsed by :meth:`healthai.model.DiagnosisLoRA.generate_answers` with its :class:`GenerationSettings`.
+trimmed by :func:`healthai.encoding.fit_case_text`, left-padded by :class:`healthai.batching.PromptCollator`, generated
+and parsed by :meth:`healthai.model.DiagnosisLoRA.generate_answers` with its :class:`GenerationSettings`.
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ class DiagnosisAPI(ls.LitAPI):
 
     def batch(self, texts: list[str]) -> dict[str, Any]:
         """Tokenise and left-pad exactly as predict's data module does (trimming over-long case texts)."""
-        from healthai.data import PromptCollator, fit_case_text
+        from healthai.batching import PromptCollator
+        from healthai.encoding import fit_case_text
 
         tokenizer = self.module.tokenizer
         examples = []
@@ -369,7 +370,7 @@ def check_startup(
     from transformers import AutoTokenizer
 
     from healthai.adapter import check_adapter_path, check_base, load_prompt, resolve_base, tokenizer_source
-    from healthai.data import prompt_ids
+    from healthai.encoding import prompt_ids
     from healthai.decoding import check_answer_budget
 
     check_model_source(model_name_or_path, "--model_name_or_path")

@@ -78,7 +78,7 @@ class ProjectPath:
     """(a): ``DiagnosisLoRA`` built as predict builds it; :meth:`batches` runs a file through the data module."""
 
     def __init__(self, model_path: str, tokenizer, args):
-        from healthai.data import end_of_turn_id
+        from healthai.encoding import end_of_turn_id
         from healthai.decoding import GenerationSettings
         from healthai.model import DiagnosisLoRA
 
@@ -152,7 +152,7 @@ class OldPath:
     def generate(self, rows: list[dict]) -> list[str]:
         import torch
 
-        from healthai.data import prompt_ids
+        from healthai.encoding import prompt_ids
 
         texts = []
         with torch.no_grad():
@@ -175,7 +175,7 @@ class PlainBatchedPath:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from healthai.data import end_of_turn_id
+        from healthai.encoding import end_of_turn_id
         from healthai.prompts import PromptStyle
 
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -190,8 +190,9 @@ class PlainBatchedPath:
         """``steps``: write exactly that many tokens per row (the length (a) ran on the same batch)."""
         import torch
 
-        texts = [self.tokenizer.apply_chat_template(self.style.messages(r["feature_content"]), tokenize=False,
-                                                    add_generation_prompt=True) for r in rows]  # fmt: skip
+        from healthai.encoding import prompt_text
+
+        texts = [prompt_text(self.tokenizer, self.style, r["feature_content"]) for r in rows]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True)
         # Equal length: no stop token at all (the checkpoint's are cleared in __init__), so generate runs exactly
         # `steps` steps; min_new_tokens would do it too, but its processor costs a pass over the scores per step.
@@ -252,7 +253,7 @@ def run_interleaved(new: ProjectPath, plain: PlainBatchedPath, old: OldPath | No
 def spread_subset(tokenizer, records: list[dict], m: int) -> tuple[list[dict], float, float]:
     """``m`` of ``records`` at evenly spaced ranks of prompt length (input order kept), and the mean prompt length
     of all records and of the subset."""
-    from healthai.data import prompt_ids
+    from healthai.encoding import prompt_ids
     from healthai.prompts import PromptStyle
 
     lengths = [len(prompt_ids(tokenizer, PromptStyle(), r["feature_content"])) for r in records]

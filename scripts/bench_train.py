@@ -222,7 +222,7 @@ def run_project(args) -> dict:
 
 def sampler_order(dm, steps: int, batch_size: int) -> list[int]:
     """The first ``steps × batch_size`` indices (a)'s LengthGroupedSampler yields, epoch after epoch."""
-    from healthai.data import LengthGroupedSampler
+    from healthai.batching import LengthGroupedSampler
 
     sampler = LengthGroupedSampler(dm.train_set.lengths, batch_size, 1, 0, dm.seed, dm.mega_batch_mult)
     order: list[int] = []
@@ -293,7 +293,7 @@ def run_old_recipe(args) -> dict:
 def kept_case_text(tokenizer, style, case_text: str, ids: list[int]) -> str:
     """The prefix of ``case_text`` whose prompt tokenises to ``ids``: what ``encode_example`` kept of a record it had
     to trim (the same character bisection as ``fit_case_text``, aimed at a known prompt length)."""
-    from healthai.data import prompt_ids
+    from healthai.encoding import prompt_ids
 
     if len(prompt_ids(tokenizer, style, case_text)) <= len(ids):
         return case_text
@@ -310,6 +310,7 @@ def kept_case_text(tokenizer, style, case_text: str, ids: list[int]) -> str:
 def trl_rows(dm, train_file: str) -> list[dict]:
     """TRL's prompt–completion dataset: the chat-template text of the project's ``PromptStyle.messages`` (of the case
     text (a) kept) and the project's ``answer_text``; TRL appends the tokenizer's EOS (``<|im_end|>``) itself."""
+    from healthai.encoding import prompt_text
     from healthai.prompts import answer_text
 
     with open(train_file, encoding="utf-8") as f:
@@ -318,14 +319,14 @@ def trl_rows(dm, train_file: str) -> list[dict]:
     for e in dm.train_set.examples:
         prompt = e["input_ids"][: e["prompt_len"]]
         case = kept_case_text(dm.tokenizer, dm.prompt, cases[e["id"]], prompt)
-        text = dm.tokenizer.apply_chat_template(dm.prompt.messages(case), tokenize=False, add_generation_prompt=True)
+        text = prompt_text(dm.tokenizer, dm.prompt, case)
         rows.append({"prompt": text, "completion": answer_text(e["diseases"], e["reason"])})
     return rows
 
 
 def same_tokens(trl_dataset, examples: list[dict]) -> tuple[int, int]:
     """How many of TRL's tokenised rows equal (a)'s ``encode_example`` output (``input_ids`` and −100 loss mask)."""
-    from healthai.data import IGNORE_INDEX
+    from healthai.encoding import IGNORE_INDEX
 
     equal = 0
     for row, e in zip(trl_dataset, examples):

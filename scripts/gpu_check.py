@@ -218,7 +218,7 @@ def read_texts(path: Path) -> list[str]:
 
 
 def record_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    from healthai.data import prompt_ids
+    from healthai.encoding import prompt_ids
     from healthai.prompts import PromptStyle
 
     style = PromptStyle()
@@ -228,7 +228,7 @@ def record_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
 def train_batches(prompts: list[list[int]], seq: int, sizes: list[int], per_size: int, answer_tokens: int):
     """Rows of exactly ``seq`` tokens cut from the prompts concatenated (wrapping round them as often as needed), and
     the batches (index lists) of each micro-batch size in turn; every size trains on the same rows."""
-    from healthai.data import IGNORE_INDEX
+    from healthai.encoding import IGNORE_INDEX
 
     need = seq * max(sizes) * per_size
     stream: list[int] = []
@@ -368,7 +368,7 @@ def run_fit(lit, items: list[Item], prompts, pad_id: int, planner: Planner, repo
     import torch
     from torch.utils.data import DataLoader
 
-    from healthai.data import TrainCollator
+    from healthai.batching import TrainCollator
 
     per_size = args.warmup_steps + args.steps
     examples, batches = train_batches(prompts, args.seq, [i.micro_batch for i in items], per_size, args.answer_tokens)
@@ -411,7 +411,8 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
     """The predict passes of ``items`` on one batch, each after the budget allows it; the weights in bf16 on GPU."""
     import torch
 
-    from healthai.data import end_of_turn_id, pad_batch
+    from healthai.batching import pad_batch
+    from healthai.encoding import end_of_turn_id
 
     device = torch.device("cuda" if cuda else "cpu")
     lit.to(device=device, dtype=torch.bfloat16 if cuda else torch.float32)  # fit's teardown left it on the CPU
@@ -491,7 +492,8 @@ def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> N
 
     import torch
 
-    from healthai.data import end_of_turn_id, pad_batch
+    from healthai.batching import pad_batch
+    from healthai.encoding import end_of_turn_id
 
     steps_cap = min(lit.generation.max_new_tokens, CONSTRAINT_COST_TOKENS)
     cost = 2 * steps_cap * (planner.decode_step_s or planner.guess["decode_step_s"]) + planner.guess["item_s"]
@@ -807,7 +809,7 @@ def run_fsdp(model_dir: Path, prompts, pad_id: int, planner: Planner, report, ar
     from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
 
-    from healthai.data import TrainCollator
+    from healthai.batching import TrainCollator
     from healthai.sharding import LoRAFSDPStrategy
 
     mb, steps = args.micro_batches[0], args.warmup_steps + args.steps

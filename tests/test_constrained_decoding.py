@@ -43,7 +43,8 @@ def lit(tiny_model_dir):
 
 def prompt_batches(lit, records: list[dict], batch_size: int):
     """Left-padded prompt batches of ``records``, sorted by length as the data module sorts them."""
-    from healthai.data import pad_batch, prompt_ids
+    from healthai.batching import pad_batch
+    from healthai.encoding import prompt_ids
     from healthai.prompts import PromptStyle
 
     prompts = sorted((prompt_ids(lit.tokenizer, PromptStyle(), r["feature_content"]) for r in records), key=len)
@@ -54,7 +55,7 @@ def prompt_batches(lit, records: list[dict], batch_size: int):
 
 def generated_ids(lit, batches, processor_factory) -> list[list[int]]:
     """Every row's new token ids (padding after the end of the answer included), with the given processor."""
-    from healthai.data import end_of_turn_id
+    from healthai.encoding import end_of_turn_id
 
     rows = []
     for input_ids, mask in batches:
@@ -88,7 +89,7 @@ def test_a_decode_step_moves_the_last_tokens_to_the_host_once_and_skips_finished
     """Through the project's generate (predict, validation and serve share it): per step one ``tolist`` of the last
     tokens, no ``.item()`` per row, no transfer of the scores; the bitmask is allocated once; a row whose answer has
     ended is no longer advanced or masked."""
-    from healthai.data import end_of_turn_id
+    from healthai.encoding import end_of_turn_id
     from healthai.decoding import JsonConstraint
 
     steps: list[dict] = []

@@ -10,19 +10,12 @@ import pytest
 import torch
 
 from conftest import labelled_records, seed_records, write_jsonl
-from healthai.data import (
-    IGNORE_INDEX,
-    DiagnosisDataModule,
-    LengthGroupedSampler,
-    PromptCollator,
-    TrainCollator,
-    encode_example,
-    prompt_ids,
-    read_records,
-    split_records,
-)
+from healthai.batching import LengthGroupedSampler, PromptCollator, TrainCollator
+from healthai.data import DiagnosisDataModule, split_records
+from healthai.encoding import IGNORE_INDEX, encode_example, prompt_ids
 from healthai.jsonl import BadRecordError
 from healthai.prompts import PromptStyle, answer_text
+from healthai.records import read_records
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt):

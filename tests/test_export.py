@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_jsonl, seed_records, write_jsonl
-from healthai.data import prompt_ids
+from healthai.encoding import prompt_ids
 from healthai.errors import UserError
 from healthai.export import export
 from healthai.model import ALL_LINEAR

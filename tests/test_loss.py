@@ -92,7 +92,8 @@ def test_bf16_path_is_as_accurate_as_plain_bf16_autograd_against_a_float64_refer
 def test_answer_loss_equals_transformers_own_loss_on_a_padded_batch(tiny_model_dir, tokenizer):
     from conftest import labelled_records
 
-    from healthai.data import TrainCollator, encode_example
+    from healthai.batching import TrainCollator
+    from healthai.encoding import encode_example
     from healthai.model import DiagnosisLoRA, answer_tokens
     from healthai.prompts import PromptStyle
 

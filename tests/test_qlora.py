@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import labelled_records
-from healthai.data import IGNORE_INDEX, encode_example
+from healthai.encoding import IGNORE_INDEX, encode_example
 from healthai.model import ALL_LINEAR, DiagnosisLoRA
 from healthai.prompts import PromptStyle
 

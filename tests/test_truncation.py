@@ -10,8 +10,8 @@ import pytest
 
 from conftest import REPO, labelled_records, write_jsonl
 from healthai.cli import cli_main
-from healthai.data import EncodedDataset, check_answer_caps
 from healthai.decoding import CAPPED_UNWRITABLE, answer_schema, parse_answer
+from healthai.encoding import EncodedDataset, check_answer_caps
 from healthai.errors import UserError
 from healthai.evaluate import evaluate
 from healthai.metrics import JsonValidRate, TruncatedRate

@@ -7,7 +7,8 @@ import lightning as L
 import pytest
 
 from conftest import labelled_records, write_jsonl
-from healthai.data import DiagnosisDataModule, EvalSampler, PaddedEvalSet, TrainCollator
+from healthai.batching import EvalSampler, PaddedEvalSet, TrainCollator
+from healthai.data import DiagnosisDataModule
 from healthai.model import DiagnosisLoRA
 
 
@@ -42,7 +43,7 @@ def test_val_loss_is_a_mean_per_answer_token_whatever_the_batches(tmp_path, tiny
 
 
 def test_repeated_records_count_in_no_validation_metric(tiny_model_dir, tokenizer):
-    from healthai.data import encode_example
+    from healthai.encoding import encode_example
     from healthai.prompts import PromptStyle
 
     model = DiagnosisLoRA(str(tiny_model_dir), dtype="float32", generate_every_n_epochs=0)
