@@ -146,17 +146,6 @@ class DiagnosisLoRA(L.LightningModule):
         self.val_truncated = TruncatedRate()
         self.val_rouge = ReasonRougeL()
 
-    def setup(self, stage: str) -> None:
-        """At fit start — after the data module has read and encoded the labels, before the base is loaded — refuse
-        labels the length-capped constraint could not write back (:func:`healthai.data.check_answer_caps`)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and datamodule is not None and self.generation.constrained:
-            from healthai.data import check_answer_caps
-
-            splits = {"training": getattr(datamodule, "train_set", None),
-                      "validation": getattr(datamodule, "val_set", None)}  # fmt: skip
-            check_answer_caps(splits, self.generation.max_diseases_chars, self.generation.max_reason_chars)
-
     # -- building the model -------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
@@ -323,8 +312,20 @@ class DiagnosisLoRA(L.LightningModule):
 
         check_max_steps(self.trainer)
         check_monitored_metrics(self.trainer.callbacks, self.hparams.generate_every_n_epochs)
+        self._check_label_caps()
         if self.hparams.val_every_n_steps is not None:
             self._set_validation_interval()
+
+    def _check_label_caps(self) -> None:
+        """After the data module has read and encoded the labels, before the base is loaded: refuse labels the
+        length-capped constraint could not write back (:func:`healthai.data.check_answer_caps`)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and self.generation.constrained:
+            from healthai.data import check_answer_caps
+
+            splits = {"training": getattr(datamodule, "train_set", None),
+                      "validation": getattr(datamodule, "val_set", None)}  # fmt: skip
+            check_answer_caps(splits, self.generation.max_diseases_chars, self.generation.max_reason_chars)
 
     def _set_validation_interval(self) -> None:
         """Translate ``val_every_n_steps`` into Lightning's ``val_check_interval`` (micro-batches per process)."""
