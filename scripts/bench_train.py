@@ -193,6 +193,7 @@ def run_project(args) -> dict:
     import lightning as L
 
     from healthai.adapter_saver import AdapterSaver
+    from healthai.decoding import GenerationSettings
     from healthai.model import DiagnosisLoRA
 
     meter = Meter(args.warmup_steps)
@@ -212,6 +213,9 @@ def run_project(args) -> dict:
     model = DiagnosisLoRA(
         args.model, dtype="float32", lora_r=8, lora_alpha=16, lora_dropout=0.0, gradient_checkpointing=True,
         learning_rate=args.lr, generate_every_n_epochs=0,
+        # Trains only, never decodes: the answer caps of constrained decoding (checked against the labels at fit
+        # start) are not this benchmark's business, and the seed records' reasons hold quotes the caps cannot write.
+        generation=GenerationSettings(constrained=False),
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as root:  # AdapterSaver saves the adapter under default_root_dir, as fit does
         trainer = L.Trainer(
