@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
 from healthai.errors import check_at_least
 from healthai.model import DiagnosisLoRA
@@ -13,7 +15,8 @@ from healthai.writer import DiagnosisWriter
 
 
 class HealthAICLI(LightningCLI):
-    """LightningCLI with the project's links between model and data, and the prediction writer on ``predict``."""
+    """LightningCLI with the project's links between model and data, the adapter saver on ``fit`` and the prediction
+    writer on ``predict``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Written once: the data module tokenises with the model's tokenizer, and takes the adapter's saved prompt.
@@ -26,6 +29,13 @@ class HealthAICLI(LightningCLI):
             # `--writer.output_path OUT.jsonl`; LightningCLI appends the callback to the trainer's.
             parser.add_lightning_class_args(DiagnosisWriter, "writer")
         return parser
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            # Always on, not an option: a fit that leaves no adapter/ folder has nothing for predict or export.
+            trainer.callbacks.append(AdapterSaver())
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         # Lightning takes 0 and fails later with a ZeroDivisionError, after the model has loaded.

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
-import json
 import time
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
+from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, load_base, prepare_for_training
+from healthai.decoding import GenerationSettings, JsonConstraint, check_answer_budget, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
-from healthai.decoding import GenerationSettings, JsonConstraint, ParsedAnswer, check_answer_budget, parse_answer
 from healthai.errors import ConfigError, check_at_least, check_model_source
 from healthai.loss import head_cross_entropy
-from healthai.prompts import DISEASE_SEPARATOR, join_diseases
+from healthai.samples import log_samples, sample_row
 from healthai.sharding import gathered_head, synced_generation
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""The seven linear projections of every Qwen2 decoder layer."""
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class DiagnosisLoRA(L.LightningModule):
@@ -147,30 +140,19 @@ class DiagnosisLoRA(L.LightningModule):
     # -- building the model -------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Load the base, apply LoRA and set up checkpointing, and shard the model under a ``ModelParallelStrategy``.
-        Lightning calls this on the target device before a checkpoint is restored (so ``fit --ckpt_path`` finds the
-        adapter's parameters in place)."""
+        """Load the base, apply LoRA and set up checkpointing, and shard the model under a ``ModelParallelStrategy``
+        (:mod:`healthai.base_model`). Lightning calls this on the target device before a checkpoint is restored (so
+        ``fit --ckpt_path`` finds the adapter's parameters in place)."""
         if self.model is not None:
             return
+        hp = self.hparams
         self.tokenizer = self._tokenizer()
-        base = self._load_base()
-        self.model = self._apply_lora(base)
-        self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in fit
-        if self.hparams.gradient_checkpointing:
-            # Non-reentrant checkpointing works with frozen inputs and PEFT. transformers 5 renamed the method (the old
-            # name is a deprecated alias there); 4.x has only the old one.
-            if hasattr(base, "activation_checkpointing_enable"):
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            # Inputs must require grad so that checkpointed segments of a frozen base still back-propagate to LoRA.
-            self.model.enable_input_require_grads()
-        if self.global_rank == 0:
-            self.model.print_trainable_parameters()
-        if self.device_mesh is not None:  # healthai.sharding.LoRAFSDPStrategy: FSDP2, one unit per decoder layer
-            from healthai.sharding import shard_model
-
-            shard_model(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
+        self.model = apply_lora(self._load_base(), hp.adapter_path, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
+                                hp.target_modules)  # fmt: skip
+        # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        precision = str(self.trainer.precision) if mesh is not None else None
+        prepare_for_training(self.model, hp.gradient_checkpointing, mesh, precision, verbose=self.global_rank == 0)
 
     def _tokenizer(self):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -198,55 +180,11 @@ class DiagnosisLoRA(L.LightningModule):
         return resolve_base(self.hparams.model_name_or_path, self.hparams.adapter_path, "--model.model_name_or_path")
 
     def _load_base(self):
-        base = self._build_base()
-        if self.hparams.liger_kernel:
-            apply_liger_kernel(base)
-        return base
-
-    def _build_base(self):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        source = self._base_source()
-        dtype = DTYPES[self.hparams.dtype]
-        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.hparams.attn_implementation}
-        if self.hparams.random_init:
-            # Lightning runs configure_model inside the strategy's init context (default device = the GPU), so the
-            # weights are created straight on the device: no 15 GB CPU copy of a 7B model.
-            config = AutoConfig.from_pretrained(source)
-            return AutoModelForCausalLM.from_config(config, **kwargs)
-        if self.hparams.quantization == "nf4":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_use_double_quant=True,
-            )  # fmt: skip
-            device = self.trainer.strategy.root_device if self._trainer is not None else None
-            if device is not None and device.type == "cuda":
-                # Each process's 4-bit base on its own GPU: without a device map every DDP rank would quantize onto
-                # the current default GPU (rank 0's), and bitsandbytes weights cannot be moved afterwards. (On the CPU
-                # the weights stay where they load, and transformers refuses a "cpu" map for 4-bit offloading.)
-                kwargs["device_map"] = {"": str(device)}
-        base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if self.hparams.quantization == "nf4":
-            from peft import prepare_model_for_kbit_training
-
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        return base
-
-    def _apply_lora(self, base):
-        from peft import LoraConfig, get_peft_model
-
-        from healthai.adapter import apply_adapter
-
-        if self.hparams.adapter_path is not None:  # an adapter/ folder or a fit checkpoint (.ckpt)
-            return apply_adapter(base, self.hparams.adapter_path, is_trainable=True)
+        """The base (:func:`healthai.base_model.load_base`); a 4-bit one onto this process's device."""
         hp = self.hparams
-        config = LoraConfig(
-            r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-            target_modules=list(hp.target_modules), task_type="CAUSAL_LM",
-        )  # fmt: skip
-        return get_peft_model(base, config)
+        device = self.trainer.strategy.root_device if hp.quantization and self._trainer is not None else None
+        return load_base(self._base_source(), hp.dtype, hp.attn_implementation, quantization=hp.quantization,
+                         random_init=hp.random_init, liger_kernel=hp.liger_kernel, device=device)  # fmt: skip
 
     @property
     def base_model(self):
@@ -311,12 +249,13 @@ class DiagnosisLoRA(L.LightningModule):
 
         check_max_steps(self.trainer)
         check_monitored_metrics(self.trainer.callbacks, self.hparams.generate_every_n_epochs)
-        self._check_answer_caps()
+        self._check_label_caps()
         if self.hparams.val_every_n_steps is not None:
             self._set_validation_interval()
 
-    def _check_answer_caps(self) -> None:
-        """Refuse labels the length-capped constraint could not write back (:func:`healthai.encoding.check_answer_caps`)."""
+    def _check_label_caps(self) -> None:
+        """After the data module has read and encoded the labels, before the base is loaded: refuse labels the
+        length-capped constraint could not write back (:func:`healthai.encoding.check_answer_caps`)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and self.generation.constrained:
             from healthai.encoding import check_answer_caps
@@ -426,27 +365,9 @@ class DiagnosisLoRA(L.LightningModule):
         self._log_val_samples()
 
     def _log_val_samples(self) -> None:
-        """The sample table (see ``val_log_samples``) to every TensorBoard logger, from rank zero.
-
-        Under DDP every rank generates its own shard, so the rows are gathered (a few short strings per rank) and
-        rank zero logs the first ``val_log_samples`` records of the whole validation set, the same records as on one
-        device. Collective: every rank must call it (they all do, at the same epochs).
-        """
-        if self.hparams.val_log_samples <= 0:
-            return
-        rows = self._val_samples
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            shards: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shards, rows)
-            rows = merge_rank_samples(shards, self.hparams.val_log_samples)
-        if not self.trainer.is_global_zero or not rows:
-            return
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        title = f"epoch {self.current_epoch}, step {self.global_step}: the first {len(rows)} validation records"
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("val/samples", samples_markdown(rows, title), global_step=self.global_step)
+        """The sample table (see ``val_log_samples``) to TensorBoard: :func:`healthai.samples.log_samples`. Collective:
+        every rank calls it (they all do, at the same epochs)."""
+        log_samples(self.trainer, self._val_samples, self.hparams.val_log_samples)
 
     # -- generation (validation and predict) --------------------------------------------------------------------------
 
@@ -583,111 +504,6 @@ class DiagnosisLoRA(L.LightningModule):
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}
         return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
 
-    def adapter_dir(self, name: str = "adapter") -> Path:
-        """``<run folder>/<name>``: next to the TensorBoard events and config of this run. Call it on every rank."""
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(run_dir) / name
-
-    def save_adapter(self, directory: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None,
-                     card: Optional[dict[str, Any]] = None) -> Path:  # fmt: skip
-        """Write the PEFT adapter (from ``state_dict`` if given, e.g. gathered under FSDP), the tokenizer, the prompt
-        settings, the base it was trained on (``base.json``) and a model card (``README.md``) to ``directory``."""
-        from healthai.adapter import BASE_FILE, write_model_card
-
-        directory = Path(directory)
-        self.model.save_pretrained(directory, state_dict=state_dict)
-        self.tokenizer.save_pretrained(directory)
-        prompt = self._prompt()
-        prompt.save(directory)
-        base = self.base_record()
-        (directory / BASE_FILE).write_text(json.dumps(base, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        card = dict(card or {})
-        card.setdefault("title", f"HealthAI LoRA adapter ({directory.name})")
-        card.setdefault("which", "as saved")
-        write_model_card(directory, {**self.card_facts(), **card, "base": base, "prompt": dataclasses.asdict(prompt)})
-        return directory
-
-    def card_facts(self) -> dict[str, Any]:
-        """Hyperparameters, data files and versions for the model card."""
-        from healthai.provenance import package_versions, sha256_file
-
-        hp = dict(self.hparams)
-        lora_keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
-        facts: dict[str, Any] = {
-            "lora": {k: hp.get(k) for k in lora_keys},
-            "generation": dataclasses.asdict(self.generation),
-            "versions": package_versions("healthai", "torch", "transformers", "peft", "lightning", "xgrammar"),
-        }
-        training = {k: v for k, v in hp.items() if k not in lora_keys and k != "generation" and not k.startswith("_")}
-        trainer, datamodule = self._trainer, None
-        if trainer is not None:
-            datamodule = getattr(trainer, "datamodule", None)
-            training.update(max_epochs=trainer.max_epochs, max_steps=trainer.max_steps,
-                            accumulate_grad_batches=trainer.accumulate_grad_batches,
-                            precision=str(trainer.precision), devices=trainer.world_size,
-                            optimizer_steps=trainer.global_step, epochs_done=trainer.current_epoch)  # fmt: skip
-        if datamodule is not None:
-            training.update(batch_size=getattr(datamodule, "batch_size", None),
-                            max_length=getattr(datamodule, "max_length", None),
-                            seed=getattr(datamodule, "seed", None))  # fmt: skip
-            data = []
-            for split, file, dataset in (("train", datamodule.train_file, datamodule.train_set),
-                                         ("validation", datamodule.val_file, datamodule.val_set)):  # fmt: skip
-                if file is not None and dataset is not None and Path(file).is_file():
-                    data.append({"split": split, "file": str(Path(file).resolve()), "records": len(dataset),
-                                 "sha256": sha256_file(file)})  # fmt: skip
-            if datamodule.val_file is None and datamodule.val_set is not None:
-                data.append({"split": f"validation ({datamodule.val_fraction:g} of train, seed {datamodule.seed})",
-                             "file": str(Path(datamodule.train_file).resolve()), "records": len(datamodule.val_set),
-                             "sha256": sha256_file(datamodule.train_file)})  # fmt: skip
-            facts["data"] = data
-        facts["training"] = training
-        return facts
-
-    def _monitored_best(self):
-        """``(callback, path)`` of the best checkpoint of the first ModelCheckpoint that monitors a metric, or None."""
-        for callback in self.trainer.checkpoint_callbacks:
-            path = getattr(callback, "best_model_path", "")
-            if getattr(callback, "monitor", None) and path and Path(path).is_file():
-                return callback, Path(path)
-        return None
-
-    def on_train_end(self) -> None:
-        """Write ``adapter/`` — the best checkpoint by the monitored metric when a ModelCheckpoint monitors one,
-        else the last step — and, in the first case, ``adapter-last/`` with the last step's weights; say which is
-        which."""
-        if self.trainer.global_step == 0:  # stopped before its first step: the adapter would be its initialisation
-            rank_zero_warn("WARNING: no optimizer step was taken: no adapter written (it would equal the base)")
-            return
-        # Every rank takes part: under FSDP this gathers the sharded weights; elsewhere it is a plain state_dict.
-        state = self.trainer.strategy.lightning_module_state_dict()
-        directory = self.adapter_dir()  # collective too: trainer.log_dir broadcasts rank zero's folder
-        if not self.trainer.is_global_zero:
-            return
-        step = self.trainer.global_step
-        trainable = self.trainable_names()
-        last = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
-        last_metrics = self._val_metrics()
-        best = self._monitored_best()
-        if best is None:
-            self.save_adapter(directory, last, {"which": f"the last step ({step})", "metrics": last_metrics})
-            rank_zero_info(f"adapter saved to {directory} (last step {step}; no checkpoint monitors a metric)")
-            return
-        from healthai.adapter import CKPT_KEY, load_checkpoint
-
-        callback, path = best
-        ckpt = load_checkpoint(path)
-        weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        score = float(callback.best_model_score)
-        best_step = ckpt.get("global_step")
-        which = f"best {callback.monitor} = {score:.4g} at step {best_step} (epoch {ckpt.get('epoch')}, {path})"
-        best_metrics = ckpt.get(CKPT_KEY, {}).get("val_metrics") or {callback.monitor: score}
-        self.save_adapter(directory, weights, {"which": which, "metrics": best_metrics})
-        last_dir = self.adapter_dir("adapter-last")
-        self.save_adapter(last_dir, last, {"which": f"the last step ({step})", "metrics": last_metrics})
-        rank_zero_info(f"adapter saved to {directory}: {which}")
-        rank_zero_info(f"last step's adapter saved to {last_dir} (step {step})")
-
 
 def check_monitored_metrics(callbacks: list, generate_every_n_epochs: int) -> None:
     """Refuse at start a callback (ModelCheckpoint, EarlyStopping) monitoring a generated metric (``val/<name>`` of
@@ -721,91 +537,7 @@ def validation_interval(every_n_steps: int, accumulate: int, batches_per_epoch: 
     return batches
 
 
-def check_liger_kernel() -> None:
-    """Raise ValueError (one line naming the option) where ``liger_kernel`` cannot work: no CUDA, or no package."""
-    if not torch.cuda.is_available():
-        raise ValueError("--model.liger_kernel true needs a CUDA GPU (Liger's kernels are Triton GPU kernels), and "
-                         "this machine has none; drop the option")  # fmt: skip
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ValueError("--model.liger_kernel true needs the liger-kernel package: pip install -e '.[gpu]'")
-
-
-def apply_liger_kernel(base) -> None:
-    """Patch a Qwen2 base in place with Liger's RoPE, RMSNorm and SwiGLU kernels, before LoRA wraps its projections
-    (Liger's SwiGLU calls ``gate_proj``/``up_proj``/``down_proj``, so the LoRA layers put there later still run).
-    Liger's cross-entropy kernels are left off: the loss is :meth:`DiagnosisLoRA.answer_loss`."""
-    model_type = base.config.model_type
-    if model_type != "qwen2":
-        raise ValueError(f"--model.liger_kernel true supports Qwen2 (Qwen2.5) bases; this base is {model_type!r}")
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
-    apply_liger_kernel_to_qwen2(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base
-    )
-
-
-
 def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Answer tokens in a batch: the positions :meth:`DiagnosisLoRA.answer_loss` scores (labels shifted by one). A
     tensor on the labels' device, so counting does not wait for the GPU."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-# -- validation samples for TensorBoard's text tab --------------------------------------------------------------------
-
-CASE_PREVIEW_CHARS = 200
-"""Characters of the case text shown per sample row (records run to thousands)."""
-
-SAMPLE_COLUMNS = ("id", "case", "reference", "predicted", "matched", "missed", "extra", "parse", "reason")
-"""Columns of the validation sample table, in order."""
-
-
-def sample_row(record_id: str, case_text: str, reference: dict[str, Any], answer: ParsedAnswer) -> dict[str, str]:
-    """One validation record and the model's answer as table cells (plain text; :func:`samples_markdown` escapes).
-
-    Matched / missed / extra come from :func:`healthai.metrics.match_diseases`, the comparison ``val/disease_f1``
-    counts, so the table explains the score. A ``failed`` answer has no reason: its raw output is shown instead.
-    """
-    from healthai.metrics import match_diseases
-
-    match = match_diseases(answer.diseases, reference["diseases"])
-    case = case_text if len(case_text) <= CASE_PREVIEW_CHARS else case_text[:CASE_PREVIEW_CHARS] + "…"
-    reason = answer.reason if answer.reason is not None else f"(raw output) {answer.raw or ''}"
-    return {
-        "id": str(record_id), "case": case, "reference": join_diseases(reference["diseases"]),
-        "predicted": answer.diseases or "", "matched": DISEASE_SEPARATOR.join(match.matched),
-        "missed": DISEASE_SEPARATOR.join(match.missed), "extra": DISEASE_SEPARATOR.join(match.extra),
-        "parse": answer.status, "reason": reason,
-    }  # fmt: skip
-
-
-def merge_rank_samples(shards: list[list[dict[str, str]]], limit: int) -> list[dict[str, str]]:
-    """The first ``limit`` records of the validation set from each rank's first rows, in dataset order.
-
-    Lightning gives each rank a non-shuffled ``DistributedSampler`` shard: rank ``r`` holds records ``r, r + W,
-    r + 2W, ...``, so taking the k-th row of every rank in rank order, for k = 0, 1, ..., restores the dataset order.
-    The sampler pads the last round with repeated records; a repeated id is dropped.
-    """
-    rows: list[dict[str, str]] = []
-    seen: set[str] = set()
-    for k in range(max((len(s) for s in shards), default=0)):
-        for shard in shards:
-            if k < len(shard) and shard[k]["id"] not in seen and len(rows) < limit:
-                seen.add(shard[k]["id"])
-                rows.append(shard[k])
-    return rows
-
-
-def _markdown_cell(text: str) -> str:
-    """``text`` as one markdown table cell: markup characters and HTML escaped, line breaks as ``<br>``."""
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    for ch in "\\`*_[]|":  # backslash first, so the escapes added after it are not escaped again
-        text = text.replace(ch, "\\" + ch)
-    return "<br>".join(text.splitlines())
-
-
-def samples_markdown(rows: list[dict[str, str]], title: str) -> str:
-    """``title`` and a markdown table of ``rows`` (:data:`SAMPLE_COLUMNS`), one record per line."""
-    lines = [title, "", "| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
-    lines += ["| " + " | ".join(_markdown_cell(row[c]) for c in SAMPLE_COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)

@@ -368,6 +368,7 @@ def run_fit(lit, items: list[Item], prompts, pad_id: int, planner: Planner, repo
     import torch
     from torch.utils.data import DataLoader
 
+    from healthai.adapter_saver import AdapterSaver
     from healthai.batching import TrainCollator
 
     per_size = args.warmup_steps + args.steps
@@ -379,7 +380,7 @@ def run_fit(lit, items: list[Item], prompts, pad_id: int, planner: Planner, repo
         accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
         max_steps=len(batches), max_epochs=1, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        default_root_dir=root, callbacks=[meter],
+        default_root_dir=root, callbacks=[meter, AdapterSaver()],  # fit's adapter/ too, as the CLI's fit writes it
     )  # fmt: skip
     try:
         trainer.fit(lit, train_dataloaders=loader)
@@ -809,6 +810,7 @@ def run_fsdp(model_dir: Path, prompts, pad_id: int, planner: Planner, report, ar
     from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
 
+    from healthai.adapter_saver import AdapterSaver
     from healthai.batching import TrainCollator
     from healthai.sharding import LoRAFSDPStrategy
 
@@ -863,7 +865,7 @@ def run_fsdp(model_dir: Path, prompts, pad_id: int, planner: Planner, report, ar
             accelerator="gpu" if cuda else "cpu", devices=1, strategy=LoRAFSDPStrategy(), precision="bf16-mixed",
             max_steps=steps, max_epochs=1, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            use_distributed_sampler=False, default_root_dir=tmp, callbacks=[Meter()],
+            use_distributed_sampler=False, default_root_dir=tmp, callbacks=[Meter(), AdapterSaver()],
         )  # fmt: skip
         trainer.fit(lit, train_dataloaders=loader)
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)

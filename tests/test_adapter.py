@@ -194,3 +194,28 @@ def test_a_relative_base_is_found_from_another_working_directory(run, tmp_path, 
     with pytest.raises(FileNotFoundError, match=r"base model models/tiny-qwen2.5: no such folder from .*"
                                                 r"which is gone too\); pass --base PATH"):  # fmt: skip
         resolve_base(None, adapter, "--base")
+
+
+def test_the_cli_writes_adapters_on_fit_only(tiny_model_dir, tmp_path, monkeypatch):
+    """The adapter saver is part of every fit the CLI runs, with no config line for it, and of no other command."""
+    from lightning.pytorch import Trainer
+
+    from healthai.adapter_saver import AdapterSaver
+
+    monkeypatch.chdir(REPO)
+    seen: dict[str, list] = {}
+
+    def record(command: str):
+        def run(trainer, *args, **kwargs):  # stands in for the run itself: only the trainer's callbacks matter here
+            seen[command] = [type(c) for c in trainer.callbacks]
+
+        return run
+
+    for command in ("fit", "validate", "predict"):
+        monkeypatch.setattr(Trainer, command, record(command))
+    common = ["--model.model_name_or_path", str(tiny_model_dir), "--trainer.default_root_dir", str(tmp_path)]
+    cli_main(["fit", "--config", CONFIG, *common, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    cli_main(["validate", "--config", CONFIG, *common, "--trainer.logger", "false"])
+    cli_main(["predict", "--config", PREDICT_CONFIG, *common, "--writer.output_path", str(tmp_path / "p.jsonl")])
+    assert seen["fit"].count(AdapterSaver) == 1
+    assert AdapterSaver not in seen["validate"] and AdapterSaver not in seen["predict"]

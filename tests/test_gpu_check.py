@@ -130,7 +130,7 @@ def test_liger_kernel_option_is_one_clear_error_without_cuda(tmp_path, tiny_mode
 def test_liger_kernel_option_names_the_missing_package_and_unsupported_bases(monkeypatch):
     from types import SimpleNamespace
 
-    from healthai import model
+    from healthai import base_model as model
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

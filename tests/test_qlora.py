@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import labelled_records
+from healthai.base_model import ALL_LINEAR
 from healthai.encoding import IGNORE_INDEX, encode_example
-from healthai.model import ALL_LINEAR, DiagnosisLoRA
+from healthai.model import DiagnosisLoRA
 from healthai.prompts import PromptStyle
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[qlora])")
@@ -94,5 +95,5 @@ def test_nf4_base_loads_on_the_device_of_its_process(tiny_model_dir, monkeypatch
     module = DiagnosisLoRA(model_name_or_path=str(tiny_model_dir), quantization="nf4")
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 3)))
     with pytest.raises(RuntimeError, match="captured"):
-        module._build_base()
+        module._load_base()
     assert seen["device_map"] == {"": "cuda:3"}

@@ -15,7 +15,7 @@ from conftest import REPO, labelled_records, write_jsonl
 
 from healthai.cli import cli_main
 from healthai.decoding import ParsedAnswer
-from healthai.model import SAMPLE_COLUMNS, merge_rank_samples, sample_row, samples_markdown
+from healthai.samples import SAMPLE_COLUMNS, merge_rank_samples, sample_row, samples_markdown
 
 TAG = "val/samples/text_summary"  # add_text("val/samples", ...) is stored under this tensor tag
 

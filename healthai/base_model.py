@@ -1,0 +1,130 @@
+"""Building the trainable model: the base (dtype, attention kernel, 4-bit quantization, Liger kernels), its LoRA
+adapter, gradient checkpointing and FSDP sharding.
+
+This is the one module a new model family touches (its linear projections, a kernel patch, a quantization). Plain
+functions with explicit arguments: :meth:`healthai.model.DiagnosisLoRA.configure_model` passes its hyperparameters in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Optional
+
+import torch
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The seven linear projections of every Qwen2 decoder layer."""
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_base(source: str, dtype: str, attn_implementation: str, *, quantization: Optional[str] = None,
+              random_init: bool = False, liger_kernel: bool = False,
+              device: Optional[torch.device] = None):  # fmt: skip
+    """The transformers base from ``source`` (:func:`build_base`), patched with Liger's kernels if asked."""
+    base = build_base(source, dtype, attn_implementation, quantization=quantization, random_init=random_init,
+                      device=device)  # fmt: skip
+    if liger_kernel:
+        apply_liger_kernel(base)
+    return base
+
+
+def build_base(source: str, dtype: str, attn_implementation: str, *, quantization: Optional[str] = None,
+               random_init: bool = False, device: Optional[torch.device] = None):  # fmt: skip
+    """Load the base from ``source`` (a hub id or folder) in ``dtype`` (a :data:`DTYPES` name), or build it from its
+    config with random weights (``random_init``); ``quantization="nf4"`` loads it in 4 bit (QLoRA) onto ``device``,
+    this process's device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = DTYPES[dtype]
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    if random_init:
+        # Lightning runs configure_model inside the strategy's init context (default device = the GPU), so the
+        # weights are created straight on the device: no 15 GB CPU copy of a 7B model.
+        config = AutoConfig.from_pretrained(source)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype,
+            bnb_4bit_use_double_quant=True,
+        )  # fmt: skip
+        if device is not None and device.type == "cuda":
+            # Each process's 4-bit base on its own GPU: without a device map every DDP rank would quantize onto
+            # the current default GPU (rank 0's), and bitsandbytes weights cannot be moved afterwards. (On the CPU
+            # the weights stay where they load, and transformers refuses a "cpu" map for 4-bit offloading.)
+            kwargs["device_map"] = {"": str(device)}
+    base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return base
+
+
+def apply_lora(base, adapter_path: Optional[str], r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """``base`` wrapped by PEFT: with the trainable adapter at ``adapter_path`` (an ``adapter/`` folder or a fit
+    checkpoint ``.ckpt``), else with a new LoRA adapter of rank ``r`` on ``target_modules``."""
+    from peft import LoraConfig, get_peft_model
+
+    from healthai.adapter import apply_adapter
+
+    if adapter_path is not None:
+        return apply_adapter(base, adapter_path, is_trainable=True)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(base, config)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute the base's activations in backward (non-reentrant) under the PEFT ``model``."""
+    base = model.get_base_model()  # the transformers model, LoRA layers injected in place
+    # Non-reentrant checkpointing works with frozen inputs and PEFT. transformers 5 renamed the method (the old name
+    # is a deprecated alias there); 4.x has only the old one.
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Inputs must require grad so that checkpointed segments of a frozen base still back-propagate to LoRA.
+    model.enable_input_require_grads()
+
+
+def prepare_for_training(model, gradient_checkpointing: bool, mesh=None, precision: Optional[str] = None,
+                         verbose: bool = True) -> None:  # fmt: skip
+    """Put the PEFT ``model`` in train mode with gradient checkpointing if asked, say how many weights train
+    (``verbose``: rank zero), and shard it over ``mesh`` (a data-parallel device mesh of
+    :class:`healthai.sharding.LoRAFSDPStrategy`; FSDP2, one unit per decoder layer, parameters in the trainer's
+    ``precision``) when there is one."""
+    model.train()  # from_pretrained returns eval mode; LoRA dropout must be live in fit
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if verbose:
+        model.print_trainable_parameters()
+    if mesh is not None:
+        from healthai.sharding import shard_model
+
+        shard_model(model, mesh, precision)
+
+
+def check_liger_kernel() -> None:
+    """Raise ValueError (one line naming the option) where ``liger_kernel`` cannot work: no CUDA, or no package."""
+    if not torch.cuda.is_available():
+        raise ValueError("--model.liger_kernel true needs a CUDA GPU (Liger's kernels are Triton GPU kernels), and "
+                         "this machine has none; drop the option")  # fmt: skip
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("--model.liger_kernel true needs the liger-kernel package: pip install -e '.[gpu]'")
+
+
+def apply_liger_kernel(base) -> None:
+    """Patch a Qwen2 base in place with Liger's RoPE, RMSNorm and SwiGLU kernels, before LoRA wraps its projections
+    (Liger's SwiGLU calls ``gate_proj``/``up_proj``/``down_proj``, so the LoRA layers put there later still run).
+    Liger's cross-entropy kernels are left off: the loss is :meth:`healthai.model.DiagnosisLoRA.answer_loss`."""
+    model_type = base.config.model_type
+    if model_type != "qwen2":
+        raise ValueError(f"--model.liger_kernel true supports Qwen2 (Qwen2.5) bases; this base is {model_type!r}")
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base
+    )
