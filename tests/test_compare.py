@@ -189,8 +189,8 @@ def test_command_line_writes_the_report(three_files, tmp_path: Path, capfd, monk
         (["--report", "{refs}"], "--report {refs} would overwrite --references {refs}; choose another path"),
         (["--html", "{a}"], "--html {a} would overwrite system 'a' {a}; choose another path"),
         (["--report", "{tmp}/o.json", "--html", "{tmp}/o.json"], "--html {tmp}/o.json would overwrite --report {tmp}/o.json; choose another path"),
-        (["--resamples", "10"], 'Parser key "resamples": Not of type ResampleCount: 10 does not conform to restriction v>=100'),
-        (["--confidence", "1.5"], 'Parser key "confidence": Not of type OpenUnitInterval: 1.5 does not conform to restriction v>0 and v<1'),
+        (["--resamples", "10"], '--resamples: Not of type ResampleCount: 10 does not conform to restriction v>=100'),
+        (["--confidence", "1.5"], '--confidence: Not of type OpenUnitInterval: 1.5 does not conform to restriction v>0 and v<1'),
         (["{tmp}/nothing.jsonl"], "system 'nothing': no such predictions file: {tmp}/nothing.jsonl"),
     ],
 )

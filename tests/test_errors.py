@@ -221,7 +221,7 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
             [*serve, "--max_length", "20"],
             "--max_length 20 is too small: the prompt without any case text is 105 tokens; raise it"),
         "serve: max_batch_size 0": ([*serve, "--max_batch_size", "0"],
-                                    'Parser key "max_batch_size": Not of type PositiveInt: 0 does not conform to '
+                                    '--max_batch_size: Not of type PositiveInt: 0 does not conform to '
                                     "restriction v>0"),
         "label: the failures file is --input": (
             [*label, "--input", str(failures_named), "--output", str(tmp / "out.jsonl")],
@@ -318,7 +318,7 @@ def test_shell_sees_status_2_and_one_line_of_stderr(inputs, tmp_path) -> None:
     argv, _ = command_line("fit", "batch size 0", inputs, tmp_path)
     result = _subprocess(argv)
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == ('healthai fit: error: Parser key "data.batch_size": Not of type '
+    assert result.stderr.splitlines()[-1] == ('healthai fit: error: data.batch_size: Not of type '
                                               "PositiveInt: 0 does not conform to restriction v>0"), result.stderr
     assert "Traceback" not in result.stderr
 
@@ -345,14 +345,14 @@ def test_help_shows_each_options_range(command, option, declared, capsys) -> Non
 
 @pytest.mark.parametrize("argv, message", [
     (["fit", "--data.batch_size", "0"],
-     'Parser key "data.batch_size": Not of type PositiveInt: 0 does not conform to restriction v>0'),
+     'data.batch_size: Not of type PositiveInt: 0 does not conform to restriction v>0'),
     (["fit", "--model.warmup_ratio", "1.5"],
-     'Parser key "model.warmup_ratio": Not of type ClosedUnitInterval: 1.5 does not conform to restriction v>=0 and '
+     'model.warmup_ratio: Not of type ClosedUnitInterval: 1.5 does not conform to restriction v>=0 and '
      "v<=1"),
     (["predict", "--data.val_fraction", "1"],
-     'Parser key "data.val_fraction": Not of type HalfOpenUnitInterval: 1 does not conform to restriction v>=0 and v<1'),
+     'data.val_fraction: Not of type HalfOpenUnitInterval: 1 does not conform to restriction v>=0 and v<1'),
     (["predict", "--model.generation.max_new_tokens", "0"],
-     'Parser key "model.generation.max_new_tokens": Not of type PositiveInt: 0 does not conform to restriction v>0'),
+     'model.generation.max_new_tokens: Not of type PositiveInt: 0 does not conform to restriction v>0'),
 ])  # fmt: skip
 def test_a_value_out_of_its_declared_range_is_one_line_naming_the_option(argv, message, capfd, monkeypatch) -> None:
     monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
@@ -369,7 +369,7 @@ def test_a_value_out_of_range_with_none_allowed_is_one_line_naming_the_option(ca
         main(["fit", "--data.eval_batch_size", "-1"])
     err = capfd.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith('healthai fit: error: Parser key "data.eval_batch_size":') and "PositiveInt" in err, err
+    assert err.startswith("healthai fit: error: data.eval_batch_size: ") and "PositiveInt" in err, err
 
 
 def test_classes_built_in_python_check_the_same_declared_ranges(tiny_model_dir) -> None:

@@ -503,7 +503,7 @@ def test_settings_are_checked_naming_the_option(tmp_path: Path, capsys: pytest.C
         main(["label", "--input", "in.jsonl", "--output", "o.jsonl", "--base_url", "http://x/v1", "--model", "m",
               "--max_retries", "-1"])  # fmt: skip
     assert info.value.code == 2
-    assert capsys.readouterr().err == ('healthai label: error: Parser key "max_retries": Not of type NonNegativeInt: '
+    assert capsys.readouterr().err == ('healthai label: error: --max_retries: Not of type NonNegativeInt: '
                                        "-1 does not conform to restriction v>=0\n")
 
 
