@@ -9,7 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
-from healthai.errors import check_at_least
+from healthai.errors import PositiveInt, check_value
 from healthai.model import DiagnosisLoRA
 from healthai.writer import DiagnosisWriter
 
@@ -38,9 +38,10 @@ class HealthAICLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        # Lightning takes 0 and fails later with a ZeroDivisionError, after the model has loaded.
+        # Lightning's signature says int and it takes 0, to fail later with a ZeroDivisionError after the model has
+        # loaded; its type is not ours to declare, so the same check is made here.
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_at_least("trainer.accumulate_grad_batches", config.trainer.accumulate_grad_batches, 1)
+        check_value("trainer.accumulate_grad_batches", config.trainer.accumulate_grad_batches, PositiveInt)
 
     def before_fit(self) -> None:
         from healthai.resume import check_last_checkpoint

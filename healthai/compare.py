@@ -21,7 +21,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from healthai.breakdown import DEFAULT_LENGTH_EDGES, DEFAULT_TOP_DIAGNOSES, RecordScore, format_table
-from healthai.errors import ConfigError, UserError, check_at_least, check_output, require_extra
+from healthai.errors import ConfigError, NonNegativeInt, OpenUnitInterval, PositiveInt, ResampleCount, UserError
+from healthai.errors import check_declared, check_output, require_extra
 from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score
 
 METHOD = "paired bootstrap over records, percentile interval (scipy.stats.bootstrap)"
@@ -177,12 +178,12 @@ def compare(
     references: Path,
     report: Optional[Path] = None,
     html: Optional[Path] = None,
-    resamples: int = 10000,
+    resamples: ResampleCount = 10000,
     seed: int = 0,
-    confidence: float = 0.95,
-    top_diagnoses: int = DEFAULT_TOP_DIAGNOSES,
-    length_edges: list[int] = list(DEFAULT_LENGTH_EDGES),
-    examples: int = 20,
+    confidence: OpenUnitInterval = 0.95,
+    top_diagnoses: PositiveInt = DEFAULT_TOP_DIAGNOSES,
+    length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),
+    examples: NonNegativeInt = 20,
 ) -> dict[str, Any]:
     """Compare predictions files on the same references, side by side, with bootstrap intervals for F1 differences.
 
@@ -213,11 +214,8 @@ def compare(
         ``a_right_b_wrong`` and the bootstrap settings.
     """
     specs = parse_systems(systems)
+    check_declared(compare, locals())  # the CLI checks these too; this is for Python callers
     check_breakdown_options(top_diagnoses, length_edges)
-    check_at_least("resamples", resamples, 100)
-    check_at_least("examples", examples, 0)
-    if not 0 < confidence < 1:
-        raise ConfigError(f"confidence must be between 0 and 1, got {confidence!r}")
     inputs = {"--references": Path(references), **{f"system {s.name!r}": s.path for s in specs}}
     check_outputs_are_not_inputs(inputs, {"--report": report, "--html": html})
     if html is not None:

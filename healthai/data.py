@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from healthai.batching import EvalSampler, LengthGroupedSampler, PaddedEvalSet, PromptCollator, ResumableLoader
 from healthai.batching import TrainCollator
 from healthai.encoding import EncodedDataset, encode_example, fit_case_text, prompt_ids
-from healthai.errors import ConfigError, InputError, check_at_least, check_model_source
+from healthai.errors import ConfigError, HalfOpenUnitInterval, InputError, check_declared, check_model_source
+from healthai.errors import NonNegativeInt, PositiveInt
 from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import read_records
@@ -39,15 +40,15 @@ class DiagnosisDataModule(L.LightningDataModule):
         tokenizer_path: Optional[str] = None,
         adapter_path: Optional[str] = None,
         prompt: Optional[PromptStyle] = None,
-        max_length: int = 2048,
-        batch_size: int = 4,
-        eval_batch_size: Optional[int] = None,
-        val_fraction: float = 0.05,
+        max_length: PositiveInt = 2048,
+        batch_size: PositiveInt = 4,
+        eval_batch_size: Optional[PositiveInt] = None,
+        val_fraction: HalfOpenUnitInterval = 0.05,
         seed: int = 42,
         on_bad_record: OnBadRecord = "error",
-        pad_to_multiple_of: int = 1,
-        mega_batch_mult: int = 50,
-        num_workers: int = 0,
+        pad_to_multiple_of: PositiveInt = 1,
+        mega_batch_mult: PositiveInt = 50,
+        num_workers: NonNegativeInt = 0,
         allow_layout_change: bool = False,
     ):
         """
@@ -79,15 +80,9 @@ class DiagnosisDataModule(L.LightningDataModule):
                 batch count, so that epoch may repeat or miss records (later epochs are whole). By default such a
                 resume is refused naming the change.
         """
-        # A bad value is the user's config error, named here, not a ZeroDivisionError deep in a sampler.
-        check_at_least("data.max_length", max_length, 1)
-        check_at_least("data.batch_size", batch_size, 1)
-        check_at_least("data.eval_batch_size", eval_batch_size, 1, allow_none=True)
-        check_at_least("data.pad_to_multiple_of", pad_to_multiple_of, 1)
-        check_at_least("data.mega_batch_mult", mega_batch_mult, 1)
-        check_at_least("data.num_workers", num_workers, 0)
-        if not 0 <= val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        # The ranges are the signature's types (the CLI checks them); built in Python, they are checked here: a bad
+        # value is the user's config error, named here, not a ZeroDivisionError deep in a sampler.
+        check_declared(DiagnosisDataModule.__init__, locals(), "data.")
         if tokenizer_path is not None:
             check_model_source(tokenizer_path, "data.tokenizer_path")
         super().__init__()

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
-from healthai.errors import ConfigError
+from healthai.errors import ConfigError, PositiveInt, check_declared
 from healthai.prompts import ANSWER_JSON_SCHEMA, join_diseases
 
 ParseStatus = Literal["ok", "repaired", "truncated", "failed"]
@@ -320,7 +320,7 @@ class GenerationSettings:
     ships ``do_sample``, ``temperature 0.7``, ``top_p 0.8``, ``top_k 20`` and ``repetition_penalty 1.05``).
     """
 
-    max_new_tokens: int = 512
+    max_new_tokens: PositiveInt = 512
     """Most tokens generated per record (the answer and its end-of-turn token)."""
 
     do_sample: bool = False
@@ -348,6 +348,9 @@ class GenerationSettings:
     max_reason_chars: Optional[int] = 400
     """``maxLength`` of the ``reason`` string under the constraint (None = unbounded). Keep the two bounds within
     ``max_new_tokens`` so that the object always closes before the budget runs out (checked at start-up)."""
+
+    def __post_init__(self) -> None:
+        check_declared(GenerationSettings, vars(self), "generation.")  # the CLI checks these too, naming the option
 
     def transformers_config(self, eos_token_ids: Sequence[int], pad_token_id: int):
         """A complete ``transformers.GenerationConfig`` of these settings.

@@ -21,7 +21,8 @@ from healthai.breakdown import (
     breakdowns,
     score_record,
 )
-from healthai.errors import ConfigError, UserError, check_at_least, check_output, require_extra
+from healthai.errors import ConfigError, NonNegativeInt, PositiveInt, UserError, check_declared, check_output
+from healthai.errors import require_extra
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.metrics import PARSE_STATUSES, answer_metrics, match_diseases, rouge_l_char
 from healthai.prompts import join_diseases
@@ -250,10 +251,8 @@ class Scored:
 
 
 def check_breakdown_options(top_diagnoses: int, length_edges: Sequence[int]) -> None:
-    """Raise :class:`ConfigError` for a breakdown option that cannot work."""
-    check_at_least("top_diagnoses", top_diagnoses, 1)
-    for edge in length_edges:
-        check_at_least("length_edges", edge, 1)
+    """Raise :class:`ConfigError` for a breakdown option that cannot work. (Each edge's range is its declared
+    type, :func:`evaluate`'s and :func:`~healthai.compare.compare`'s; their order is not a type's to say.)"""
     if list(length_edges) != sorted(set(length_edges)):
         raise ConfigError(f"length_edges must be increasing, got {list(length_edges)}")
 
@@ -264,9 +263,9 @@ def evaluate(
     report: Optional[Path] = None,
     per_record: Optional[Path] = None,
     html: Optional[Path] = None,
-    top_diagnoses: int = DEFAULT_TOP_DIAGNOSES,
-    length_edges: list[int] = list(DEFAULT_LENGTH_EDGES),
-    examples: int = 20,
+    top_diagnoses: PositiveInt = DEFAULT_TOP_DIAGNOSES,
+    length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),
+    examples: NonNegativeInt = 20,
 ) -> dict[str, Any]:
     """Score predictions against references with the metrics validation logs: disease P/R/F1, JSON validity rate,
     truncated rate and reason ROUGE-L (:func:`healthai.metrics.answer_metrics`).
@@ -311,8 +310,8 @@ def evaluate(
     """
     # Options and output paths are checked before any scoring work, so a mistake costs nothing.
     _check_outputs(predictions, references, report, per_record, html)
+    check_declared(evaluate, locals())  # the CLI checks these too; this is for Python callers
     check_breakdown_options(top_diagnoses, length_edges)
-    check_at_least("examples", examples, 0)
     if html is not None:
         require_extra("matplotlib", extra="report", needed_by="--html")
     scored = score(predictions, references, top_diagnoses=top_diagnoses, length_edges=length_edges)

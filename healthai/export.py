@@ -20,7 +20,7 @@ import torch
 
 from healthai.decoding import GenerationSettings
 from healthai.encoding import end_of_turn_id, fit_case_text
-from healthai.errors import UserError, check_model_source, check_output
+from healthai.errors import NonNegativeFloat, PositiveInt, UserError, check_declared, check_model_source, check_output
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.adapter import is_checkpoint
 from healthai.prompts import PromptStyle
@@ -204,10 +204,10 @@ def export(
     out: Path,
     base: Optional[str] = None,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    tolerance: Optional[float] = None,
-    parity_records: int = 3,
+    tolerance: Optional[NonNegativeFloat] = None,
+    parity_records: PositiveInt = 3,
     records: Optional[Path] = None,
-    parity_max_tokens: int = 256,
+    parity_max_tokens: PositiveInt = 256,
     device: str = "cpu",
     generation: GenerationSettings = GenerationSettings(),
     allow_base_mismatch: bool = False,
@@ -253,6 +253,7 @@ def export(
         ``out``, ``base``, ``dtype``, ``max_abs_diff``, ``tolerance``, ``adapter_effect`` (max |logit change| the
         adapter causes), ``records`` (the ids checked) and ``tokens``.
     """
+    check_declared(export, locals(), "--")  # the CLI checks these too; this is for Python callers
     adapter, out = Path(adapter), Path(out)
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     from healthai.adapter import check_base, load_prompt

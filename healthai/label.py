@@ -42,7 +42,7 @@ import openai
 from tqdm import tqdm
 
 from healthai.decoding import answer_fields, load_answer_json
-from healthai.errors import ConfigError, check_at_least, check_output
+from healthai.errors import NonNegativeInt, PositiveFloat, PositiveInt, check_declared, check_output
 from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
@@ -114,16 +114,16 @@ class LabelSettings:
     (vLLM)."""
     model: str
     """Teacher model name, e.g. qwen2.5-72b-instruct."""
-    concurrency: int = 8
+    concurrency: PositiveInt = 8
     """Requests kept in flight at once."""
-    max_retries: int = 5
+    max_retries: NonNegativeInt = 5
     """Retries per request after 408, 409, 429, 5xx, a timeout or a dropped connection (the openai client's
     exponential backoff with jitter, honouring Retry-After); other 4xx fail the record at once."""
-    timeout: float = 120.0
+    timeout: PositiveFloat = 120.0
     """Seconds allowed for one request."""
     temperature: float = 0.2
     """Sampling temperature of the teacher."""
-    max_tokens: int = 1024
+    max_tokens: PositiveInt = 1024
     """Most tokens the teacher may write per reply; a reply cut at this limit counts as failed."""
     json_mode: bool = True
     """Request JSON output (response_format json_object). If the server answers 400 naming response_format, the run
@@ -133,18 +133,13 @@ class LabelSettings:
     on_bad_record: OnBadRecord = "error"
     """What to do with a bad input line: "error" stops with file:line, "skip" writes it to <output>.rejects.jsonl.
     A duplicate id is always an error."""
-    limit: Optional[int] = None
+    limit: Optional[NonNegativeInt] = None
     """Label at most this many of the pending records (a trial run)."""
     progress: bool = True
     """Show a progress bar with rate and ETA."""
 
     def __post_init__(self) -> None:
-        check_at_least("--concurrency", self.concurrency, 1)
-        check_at_least("--max_retries", self.max_retries, 0)
-        check_at_least("--max_tokens", self.max_tokens, 1)
-        check_at_least("--limit", self.limit, 0, allow_none=True)
-        if not self.timeout > 0:
-            raise ConfigError(f"--timeout must be > 0, got {self.timeout!r}")
+        check_declared(LabelSettings, vars(self), "--")  # the CLI checks these too; this is for Python callers
 
 
 @dataclass(frozen=True)

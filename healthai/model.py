@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, load_base, prepare_for_training
 from healthai.decoding import GenerationSettings, JsonConstraint, check_answer_budget, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
-from healthai.errors import ConfigError, check_at_least, check_model_source
+from healthai.errors import ClosedUnitInterval, ConfigError, HalfOpenUnitInterval, NonNegativeFloat, NonNegativeInt
+from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
 from healthai.sharding import gathered_head, synced_generation
@@ -29,19 +30,19 @@ class DiagnosisLoRA(L.LightningModule):
         adapter_path: Optional[str] = None,
         dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         attn_implementation: str = "sdpa",
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
+        lora_r: PositiveInt = 16,
+        lora_alpha: PositiveInt = 32,
+        lora_dropout: HalfOpenUnitInterval = 0.05,
         target_modules: list[str] = ALL_LINEAR,
         gradient_checkpointing: bool = True,
-        learning_rate: float = 2e-4,
+        learning_rate: NonNegativeFloat = 2e-4,
         weight_decay: float = 0.0,
-        warmup_ratio: float = 0.03,
-        min_lr_ratio: float = 0.1,
+        warmup_ratio: ClosedUnitInterval = 0.03,
+        min_lr_ratio: ClosedUnitInterval = 0.1,
         generation: GenerationSettings = GenerationSettings(),
-        generate_every_n_epochs: int = 1,
-        val_every_n_steps: Optional[int] = None,
-        val_generate_limit: int = 32,
+        generate_every_n_epochs: NonNegativeInt = 1,
+        val_every_n_steps: Optional[PositiveInt] = None,
+        val_generate_limit: NonNegativeInt = 32,
         quantization: Optional[Literal["nf4"]] = None,
         random_init: bool = False,
         val_log_samples: int = 8,
@@ -90,19 +91,9 @@ class DiagnosisLoRA(L.LightningModule):
         """
         # Bad values are the user's config errors, named here before anything loads.
         check_model_source(model_name_or_path, "model.model_name_or_path")
-        check_at_least("model.lora_r", lora_r, 1)
-        # alpha 0 scales the LoRA update to nothing: an adapter that trains and changes nothing.
-        check_at_least("model.lora_alpha", lora_alpha, 1)
-        check_at_least("model.val_every_n_steps", val_every_n_steps, 1, allow_none=True)
-        check_at_least("model.learning_rate", learning_rate, 0)
-        check_at_least("model.generate_every_n_epochs", generate_every_n_epochs, 0)
-        check_at_least("model.val_generate_limit", val_generate_limit, 0)
-        check_at_least("model.generation.max_new_tokens", generation.max_new_tokens, 1)
-        if not 0 <= lora_dropout < 1:
-            raise ConfigError(f"model.lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if not 0 <= warmup_ratio <= 1 or not 0 <= min_lr_ratio <= 1:
-            raise ConfigError(f"model.warmup_ratio and model.min_lr_ratio must be in [0, 1], got {warmup_ratio!r}, "
-                              f"{min_lr_ratio!r}")  # fmt: skip
+        # The ranges are the signature's types (the CLI checks them; lora_alpha 0 would scale the LoRA update to
+        # nothing); built in Python, they are checked here. `generation` checks its own.
+        check_declared(DiagnosisLoRA.__init__, locals(), "model.")
         super().__init__()
         if random_init and quantization is not None:
             raise ConfigError("model.random_init builds unquantized weights; it cannot be combined with quantization")

@@ -47,7 +47,8 @@ from litserve.specs.openai import ChatCompletionRequest, ChatMessage, OpenAISpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from healthai.decoding import GenerationSettings, ParsedAnswer
-from healthai.errors import ConfigError, check_at_least, check_model_source
+from healthai.errors import ConfigError, NonNegativeFloat, PositiveInt, UnprivilegedPort, check_declared
+from healthai.errors import check_model_source
 from healthai.prompts import DEFAULT_USER_TEMPLATE, PromptStyle
 from healthai.records import check_record
 
@@ -403,16 +404,16 @@ def serve(
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
     device: Literal["auto", "cpu", "cuda"] = "auto",
     host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch_size: int = 8,
-    batch_timeout: float = 0.05,
-    max_length: int = 2048,
-    max_chars: int = 20000,
+    port: UnprivilegedPort = 8000,
+    max_batch_size: PositiveInt = 8,
+    batch_timeout: NonNegativeFloat = 0.05,
+    max_length: PositiveInt = 2048,
+    max_chars: PositiveInt = 20000,
     generation: GenerationSettings = GenerationSettings(),
     api_key_env: str = "HEALTHAI_SERVE_API_KEY",
     insecure_no_api_key: bool = False,
     allow_base_mismatch: bool = False,
-    timeout: float = 300.0,
+    timeout: NonNegativeFloat = 300.0,
     attn_implementation: str = "sdpa",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
 ) -> None:
@@ -451,14 +452,7 @@ def serve(
         attn_implementation: Attention kernel passed to transformers (sdpa, flash_attention_2, eager).
         log_level: Server log level.
     """
-    check_at_least("--max_batch_size", max_batch_size, 1)
-    check_at_least("--max_chars", max_chars, 1)
-    check_at_least("--max_length", max_length, 1)
-    check_at_least("--batch_timeout", batch_timeout, 0)
-    check_at_least("--timeout", timeout, 0)
-    check_at_least("--generation.max_new_tokens", generation.max_new_tokens, 1)
-    if not 1024 <= port <= 65535:  # LitServe's range
-        raise ConfigError(f"--port must be in 1024..65535, got {port}")
+    check_declared(serve, locals(), "--")  # the CLI checks these too; the port's range is LitServe's
     api_key = os.environ.get(api_key_env, "").strip() or None
     if api_key is None and not is_loopback(host) and not insecure_no_api_key:
         raise ConfigError(f"--host {host} is reachable from the network and no API key is set: put one in "

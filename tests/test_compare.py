@@ -61,7 +61,7 @@ def test_breakdown_options_are_checked(tmp_path: Path) -> None:
     refs, preds = write_jsonl(tmp_path / "refs.jsonl", REFS), write_jsonl(tmp_path / "preds.jsonl", PREDS)
     with pytest.raises(ConfigError, match="length_edges must be increasing"):
         evaluate(preds, refs, length_edges=[500, 250])
-    with pytest.raises(ConfigError, match="top_diagnoses must be >= 1"):
+    with pytest.raises(ConfigError, match="top_diagnoses: Not of type PositiveInt: 0 does not conform"):
         evaluate(preds, refs, top_diagnoses=0)
 
 
@@ -189,8 +189,8 @@ def test_command_line_writes_the_report(three_files, tmp_path: Path, capfd, monk
         (["--report", "{refs}"], "--report {refs} would overwrite --references {refs}; choose another path"),
         (["--html", "{a}"], "--html {a} would overwrite system 'a' {a}; choose another path"),
         (["--report", "{tmp}/o.json", "--html", "{tmp}/o.json"], "--html {tmp}/o.json would overwrite --report {tmp}/o.json; choose another path"),
-        (["--resamples", "10"], "resamples must be >= 100, got 10"),
-        (["--confidence", "1.5"], "confidence must be between 0 and 1, got 1.5"),
+        (["--resamples", "10"], '--resamples: Not of type ResampleCount: 10 does not conform to restriction v>=100'),
+        (["--confidence", "1.5"], '--confidence: Not of type OpenUnitInterval: 1.5 does not conform to restriction v>0 and v<1'),
         (["{tmp}/nothing.jsonl"], "system 'nothing': no such predictions file: {tmp}/nothing.jsonl"),
     ],
 )

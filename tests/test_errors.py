@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,7 +190,8 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
             f"data.val_fraction 0.9 leaves none of the 2 record(s) of {two} for training; lower it or give "
             "data.val_file"),
         "fit: accumulate_grad_batches 0": (fit_argv(inputs, tmp, "--trainer.accumulate_grad_batches", "0"),
-                                           "trainer.accumulate_grad_batches must be >= 1, got 0"),
+                                           "trainer.accumulate_grad_batches: Not of type PositiveInt: 0 does not "
+                                           "conform to restriction v>0"),
         "predict: max_length under the prompt": (
             [*command_line("predict", "good", inputs, tmp)[0], "--data.max_length", "20"],
             "data.max_length 20 is too small: the prompt without any case text is 105 tokens; raise it"),
@@ -218,7 +220,9 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
         "serve: max_length under the prompt": (
             [*serve, "--max_length", "20"],
             "--max_length 20 is too small: the prompt without any case text is 105 tokens; raise it"),
-        "serve: max_batch_size 0": ([*serve, "--max_batch_size", "0"], "--max_batch_size must be >= 1, got 0"),
+        "serve: max_batch_size 0": ([*serve, "--max_batch_size", "0"],
+                                    '--max_batch_size: Not of type PositiveInt: 0 does not conform to '
+                                    "restriction v>0"),
         "label: the failures file is --input": (
             [*label, "--input", str(failures_named), "--output", str(tmp / "out.jsonl")],
             f"--output's failures file {failures_named} would overwrite --input {failures_named}; choose another path"),
@@ -314,5 +318,89 @@ def test_shell_sees_status_2_and_one_line_of_stderr(inputs, tmp_path) -> None:
     argv, _ = command_line("fit", "batch size 0", inputs, tmp_path)
     result = _subprocess(argv)
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == "healthai fit: error: data.batch_size must be >= 1, got 0", result.stderr
+    assert result.stderr.splitlines()[-1] == ('healthai fit: error: data.batch_size: Not of type '
+                                              "PositiveInt: 0 does not conform to restriction v>0"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- option ranges are declared as restricted types in the signatures ------------------------------------------------
+
+
+@pytest.mark.parametrize("command, option, declared", [
+    ("fit", "--data.batch_size", "(type: PositiveInt, default: 4)"),
+    ("fit", "--model.warmup_ratio", "(type: ClosedUnitInterval, default: 0.03)"),
+    ("fit", "--model.lora_dropout", "(type: HalfOpenUnitInterval, default: 0.05)"),
+    ("predict", "--data.eval_batch_size", "(type: Optional[PositiveInt], default: null)"),
+    ("predict", "--model.generation.max_new_tokens", "(type: PositiveInt, default: 512)"),
+])  # fmt: skip
+def test_help_shows_each_options_range(command, option, declared, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    help_text = capsys.readouterr().out
+    entry = re.search(rf"^  {re.escape(option)} .*?(?=^  -)", help_text, re.MULTILINE | re.DOTALL)
+    assert entry is not None, help_text
+    assert declared in " ".join(entry.group(0).split())  # the help wraps lines
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--data.batch_size", "0"],
+     'data.batch_size: Not of type PositiveInt: 0 does not conform to restriction v>0'),
+    (["fit", "--model.warmup_ratio", "1.5"],
+     'model.warmup_ratio: Not of type ClosedUnitInterval: 1.5 does not conform to restriction v>=0 and '
+     "v<=1"),
+    (["predict", "--data.val_fraction", "1"],
+     'data.val_fraction: Not of type HalfOpenUnitInterval: 1 does not conform to restriction v>=0 and v<1'),
+    (["predict", "--model.generation.max_new_tokens", "0"],
+     'model.generation.max_new_tokens: Not of type PositiveInt: 0 does not conform to restriction v>0'),
+])  # fmt: skip
+def test_a_value_out_of_its_declared_range_is_one_line_naming_the_option(argv, message, capfd, monkeypatch) -> None:
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert capfd.readouterr().err == f"healthai {argv[0]}: error: {message}\n"
+
+
+def test_a_value_out_of_range_with_none_allowed_is_one_line_naming_the_option(capfd, monkeypatch) -> None:
+    # jsonargparse lists what each member of Optional[...] said; one_line keeps that on one line.
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--data.eval_batch_size", "-1"])
+    err = capfd.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("healthai fit: error: data.eval_batch_size: ") and "PositiveInt" in err, err
+
+
+def test_classes_built_in_python_check_the_same_declared_ranges(tiny_model_dir) -> None:
+    from healthai.data import DiagnosisDataModule
+    from healthai.decoding import GenerationSettings
+    from healthai.errors import ConfigError
+    from healthai.label import LabelSettings
+    from healthai.model import DiagnosisLoRA
+
+    with pytest.raises(ConfigError, match=r"^data\.val_fraction: Not of type HalfOpenUnitInterval: 1\.0 does not"):
+        DiagnosisDataModule(val_fraction=1.0)
+    with pytest.raises(ConfigError, match=r"^data\.eval_batch_size: Not of type PositiveInt: 0 does not"):
+        DiagnosisDataModule(eval_batch_size=0)
+    with pytest.raises(ConfigError, match=r"^generation\.max_new_tokens: Not of type PositiveInt: 0 does not"):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(ConfigError, match=r"^model\.lora_r: Not of type PositiveInt: True not a number"):
+        DiagnosisLoRA(str(tiny_model_dir), lora_r=True)
+    with pytest.raises(ConfigError, match=r"^--timeout: Not of type PositiveFloat: 0 does not"):
+        LabelSettings(input="i", output="o", base_url="http://x/v1", model="m", timeout=0)
+    DiagnosisDataModule(eval_batch_size=None, val_fraction=0.0)  # None where the type is Optional, the range's edge
+
+
+def test_parsed_values_are_plain_numbers() -> None:
+    """A parsed PositiveInt is an int: a model's hyperparameters reach checkpoints and hparams.yaml as plain numbers."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from healthai.data import DiagnosisDataModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DiagnosisDataModule, "data")
+    data = parser.instantiate(parser.parse_args(["--data.batch_size", "3", "--data.val_fraction", "0.5"])).data
+    assert type(data.hparams["batch_size"]) is int and type(data.hparams["val_fraction"]) is float
+    assert yaml.safe_load(yaml.safe_dump(dict(data.hparams)))["batch_size"] == 3  # safe_dump refuses Python objects

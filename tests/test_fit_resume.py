@@ -152,7 +152,7 @@ def test_ckpt_path_last_without_a_last_checkpoint_is_refused_before_the_model_lo
 
 @pytest.mark.parametrize("extra, named", [
     (["--trainer.max_steps", "0"], "trainer.max_steps 0 takes no optimizer step, so fit would write no adapter"),
-    (["--model.lora_alpha", "0"], "model.lora_alpha must be >= 1, got 0"),
+    (["--model.lora_alpha", "0"], 'model.lora_alpha: Not of type PositiveInt: 0 does not conform'),
     (["--model.val_every_n_steps", "2", "--trainer.val_check_interval", "4"], "both say when to validate"),
 ])  # fmt: skip
 def test_settings_that_can_only_be_a_mistake_are_refused_before_the_model_loads(tmp_path, tiny_model_dir, extra,

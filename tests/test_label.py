@@ -497,13 +497,14 @@ def test_a_429_pauses_every_worker(tmp_path: Path) -> None:
 
 
 def test_settings_are_checked_naming_the_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(ConfigError, match="--concurrency must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="--concurrency: Not of type PositiveInt: 0 does not conform"):
         fast_settings(tmp_path, "http://127.0.0.1:9/v1", concurrency=0)
     with pytest.raises(SystemExit) as info:
         main(["label", "--input", "in.jsonl", "--output", "o.jsonl", "--base_url", "http://x/v1", "--model", "m",
               "--max_retries", "-1"])  # fmt: skip
     assert info.value.code == 2
-    assert capsys.readouterr().err == "healthai label: error: --max_retries must be >= 0, got -1\n"
+    assert capsys.readouterr().err == ('healthai label: error: --max_retries: Not of type NonNegativeInt: '
+                                       "-1 does not conform to restriction v>=0\n")
 
 
 def test_sigterm_keeps_what_is_done_and_says_how_to_resume(tmp_path: Path) -> None:
