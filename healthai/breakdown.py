@@ -140,15 +140,21 @@ def breakdowns(records: Sequence[RecordScore], top_n: int, length_edges: Sequenc
     }
 
 
+def format_value(value: Any) -> str:
+    """A report value as printed everywhere (tables, the HTML report): ``n/a`` for none, floats with 4 decimals, a
+    list of ids as its length."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return str(len(value))
+    return str(value)
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Aligned plain-text columns; floats with 4 decimals, the first column left-aligned and the others right."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "n/a"
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    table = [list(header)] + [[cell(v) for v in row] for row in rows]
+    """Aligned plain-text columns (:func:`format_value`), the first column left-aligned and the others right."""
+    table = [list(header)] + [[format_value(v) for v in row] for row in rows]
     # East Asian characters take two columns in a terminal.
     def width(text: str) -> int:
         return sum(2 if "\u2e80" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef" else 1 for ch in text)

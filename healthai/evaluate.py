@@ -19,6 +19,7 @@ from healthai.breakdown import (
     RecordScore,
     breakdown_tables,
     breakdowns,
+    format_value,
     score_record,
 )
 from healthai.errors import ConfigError, NonNegativeInt, PositiveInt, UserError, check_declared, check_output
@@ -191,21 +192,11 @@ def _per_record_rows(refs: dict[str, Reference], preds: dict[str, Prediction]) -
 
 def _table(report: dict[str, Any]) -> str:
     """The report as two aligned plain-text columns."""
-
-    def fmt(value: Any) -> str:
-        if value is None:
-            return "n/a"
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        if isinstance(value, list):
-            return str(len(value))
-        return str(value)
-
     keys = [*metric_keys(), "n", "n_predictions", "n_reasons", "missing", "duplicates", "unknown"]
     rows = [(k, report[k]) for k in keys] + [(f"parse_status {s}", n) for s, n in report["parse_status"].items()]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
-    lines += [f"{k.ljust(width)}  {fmt(v)}" for k, v in rows]
+    lines += [f"{k.ljust(width)}  {format_value(v)}" for k, v in rows]
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from healthai.breakdown import RecordScore
+from healthai.breakdown import RecordScore, format_value
 
 CASE_START_CHARS = 80
 """How much of a case text the example table shows."""
@@ -142,16 +142,6 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return str(len(value))
-    return str(value)
-
-
 def _answer_cell(r: RecordScore) -> str:
     if r.parse_status == "missing":
         return '<span class="status">no prediction</span>'
@@ -211,7 +201,7 @@ def render_html(
              + " · ".join(f"{_e(s.name)}: {_e(s.path)}" for s in systems) + "</p>"]  # fmt: skip
 
     parts.append("<h2>Summary</h2>")
-    rows = [[label, *(_fmt(s.report[key]) for s in systems)] for key, label in summary_rows()]
+    rows = [[label, *(format_value(s.report[key]) for s in systems)] for key, label in summary_rows()]
     parts.append(_table(["metric", *map(_e, names)], rows, "num"))
     for s in systems:
         for what in ("missing", "duplicates", "unknown"):
