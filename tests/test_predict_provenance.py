@@ -191,7 +191,7 @@ def test_stop_signal_ends_at_a_batch_boundary_and_the_rerun_completes_exactly_on
                                                                                     code, capsys):  # fmt: skip
     """Case 7: a scheduler's SIGTERM (or Ctrl+C) ends the run after the current batch, keeps every row written,
     says how to resume and exits 128 + signal; rerunning the same command completes every id once."""
-    records = short_records(24, offset=20)
+    records = short_records(16, offset=20)  # 8 batches: the signal comes after the first, far from the last
     src = write_jsonl(tmp_path / "records.jsonl", records)
     out = tmp_path / "pred.jsonl"
     shard = tmp_path / "pred.jsonl.rank0.jsonl"

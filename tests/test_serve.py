@@ -173,7 +173,7 @@ def status_under_caps(body: dict) -> str:
 
 
 def test_concurrent_requests_are_batched_and_answer_as_predict_does(server, tiny_model_dir, adapter, tmp_path):
-    records = seed_records(32)
+    records = seed_records(16)  # 8 threads, batches of up to 8: at least two batches, each decoding several requests
 
     def ask(record):
         return request(server.url + "/predict", {"id": record["id"], "feature_content": record["feature_content"]})
