@@ -17,6 +17,20 @@ EXAMPLE_OUTPUT = FIXTURES / "example_output.jsonl"
 GOLDEN = FIXTURES / "golden_chat_template.json"
 
 
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+                   "GROUP_RANK")  # fmt: skip
+"""What a process group reads from the environment."""
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_env_from_earlier_tests(monkeypatch):
+    """Each test starts without a process group's variables. An in-process run under a distributed strategy leaves
+    ``MASTER_PORT`` & co in ``os.environ``; a later test's DDP subprocesses would inherit that port and fail with
+    EADDRINUSE while it is still held."""
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The small random-weight Qwen2.5-architecture model, rebuilt first if its builder changed since it was written
