@@ -68,7 +68,7 @@ def strip_code_fence(text: str) -> str:
     return match.group(1).strip() if match else text
 
 
-def _as_text(value: Any, key: str) -> str:
+def _field_text(value: Any, key: str) -> str:
     """A field as a string; a list of items is joined (diseases with ``；``, reasons one per line)."""
     if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
         items = [str(v).strip() for v in value if str(v).strip()]
@@ -85,7 +85,7 @@ def answer_fields(obj: Any) -> tuple[str, str]:
     missing = [k for k in ANSWER_JSON_SCHEMA["required"] if k not in obj]
     if missing:
         raise ValueError(f"lacks field(s) {missing}")
-    return _as_text(obj["diseases"], "diseases"), _as_text(obj["reason"], "reason")
+    return _field_text(obj["diseases"], "diseases"), _field_text(obj["reason"], "reason")
 
 
 def load_answer_json(text: str, allow_repair: bool = True) -> tuple[Any, bool]:

@@ -46,7 +46,7 @@ from healthai.errors import NonNegativeInt, PositiveFloat, PositiveInt, check_de
 from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
-from healthai.records import read_records as read_input_records
+from healthai.records import read_records
 from healthai.redact import Redactor
 from healthai.teacher import (
     FATAL_STATUSES,
@@ -143,7 +143,9 @@ class LabelSettings:
 
 
 @dataclass(frozen=True)
-class Record:
+class Case:
+    """One input record as the labeller needs it: its id (written back as read) and its case text."""
+
     id: int | str
     text: str
 
@@ -211,10 +213,11 @@ def failures_path_for(output: str | Path) -> Path:
     return path.with_name(stem + ".failures.jsonl")
 
 
-def read_records(path: str | Path, on_bad_record: OnBadRecord, rejects: Rejects) -> list[Record]:
-    """The input records, read and validated by the rules every stage shares (:mod:`healthai.records`)."""
-    rows = read_input_records(path, labelled=False, on_bad_record=on_bad_record, rejects=rejects)
-    return [Record(r["id"], r["feature_content"]) for r in rows]
+def read_cases(path: str | Path, on_bad_record: OnBadRecord, rejects: Rejects) -> list[Case]:
+    """The input records as cases to label, read and validated by the rules every stage shares
+    (:func:`healthai.records.read_records`)."""
+    rows = read_records(path, labelled=False, on_bad_record=on_bad_record, rejects=rejects)
+    return [Case(r["id"], r["feature_content"]) for r in rows]
 
 
 @dataclass
@@ -260,7 +263,7 @@ class LabelRun:
 
     # -- the API -----------------------------------------------------------------------------------------------------
 
-    async def label_record(self, record: Record) -> Labelled | Failed | None:
+    async def label_record(self, record: Case) -> Labelled | Failed | None:
         """Label one record. None means the run was stopped before it started."""
         while True:
             if self.summary.aborted:
@@ -317,7 +320,7 @@ class LabelRun:
         else:
             print(message, file=sys.stderr)
 
-    def record_outcome(self, record: Record, outcome: Labelled | Failed | None) -> None:
+    def record_outcome(self, record: Case, outcome: Labelled | Failed | None) -> None:
         """Write one finished record: a good row to the output, a failure to the failures file."""
         if outcome is None:
             return
@@ -343,7 +346,7 @@ class LabelRun:
             streak = self.give_up_streak
             self.abort(f"{streak} records in a row ran out of retries; the server looks down or over quota")
 
-    def write_failure(self, record: Record, failure: Failed) -> None:
+    def write_failure(self, record: Case, failure: Failed) -> None:
         if self.failures is None:  # created on the first failure, so a clean run leaves no failures file
             self.failures = DurableAppender(failures_path_for(self.settings.output), "w", self.redactor.writer)
             self.summary.failures = str(self.failures.path)
@@ -395,15 +398,15 @@ def check_outputs(settings: LabelSettings) -> None:
         check_output(f"--output's {derived.name.split('.')[-2]} file", derived, inputs)
 
 
-def _pending_records(settings: LabelSettings, rejects: Rejects) -> tuple[list[Record], int, int]:
+def _pending_records(settings: LabelSettings, rejects: Rejects) -> tuple[list[Case], int, int]:
     """``(records still to label, valid records in the input, records already in the output)``."""
-    records = read_records(settings.input, settings.on_bad_record, rejects)
+    records = read_cases(settings.input, settings.on_bad_record, rejects)
     done = {id_key(i) for i in recover_jsonl(settings.output)}  # also cuts a torn last line left by a crash
     pending = [r for r in records if id_key(r.id) not in done]
     return pending, len(records), len(records) - len(pending)
 
 
-async def _worker(run: LabelRun, queue: Iterator[Record]) -> None:
+async def _worker(run: LabelRun, queue: Iterator[Case]) -> None:
     # All workers pull from one iterator; the loop is single-threaded, so next() is never called concurrently.
     for record in queue:
         if run.summary.aborted:
@@ -430,7 +433,7 @@ def _on_stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-async def _run_workers(run: LabelRun, pending: list[Record]) -> None:
+async def _run_workers(run: LabelRun, pending: list[Case]) -> None:
     """``concurrency`` workers over one queue, until done, a fatal error or a stop signal. If one worker dies of a
     bug, the others are stopped before the files close."""
     queue = iter(pending)

@@ -67,7 +67,7 @@ def normalize_diseases(text: Optional[str]) -> list[str]:
     return items
 
 
-def _as_text(diseases: DiseasesField) -> str:
+def _diseases_text(diseases: DiseasesField) -> str:
     """One ``diseases`` string from whatever a row holds; a missing value is an empty prediction."""
     if diseases is None:
         return ""
@@ -87,8 +87,8 @@ class DiseaseMatch(NamedTuple):
 
 def match_diseases(pred: DiseasesField, target: DiseasesField) -> DiseaseMatch:
     """Compare two ``diseases`` fields by exact equality of their :func:`normalize_diseases` items."""
-    pred_items = normalize_diseases(_as_text(pred))
-    target_items = normalize_diseases(_as_text(target))
+    pred_items = normalize_diseases(_diseases_text(pred))
+    target_items = normalize_diseases(_diseases_text(target))
     target_set, pred_set = set(target_items), set(pred_items)
     return DiseaseMatch(
         matched=[p for p in pred_items if p in target_set],
