@@ -54,11 +54,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return UserError, FileNotFoundError, NotADirectoryError, ArgumentError
 
 
-def one_line(error: BaseException, command: str = "") -> str:
-    """The error's message on one line (jsonargparse's messages span several), with jsonargparse's ``Parser key
+def user_message(error: BaseException, command: str = "") -> str:
+    """The error's message on one line (:func:`healthai.errors.one_line`), with jsonargparse's ``Parser key
     "name":`` said as the project names that option (``data.batch_size`` of LightningCLI, ``--concurrency`` of a
     function command), so an out-of-range value reads the same from the parser as from the class's own check."""
-    text = re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
+    from healthai.errors import one_line
+
+    text = one_line(error)
     dashes = "--" if command in FUNCTION_COMMANDS else ""
     return re.sub(r'^Parser key "([^"]+)":', lambda key: f"{dashes}{key.group(1)}:", text)
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     except user_error_types() as e:
         if os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0"):
             raise
-        print(f"healthai {command}: error: {one_line(e, command)}", file=sys.stderr)
+        print(f"healthai {command}: error: {user_message(e, command)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -8,6 +8,7 @@ its traceback. ``HEALTHAI_DEBUG=1`` shows the traceback of user errors too.
 from __future__ import annotations
 
 import collections.abc
+import re
 import types
 import typing
 from pathlib import Path
@@ -150,3 +151,8 @@ def check_output(option: str, path: str | Path, inputs: dict[str, Any], folder: 
         raise InputError(f"{option} {path} is a file, not a folder")
     if not folder and out.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file path")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (jsonargparse's and some refusals' messages span several)."""
+    return re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from healthai.errors import UserError, check_output
+from healthai.errors import UserError, check_output, one_line
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
 from healthai.provenance import adapter_fingerprint, base_fingerprint, package_versions, sha256_file
 from healthai.records import id_key
@@ -419,10 +419,6 @@ def submission_row(row: dict) -> dict:
     if "raw_output" in row:
         out["raw_output"] = row["raw_output"]
     return out
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def _rows_in(path: Path) -> dict[str, str]:
