@@ -13,12 +13,12 @@ from typing import Any, Optional
 import lightning as L
 from torch.utils.data import DataLoader
 
+from healthai.adapter import Adapter
 from healthai.batching import EvalSampler, LengthGroupedSampler, PaddedEvalSet, PromptCollator, ResumableLoader
 from healthai.batching import TrainCollator
 from healthai.encoding import EncodedDataset, encode_example, fit_case_text, prompt_ids
 from healthai.errors import ConfigError, HalfOpenUnitInterval, InputError, check_declared, check_model_source
 from healthai.errors import NonNegativeInt, PositiveInt
-from healthai.adapter import Adapter
 from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import read_records

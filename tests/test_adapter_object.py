@@ -66,10 +66,13 @@ def test_a_folder_and_its_checkpoint_give_the_same_base_prompt_tokenizer_and_wei
     # The folder carries the tokenizer it was trained with; a .ckpt holds none, so the base's is used.
     assert folder.tokenizer_source(str(tiny_model_dir)) == str(pair[0])
     assert ckpt.tokenizer_source(str(tiny_model_dir)) == str(tiny_model_dir)
-    applied = [a.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)) for a in (folder, ckpt)]
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+    applied = [folder.apply(load()), ckpt.apply(load())]
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
-        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=ids).logits
+        plain = load()(input_ids=ids).logits
         logits = [model(input_ids=ids).logits for model in applied]
     assert torch.allclose(logits[0], logits[1], atol=1e-6)
     assert not torch.allclose(logits[0], plain, atol=1e-3)  # the adapter is applied, not skipped
@@ -87,9 +90,11 @@ def test_open_refuses_what_is_not_an_adapter_naming_the_option(tmp_path):
         Adapter.open(tmp_path, "--adapter_path")
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "unreadable prompt settings"),
-                                               ('{"system": "s", "user_template": "no case"}', "must contain '{case}'"),
-                                               ('{"sistem": "typo"}', "unknown prompt settings ['sistem']")])  # fmt: skip
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "unreadable prompt settings"),
+    ('{"system": "s", "user_template": "no case"}', "must contain '{case}'"),
+    ('{"sistem": "typo"}', "unknown prompt settings ['sistem']"),
+])  # fmt: skip
 def test_an_unreadable_prompt_json_is_one_line_naming_the_file(pair, tmp_path, content, message):
     import shutil
 
