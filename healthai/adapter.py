@@ -1,26 +1,30 @@
-"""Adapters: what fit leaves (a PEFT ``adapter/`` folder, or a Lightning ``.ckpt``), the base each one records, and the
-check that an adapter is applied to the base it was trained on.
+"""Adapters: what fit leaves (a PEFT ``adapter/`` folder, or a Lightning ``.ckpt``), and :class:`Adapter`, the one
+object every command opens one with. It alone tells a folder from a ``.ckpt``, and answers the questions a command
+asks about an adapter once: the base it records, the prompt it was trained with, where its tokenizer is, how it is
+applied to a base, and its fingerprint.
 
 A LoRA update is a difference against one set of base weights: applied to another base of the same shape it loads
 without complaint and predicts nonsense. So every adapter records its base — the name or path as given, the absolute
 folder it was found in, and :func:`healthai.provenance.base_fingerprint` — in ``base.json`` (a ``.ckpt`` holds the same
-under ``checkpoint["healthai"]``), and predict, validate and export refuse a base whose fingerprint differs unless told
-otherwise.
+under ``checkpoint["healthai"]``), and predict, validate, export and serve refuse a base whose fingerprint differs
+unless told otherwise (:meth:`Adapter.check_base`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import sys
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from healthai.errors import UserError
-from healthai.prompts import PromptStyle
-from healthai.provenance import base_fingerprint, resolve_model_dir
+from healthai.prompts import PROMPT_FILE, PromptStyle
+from healthai.provenance import base_fingerprint, resolve_model_dir, sha256_file
 
 BASE_FILE = "base.json"
 """File inside an adapter folder that records the base model (see :func:`base_record`)."""
@@ -36,26 +40,6 @@ class BaseMismatchError(UserError):
     """An adapter applied to a base other than its own: a user error (one line on stderr, exit status 2)."""
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` names a Lightning checkpoint file rather than an adapter folder."""
-    return str(path).endswith(".ckpt")
-
-
-def check_adapter_path(path: str | Path, option: str = "--model.adapter_path") -> Path:
-    """``path`` as a Path if it is an adapter folder or a ``.ckpt`` file; else FileNotFoundError naming ``option``."""
-    p = Path(path).expanduser()
-    if is_checkpoint(p):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such checkpoint file ({option})")
-        return p
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such adapter folder ({option})")
-    if not (p / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{p}: not an adapter folder (no adapter_config.json) nor a .ckpt written by fit "
-                                f"({option})")  # fmt: skip
-    return p
-
-
 @lru_cache(maxsize=2)
 def _load_checkpoint(path: str, mtime: float) -> dict[str, Any]:
     import torch
@@ -68,9 +52,183 @@ def _load_checkpoint(path: str, mtime: float) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint, read once per file version (the data module and the model both need it)."""
+    """A Lightning checkpoint, read once per file version (the data module, the model and the adapter saver all
+    need it)."""
     path = Path(path)
     return _load_checkpoint(str(path.resolve()), path.stat().st_mtime)
+
+
+# -- the adapter ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """An adapter folder or fit ``.ckpt``, checked to exist (:meth:`open`); what it records is read once, when first
+    asked for.
+
+    **The prompt rule** (every command: fit/validate/predict through the data module, export, serve): the prompt is
+    the one the adapter saved — a folder's ``prompt.json``, a ``.ckpt``'s record. An adapter that saved none (a PEFT
+    folder written by another tool) is used with the default :class:`~healthai.prompts.PromptStyle`, and one warning
+    line on stderr names the adapter and says how to give it its own. An unreadable ``prompt.json`` is a
+    :class:`~healthai.errors.UserError`.
+    """
+
+    path: Path
+    """The folder or ``.ckpt`` file, as given (``~`` expanded)."""
+
+    @classmethod
+    def open(cls, path: str | Path, option: str = "--model.adapter_path") -> "Adapter":
+        """The adapter at ``path``: an adapter folder (holding ``adapter_config.json``) or a ``.ckpt`` file; else
+        FileNotFoundError, one line naming ``option``."""
+        p = Path(path).expanduser()
+        if p.name.endswith(".ckpt"):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: no such checkpoint file ({option})")
+        elif not p.is_dir():
+            raise FileNotFoundError(f"{p}: no such adapter folder ({option})")
+        elif not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{p}: not an adapter folder (no adapter_config.json) nor a .ckpt written by fit "
+                                    f"({option})")  # fmt: skip
+        return cls(p)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def kind(self) -> Literal["folder", "checkpoint"]:
+        """``checkpoint`` for a Lightning ``.ckpt`` written by fit, ``folder`` for a PEFT adapter folder."""
+        return "checkpoint" if self.path.name.endswith(".ckpt") else "folder"
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.kind == "checkpoint"
+
+    def _record(self) -> dict[str, Any]:
+        """A ``.ckpt``'s ``checkpoint["healthai"]``: the base and prompt it records (empty for a folder)."""
+        return (load_checkpoint(self.path).get(CKPT_KEY) or {}) if self.is_checkpoint else {}
+
+    # -- the base -----------------------------------------------------------------------------------------------------
+
+    @cached_property
+    def base(self) -> Optional[dict[str, Any]]:
+        """The base this adapter records (:func:`base_record`), or None when it records none (an adapter written
+        before bases were recorded, or by another tool: only PEFT's ``base_model_name_or_path`` is then known)."""
+        if self.is_checkpoint:
+            return self._record().get("base")
+        if (self.path / BASE_FILE).is_file():
+            return _read_json(self.path / BASE_FILE)
+        name = _read_json(self.path / "adapter_config.json").get("base_model_name_or_path")
+        return {"name_or_path": name, "path": None, "fingerprint": None} if name else None
+
+    def resolve_base(self, name_or_path: Optional[str], option: str) -> str:
+        """The base to load: ``name_or_path`` (default: the one this adapter records), or — when that is a relative
+        path that does not exist from here — the absolute folder the adapter recorded for the same name
+        (:func:`resolve_base`)."""
+        return resolve_base(name_or_path, option, self.base)
+
+    def check_base(self, base: str, allow_mismatch: bool, flag: str) -> Optional[str]:
+        """Refuse (:class:`BaseMismatchError`) this adapter on ``base`` when the fingerprint it records differs from
+        ``base``'s; with ``allow_mismatch`` print the same line as a warning and go on. Returns the mismatch line, or
+        None when the bases match or cannot be compared (no recorded fingerprint, or a hub id with no local copy)."""
+        recorded = self.base
+        if recorded is None or not recorded.get("fingerprint"):
+            return None
+        actual = base_fingerprint(base)
+        if actual is None or actual == recorded["fingerprint"]:
+            return None
+        differs = "different weights"
+        theirs = recorded.get("architecture") or {}
+        folder = resolve_model_dir(base)
+        if theirs and folder is not None and (folder / "config.json").is_file():
+            ours = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            changed = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in ARCHITECTURE_FIELDS
+                       if ours.get(k) != theirs.get(k)]  # fmt: skip
+            differs = (f"a different architecture ({', '.join(changed)})" if changed
+                       else "the same architecture, other weights")  # fmt: skip
+        line = (f"adapter {self} was trained on base {recorded['name_or_path']} (fingerprint "
+                f"{recorded['fingerprint']}); {base} (fingerprint {actual}) has {differs}")  # fmt: skip
+        if not allow_mismatch:
+            raise BaseMismatchError(f"{line}; pass {flag} true to apply it anyway")
+        print(f"warning: {line}; applying it anyway ({flag})", file=sys.stderr, flush=True)
+        return line
+
+    # -- what it carries besides its weights --------------------------------------------------------------------------
+
+    @cached_property
+    def prompt(self) -> PromptStyle:
+        """The prompt this adapter was trained with, by the rule in the class docstring (the warning is printed once
+        per opened adapter)."""
+        try:
+            if self.is_checkpoint:
+                saved = self._record().get("prompt")
+                if saved is not None:
+                    return PromptStyle.from_dict(saved, f"{self} (its {CKPT_KEY!r} record)")
+            elif (self.path / PROMPT_FILE).is_file():
+                return PromptStyle.load(self.path)
+        except ValueError as e:  # not JSON, unknown settings, a template without {case}
+            raise UserError(str(e)) from None
+        hint = ("not a checkpoint written by `healthai fit`?" if self.is_checkpoint else
+                f"no {PROMPT_FILE}; if it was trained with another prompt, save that as {self.path / PROMPT_FILE}")
+        print(f"warning: adapter {self} records no prompt settings; using the default prompt ({hint})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return PromptStyle()
+
+    def tokenizer_source(self, fallback: Optional[str]) -> Optional[str]:
+        """Where to load the tokenizer from: the adapter folder's copy (saved by fit, the one it was trained with),
+        else ``fallback`` (the base; a ``.ckpt`` holds no tokenizer)."""
+        if not self.is_checkpoint and (self.path / "tokenizer_config.json").is_file():
+            return str(self.path)
+        return fallback
+
+    def apply(self, base, is_trainable: bool = False):
+        """``base`` with this adapter applied, as a PeftModel: from a PEFT folder, or from a fit checkpoint (its LoRA
+        settings are the run's hyperparameters, its state dict the adapter's weights)."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if not self.is_checkpoint:
+            return PeftModel.from_pretrained(base, str(self.path), is_trainable=is_trainable)
+        ckpt = load_checkpoint(self.path)
+        hp = ckpt.get("hyper_parameters", {})
+        started = hp.get("adapter_path")
+        if started and Path(started).is_dir():
+            config = LoraConfig.from_pretrained(started)  # the run continued training that adapter folder
+        else:
+            config = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
+                                target_modules=list(hp["target_modules"]), task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(base, config)
+        weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        result = model.load_state_dict(weights, strict=False)
+        lora = {n for n, _ in model.named_parameters() if "lora_" in n}
+        if result.unexpected_keys or not lora or lora & set(result.missing_keys):
+            raise UserError(f"{self}: its weights do not fit a LoRA adapter of r={config.r} on "
+                            f"{sorted(config.target_modules)} (unexpected {result.unexpected_keys[:3]}, "
+                            f"missing {sorted(lora & set(result.missing_keys))[:3]})")  # fmt: skip
+        if not is_trainable:
+            model.requires_grad_(False)
+        return model
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content hash of the adapter: a ``.ckpt`` file's, or a folder's weights and LoRA config (what a
+        predictions file's provenance compares)."""
+        if self.is_checkpoint:
+            return sha256_file(self.path)[:16]
+        h = hashlib.sha256()
+        for f in [self.path / "adapter_config.json", *sorted(self.path.glob("adapter_model*.safetensors"))]:
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(sha256_file(f).encode())
+        return h.hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return data
 
 
 # -- the base ---------------------------------------------------------------------------------------------------------
@@ -88,33 +246,17 @@ def base_record(name_or_path: str) -> dict[str, Any]:
     return record
 
 
-def recorded_base(adapter: str | Path) -> Optional[dict[str, Any]]:
-    """The base an adapter folder or ``.ckpt`` records, or None when it records none (an adapter written before
-    bases were recorded, or by another tool: only PEFT's ``base_model_name_or_path`` is then known)."""
-    adapter = Path(adapter)
-    if is_checkpoint(adapter):
-        return load_checkpoint(adapter).get(CKPT_KEY, {}).get("base")
-    if (adapter / BASE_FILE).is_file():
-        return json.loads((adapter / BASE_FILE).read_text(encoding="utf-8"))
-    config = adapter / "adapter_config.json"
-    if config.is_file():
-        name = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if name:
-            return {"name_or_path": name, "path": None, "fingerprint": None}
-    return None
-
-
 def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
 
 
-def resolve_base(name_or_path: Optional[str], adapter: Optional[str | Path], option: str) -> str:
-    """The base to load: ``name_or_path`` (default: the one the adapter records), or — when that is a relative path
-    that does not exist from here — the absolute folder the adapter recorded for the same name.
+def resolve_base(name_or_path: Optional[str], option: str, recorded: Optional[dict[str, Any]] = None) -> str:
+    """The base to load: ``name_or_path`` (default: ``recorded["name_or_path"]``, the base an adapter records), or —
+    when that is a relative path that does not exist from here — the absolute folder ``recorded`` holds for the same
+    name. With an adapter, call :meth:`Adapter.resolve_base`.
 
     Raises FileNotFoundError naming ``option`` when neither is found.
     """
-    recorded = recorded_base(adapter) if adapter is not None else None
     given = name_or_path if name_or_path is not None else (recorded or {}).get("name_or_path")
     if given is None:
         raise UserError(f"no base model: pass {option}")
@@ -129,77 +271,6 @@ def resolve_base(name_or_path: Optional[str], adapter: Optional[str | Path], opt
         return given  # a hub id: transformers finds it in the cache or downloads it
     where = f" (the adapter recorded it at {recorded['path']}, which is gone too)" if same and recorded.get("path") else ""
     raise FileNotFoundError(f"base model {given}: no such folder from {os.getcwd()}{where}; pass {option} PATH")
-
-
-def check_base(adapter: str | Path, base: str, allow_mismatch: bool, flag: str) -> Optional[str]:
-    """Refuse (:class:`BaseMismatchError`) an adapter whose recorded base fingerprint differs from ``base``'s; with
-    ``allow_mismatch`` print the same line as a warning and go on. Returns the mismatch line, or None when the bases
-    match or cannot be compared (no recorded fingerprint, or a hub id with no local copy)."""
-    recorded = recorded_base(adapter)
-    if recorded is None or not recorded.get("fingerprint"):
-        return None
-    actual = base_fingerprint(base)
-    if actual is None or actual == recorded["fingerprint"]:
-        return None
-    differs = "different weights"
-    theirs = recorded.get("architecture") or {}
-    folder = resolve_model_dir(base)
-    if theirs and folder is not None and (folder / "config.json").is_file():
-        ours = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        changed = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in ARCHITECTURE_FIELDS if ours.get(k) != theirs.get(k)]
-        differs = f"a different architecture ({', '.join(changed)})" if changed else "the same architecture, other weights"
-    line = (f"adapter {adapter} was trained on base {recorded['name_or_path']} (fingerprint {recorded['fingerprint']}); "
-            f"{base} (fingerprint {actual}) has {differs}")  # fmt: skip
-    if not allow_mismatch:
-        raise BaseMismatchError(f"{line}; pass {flag} true to apply it anyway")
-    print(f"warning: {line}; applying it anyway ({flag})", file=sys.stderr, flush=True)
-    return line
-
-
-# -- what an adapter carries besides its weights ----------------------------------------------------------------------
-
-
-def load_prompt(adapter: str | Path) -> PromptStyle:
-    """The prompt settings an adapter was trained with (``prompt.json`` of a folder, or a ``.ckpt``'s record)."""
-    if is_checkpoint(adapter):
-        saved = load_checkpoint(adapter).get(CKPT_KEY, {}).get("prompt")
-        if saved is None:
-            raise UserError(f"{adapter}: records no prompt settings; was it written by `healthai fit`?")
-        return PromptStyle(**saved)
-    return PromptStyle.load(adapter)
-
-
-def tokenizer_source(adapter: Optional[str | Path], fallback: Optional[str]) -> Optional[str]:
-    """Where to load the tokenizer from: the adapter folder's copy (saved by fit), else ``fallback`` (the base)."""
-    if adapter is not None and not is_checkpoint(adapter) and (Path(adapter) / "tokenizer_config.json").is_file():
-        return str(adapter)
-    return fallback
-
-
-def apply_adapter(base, adapter: str | Path, is_trainable: bool = False):
-    """``base`` with the adapter applied, as a PeftModel: from a PEFT folder, or from a fit checkpoint (its LoRA
-    settings are the run's hyperparameters, its state dict the adapter's weights)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if not is_checkpoint(adapter):
-        return PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
-    ckpt = load_checkpoint(adapter)
-    hp = ckpt.get("hyper_parameters", {})
-    if hp.get("adapter_path") and not is_checkpoint(hp["adapter_path"]) and Path(hp["adapter_path"]).is_dir():
-        config = LoraConfig.from_pretrained(hp["adapter_path"])  # the run continued training that adapter
-    else:
-        config = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
-                            target_modules=list(hp["target_modules"]), task_type="CAUSAL_LM")  # fmt: skip
-    model = get_peft_model(base, config)
-    weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    result = model.load_state_dict(weights, strict=False)
-    lora = {n for n, _ in model.named_parameters() if "lora_" in n}
-    if result.unexpected_keys or not lora or lora & set(result.missing_keys):
-        raise UserError(f"{adapter}: its weights do not fit a LoRA adapter of r={config.r} on {sorted(config.target_modules)}"
-                         f" (unexpected {result.unexpected_keys[:3]}, missing {sorted(lora & set(result.missing_keys))[:3]})")
-    if not is_trainable:
-        model.requires_grad_(False)
-    return model
 
 
 # -- the model card ---------------------------------------------------------------------------------------------------

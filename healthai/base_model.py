@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from healthai.adapter import Adapter
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The seven linear projections of every Qwen2 decoder layer."""
 
@@ -63,15 +65,13 @@ def build_base(source: str, dtype: str, attn_implementation: str, *, quantizatio
     return base
 
 
-def apply_lora(base, adapter_path: Optional[str], r: int, alpha: int, dropout: float, target_modules: list[str]):
-    """``base`` wrapped by PEFT: with the trainable adapter at ``adapter_path`` (an ``adapter/`` folder or a fit
-    checkpoint ``.ckpt``), else with a new LoRA adapter of rank ``r`` on ``target_modules``."""
+def apply_lora(base, adapter: Optional[Adapter], r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """``base`` wrapped by PEFT: with ``adapter`` (an ``adapter/`` folder or a fit checkpoint ``.ckpt``) trainable,
+    else with a new LoRA adapter of rank ``r`` on ``target_modules``."""
     from peft import LoraConfig, get_peft_model
 
-    from healthai.adapter import apply_adapter
-
-    if adapter_path is not None:
-        return apply_adapter(base, adapter_path, is_trainable=True)
+    if adapter is not None:
+        return adapter.apply(base, is_trainable=True)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         task_type="CAUSAL_LM")  # fmt: skip
     return get_peft_model(base, config)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import lightning as L
 from torch.utils.data import DataLoader
 
+from healthai.adapter import Adapter
 from healthai.batching import EvalSampler, LengthGroupedSampler, PaddedEvalSet, PromptCollator, ResumableLoader
 from healthai.batching import TrainCollator
 from healthai.encoding import EncodedDataset, encode_example, fit_case_text, prompt_ids
@@ -60,8 +61,10 @@ class DiagnosisDataModule(L.LightningDataModule):
             tokenizer_path: Tokenizer folder or hub id. Linked from ``model.model_name_or_path`` by the CLI; an
                 ``adapter_path`` holding a tokenizer takes precedence.
             adapter_path: Adapter folder (or fit ``.ckpt``) written by fit. Linked from ``model.adapter_path``: its saved
-                prompt settings (``prompt.json``) are used, so training and prediction prompts cannot drift.
-            prompt: Prompt settings (system message, user template). Default: :class:`~healthai.prompts.PromptStyle`.
+                prompt settings (``prompt.json``) are used, so training and prediction prompts cannot drift (one
+                without any: the default prompt, with a warning; see :class:`~healthai.adapter.Adapter`).
+            prompt: Prompt settings (system message, user template), when there is no ``adapter_path``. Default:
+                :class:`~healthai.prompts.PromptStyle`.
             max_length: Longest tokenised example (prompt + answer) in fit, and longest prompt in predict. Longer
                 records have their case text trimmed — never the answer; the count is logged.
             batch_size: Training micro-batch size per device.
@@ -90,7 +93,8 @@ class DiagnosisDataModule(L.LightningDataModule):
         self.train_file, self.val_file, self.predict_file = train_file, val_file, predict_file
         self.tokenizer_path = tokenizer_path
         self.adapter_path = adapter_path
-        self.prompt = self._resolve_prompt(prompt, adapter_path)
+        self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
+        self.prompt = self._resolve_prompt(prompt, self.adapter)
         self.max_length = max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -112,14 +116,12 @@ class DiagnosisDataModule(L.LightningDataModule):
         """Input position of every predict record's id, for merging rows back into input order."""
 
     @staticmethod
-    def _resolve_prompt(prompt: Optional[PromptStyle], adapter_path: Optional[str]) -> PromptStyle:
-        if adapter_path is None:
+    def _resolve_prompt(prompt: Optional[PromptStyle], adapter: Optional[Adapter]) -> PromptStyle:
+        if adapter is None:
             return prompt or PromptStyle()
-        from healthai.adapter import check_adapter_path, load_prompt
-
-        saved = load_prompt(check_adapter_path(adapter_path))  # a folder's prompt.json, or a fit .ckpt's record
+        saved = adapter.prompt  # a folder's prompt.json, or a fit .ckpt's record (Adapter's one prompt rule)
         if prompt is not None and prompt != saved:
-            log.warning("prompt settings given in the config differ from %s's; using the adapter's", adapter_path)
+            log.warning("prompt settings given in the config differ from %s's; using the adapter's", adapter)
         return saved
 
     # -- set-up -------------------------------------------------------------------------------------------------------
@@ -128,12 +130,10 @@ class DiagnosisDataModule(L.LightningDataModule):
         """The tokenizer: the adapter's copy if it has one (saved by fit), else ``tokenizer_path``'s."""
         from transformers import AutoTokenizer
 
-        from healthai.adapter import resolve_base, tokenizer_source
-
         base = self.tokenizer_path
-        if base is not None and self.adapter_path is not None:  # found from another working directory too
-            base = resolve_base(base, self.adapter_path, "--model.model_name_or_path")
-        source = tokenizer_source(self.adapter_path, base)
+        if base is not None and self.adapter is not None:  # found from another working directory too
+            base = self.adapter.resolve_base(base, "--model.model_name_or_path")
+        source = self.adapter.tokenizer_source(base) if self.adapter is not None else base
         if source is None:
             raise ConfigError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -21,8 +21,8 @@ import torch
 from healthai.decoding import GenerationSettings
 from healthai.encoding import end_of_turn_id, fit_case_text
 from healthai.errors import NonNegativeFloat, PositiveInt, UserError, check_declared, check_model_source, check_output
+from healthai.adapter import Adapter
 from healthai.jsonl import BadRecordError, iter_jsonl
-from healthai.adapter import is_checkpoint
 from healthai.prompts import PromptStyle
 from healthai.records import check_record
 
@@ -79,24 +79,6 @@ def first_records(path: Path, n: int) -> list[dict[str, Any]]:
     if not records:
         raise ValueError(f"{path}: no records")
     return records
-
-
-def base_of(adapter: Path, base: Optional[str]) -> str:
-    """The base model to merge into: ``--base`` if given, else the one the adapter was trained on (its recorded
-    absolute folder when the recorded relative path does not exist from here)."""
-    from healthai.adapter import check_adapter_path, resolve_base
-
-    check_adapter_path(adapter, "--adapter")
-    return resolve_base(base, adapter, "--base")
-
-
-def load_tokenizer(adapter: Path, base: str):
-    """The adapter's tokenizer (saved by fit, the one the adapter was trained with), else the base's."""
-    from transformers import AutoTokenizer
-
-    from healthai.adapter import tokenizer_source
-
-    return AutoTokenizer.from_pretrained(tokenizer_source(adapter, base))
 
 
 def parity_inputs(
@@ -216,7 +198,8 @@ def export(
     """Merge a LoRA adapter into its base model and save one servable folder (safetensors), checked for parity.
 
     Loads the base, applies the adapter, computes logits on the first --parity_records case records (prompts built
-    with the adapter's saved prompt.json and tokenizer), merges, saves the merged model with tokenizer, generation
+    with the adapter's saved prompt.json and tokenizer; an adapter without prompt.json: the default prompt, with a
+    warning), merges, saves the merged model with tokenizer, generation
     config and prompt.json, reloads the saved folder and compares logits. Exits with status 1 when the largest
     absolute logit difference is above --tolerance (the folder is then left in place but must not be served).
 
@@ -254,30 +237,33 @@ def export(
         adapter causes), ``records`` (the ids checked) and ``tokens``.
     """
     check_declared(export, locals(), "--")  # the CLI checks these too; this is for Python callers
-    adapter, out = Path(adapter), Path(out)
+    out = Path(out)
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
-    from healthai.adapter import check_base, load_prompt
+    from transformers import AutoTokenizer
 
     try:
-        base_name = base_of(adapter, base)
+        lora = Adapter.open(adapter, "--adapter")
+        # --base, or the base the adapter records (its absolute folder when the recorded relative path is gone)
+        base_name = lora.resolve_base(base, "--base")
         check_model_source(base_name, "--base")  # a missing folder, not transformers' "Repo id must be in the form"
         records_file = Path(records) if records is not None else default_records_file()
         parity_set = first_records(records_file, parity_records)
-        prompt = load_prompt(adapter) if is_checkpoint(adapter) else PromptStyle.from_dir_or_default(adapter)
     except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError
         raise UserError(str(e)) from None
-    check_base(adapter, base_name, allow_base_mismatch, "--allow_base_mismatch")
+    prompt = lora.prompt  # the rule every command follows (Adapter)
+    lora.check_base(base_name, allow_base_mismatch, "--allow_base_mismatch")
     try:
-        check_out_folder(out, overwrite, {"--adapter": adapter, "--base": base_name, "--records": records_file})
+        check_out_folder(out, overwrite, {"--adapter": lora.path, "--base": base_name, "--records": records_file})
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    tokenizer = load_tokenizer(adapter, base_name)
+    # The adapter's tokenizer (saved by fit, the one it was trained with), else the base's.
+    tokenizer = AutoTokenizer.from_pretrained(lora.tokenizer_source(base_name))
     inputs = parity_inputs(tokenizer, prompt, parity_set, parity_max_tokens)
 
     if overwrite:
         clear_folder(out)
-    effect, diff = _merge_save_compare(adapter, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
+    effect, diff = _merge_save_compare(lora, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
                                        generation)  # fmt: skip
     tokens = sum(ids.shape[1] for ids in inputs)
     print(f"parity: max |logits(base + adapter) - logits(merged)| = {diff:.3g} over {len(inputs)} records "
@@ -295,7 +281,7 @@ def export(
 
 
 def _merge_save_compare(
-    adapter: Path, out: Path, base: str, dtype: torch.dtype, device: str, inputs: list[torch.Tensor], tokenizer,
+    adapter: Adapter, out: Path, base: str, dtype: torch.dtype, device: str, inputs: list[torch.Tensor], tokenizer,
     prompt: PromptStyle, generation: GenerationSettings,
 ) -> tuple[float, float]:
     """Merge, save and compare; returns ``(adapter effect, merge difference)`` as max absolute logit differences
@@ -303,9 +289,7 @@ def _merge_save_compare(
 
     The reference logits are taken before ``merge_and_unload``, which rewrites the base weights in place.
     """
-    from healthai.adapter import apply_adapter
-
-    model = apply_adapter(load_model(base, dtype, device), adapter).eval()
+    model = adapter.apply(load_model(base, dtype, device)).eval()
     expected = logits_of(model, inputs)
     with model.disable_adapter():
         effect = max_abs_diff(model, inputs, expected)

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from healthai.adapter import Adapter, resolve_base
 from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, load_base, prepare_for_training
 from healthai.decoding import GenerationSettings, JsonConstraint, check_answer_budget, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
@@ -110,6 +111,8 @@ class DiagnosisLoRA(L.LightningModule):
         self._batch_start: Optional[float] = None
         self._budget_checked = False
         self._base_record: Optional[dict[str, Any]] = None
+        self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
+        """The adapter applied to the base (:class:`~healthai.adapter.Adapter`), or None."""
         # Summed over the micro-batches of the optimizer step under way (see on_before_optimizer_step).
         self._step_loss_sum = torch.zeros((), dtype=torch.float64)
         self._step_tokens = torch.zeros((), dtype=torch.float64)
@@ -138,7 +141,7 @@ class DiagnosisLoRA(L.LightningModule):
             return
         hp = self.hparams
         self.tokenizer = self._tokenizer()
-        self.model = apply_lora(self._load_base(), hp.adapter_path, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
+        self.model = apply_lora(self._load_base(), self.adapter, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
                                 hp.target_modules)  # fmt: skip
         # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
@@ -151,24 +154,19 @@ class DiagnosisLoRA(L.LightningModule):
             return datamodule.tokenizer
         from transformers import AutoTokenizer
 
-        from healthai.adapter import tokenizer_source
-
-        return AutoTokenizer.from_pretrained(tokenizer_source(self.hparams.adapter_path, self._base_source()))
+        base = self._base_source()
+        return AutoTokenizer.from_pretrained(self.adapter.tokenizer_source(base) if self.adapter is not None else base)
 
     def _check_base(self, allow_mismatch: bool) -> None:
         """Refuse an adapter trained on another base, before anything is loaded or written (every rank)."""
-        from healthai.adapter import check_base
-
-        check_base(self.hparams.adapter_path, self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
+        self.adapter.check_base(self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
 
     def _base_source(self) -> str:
         """Where the base is loaded from: ``model_name_or_path``, or the absolute folder the adapter recorded for it
         when that relative path does not exist from this working directory."""
-        from healthai.adapter import check_adapter_path, resolve_base
-
-        if self.hparams.adapter_path is not None:
-            check_adapter_path(self.hparams.adapter_path)
-        return resolve_base(self.hparams.model_name_or_path, self.hparams.adapter_path, "--model.model_name_or_path")
+        if self.adapter is not None:
+            return self.adapter.resolve_base(self.hparams.model_name_or_path, "--model.model_name_or_path")
+        return resolve_base(self.hparams.model_name_or_path, "--model.model_name_or_path")
 
     def _load_base(self):
         """The base (:func:`healthai.base_model.load_base`); a 4-bit one onto this process's device."""
@@ -486,10 +484,9 @@ class DiagnosisLoRA(L.LightningModule):
         prompt = getattr(datamodule, "prompt", None)
         if prompt is not None:
             return prompt
-        from healthai.adapter import load_prompt
         from healthai.prompts import PromptStyle
 
-        return load_prompt(self.hparams.adapter_path) if self.hparams.adapter_path is not None else PromptStyle()
+        return self.adapter.prompt if self.adapter is not None else PromptStyle()
 
     def _val_metrics(self) -> dict[str, float]:
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}

@@ -87,15 +87,19 @@ class PromptStyle:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no saved prompt settings; was this folder written by `healthai fit`?")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown prompt settings {sorted(unknown)}")
-        return cls(**data)
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise ValueError(f"{path}: unreadable prompt settings ({e})") from None
+        return cls.from_dict(data, str(path))
 
     @classmethod
-    def from_dir_or_default(cls, directory: str | Path | None) -> "PromptStyle":
-        """The style saved in ``directory`` if it holds one, else the default style."""
-        if directory is not None and (Path(directory) / PROMPT_FILE).is_file():
-            return cls.load(directory)
-        return cls()
+    def from_dict(cls, data: Any, where: str) -> "PromptStyle":
+        """The settings ``dataclasses.asdict`` gave (a fit ``.ckpt`` records them so); ValueError naming ``where`` for
+        anything else."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
+        if unknown:
+            raise ValueError(f"{where}: unknown prompt settings {unknown}")
+        try:
+            return cls(**data)
+        except ValueError as e:  # a user_template without {case}
+            raise ValueError(f"{where}: {e}") from None

@@ -1,4 +1,5 @@
-"""What produced a file: stable fingerprints of base models, adapters and input files.
+"""What produced a file: stable fingerprints of base models and input files (an adapter's is
+:attr:`healthai.adapter.Adapter.fingerprint`).
 
 Used to refuse mixing work: an adapter applied to a base it was not trained on, or a predictions file resumed with
 another input, adapter, prompt or decoding settings. Fingerprints are content hashes. A base is identified by its
@@ -150,20 +151,6 @@ def base_fingerprint(name_or_path: str) -> Optional[str]:
     for shard in weight_files(folder):
         h.update(shard.name.encode())
         h.update(weight_sha256(shard).encode())
-    return h.hexdigest()[:16]
-
-
-def adapter_fingerprint(adapter_dir: str | Path) -> Optional[str]:
-    """A fingerprint of an adapter folder's weights and LoRA config, or ``None`` for no adapter."""
-    folder = Path(adapter_dir)
-    if folder.is_file():  # a fit checkpoint (.ckpt) given as the adapter
-        return sha256_file(folder)[:16]
-    h = hashlib.sha256()
-    files = [folder / "adapter_config.json", *sorted(folder.glob("adapter_model*.safetensors"))]
-    for f in files:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(sha256_file(f).encode())
     return h.hexdigest()[:16]
 
 

@@ -366,25 +366,26 @@ def check_startup(
 ) -> PromptStyle:
     """What the model worker would fail on, checked in this process first, each as one line (a
     :class:`~healthai.errors.UserError`): in a worker it ends as LitServe's "One or more workers failed to start".
-    Returns the prompt to serve: the adapter's (a folder's prompt.json or a fit ``.ckpt``'s record), else the default.
+    Returns the prompt to serve: the adapter's (a folder's prompt.json or a fit ``.ckpt``'s record), else the default
+    (with a warning when there is an adapter: :class:`~healthai.adapter.Adapter`'s rule, as in predict and export).
     Nothing heavy is loaded: the base's folder, the adapter and the tokenizer only."""
     from transformers import AutoTokenizer
 
-    from healthai.adapter import check_adapter_path, check_base, load_prompt, resolve_base, tokenizer_source
+    from healthai.adapter import Adapter, resolve_base
     from healthai.encoding import prompt_ids
     from healthai.decoding import check_answer_budget
 
     check_model_source(model_name_or_path, "--model_name_or_path")
-    prompt = PromptStyle()
-    if adapter_path is not None:
-        try:
-            prompt = load_prompt(check_adapter_path(adapter_path, "--adapter_path"))  # as predict's data module
-        except (FileNotFoundError, ValueError) as e:  # no prompt.json, or an unreadable one
-            raise ConfigError(str(e)) from None
-    base = resolve_base(model_name_or_path, adapter_path, "--model_name_or_path")
-    if adapter_path is not None:
-        check_base(adapter_path, base, allow_base_mismatch, "--allow_base_mismatch")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(adapter_path, base))
+    if adapter_path is None:
+        prompt, base = PromptStyle(), resolve_base(model_name_or_path, "--model_name_or_path")
+        source = base
+    else:
+        adapter = Adapter.open(adapter_path, "--adapter_path")
+        prompt = adapter.prompt  # the rule every command follows, predict's data module included
+        base = adapter.resolve_base(model_name_or_path, "--model_name_or_path")
+        adapter.check_base(base, allow_base_mismatch, "--allow_base_mismatch")
+        source = adapter.tokenizer_source(base)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     empty = len(prompt_ids(tokenizer, prompt, ""))
     if empty >= max_length:
         raise ConfigError(f"--max_length {max_length} is too small: the prompt without any case text is {empty} "

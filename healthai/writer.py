@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from healthai.errors import UserError, check_output, one_line
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
-from healthai.provenance import adapter_fingerprint, base_fingerprint, package_versions, sha256_file
+from healthai.provenance import base_fingerprint, package_versions, sha256_file
 from healthai.records import id_key
 from healthai.resume import ResumeRefused
 
@@ -323,12 +323,12 @@ class DiagnosisWriter(BasePredictionWriter):
 def describe_run(datamodule, pl_module) -> dict[str, Any]:
     """What produces this run's rows, as written to ``<output>.meta.json``."""
     hp = pl_module.hparams
-    adapter, base = hp.adapter_path, hp.model_name_or_path
+    adapter, base = pl_module.adapter, hp.model_name_or_path
     predict_file = datamodule.predict_file
     return {
         "input": {"path": str(predict_file), "sha256": sha256_file(predict_file)},
         "base": {"model_name_or_path": str(base), "fingerprint": base_fingerprint(str(base))},
-        "adapter": None if adapter is None else {"path": str(adapter), "fingerprint": adapter_fingerprint(adapter)},
+        "adapter": None if adapter is None else {"path": str(hp.adapter_path), "fingerprint": adapter.fingerprint},
         "model": {"dtype": hp.dtype, "quantization": hp.quantization},
         "prompt": _as_dict(datamodule.prompt),
         "max_length": datamodule.max_length,

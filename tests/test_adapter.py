@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import REPO, labelled_records, read_jsonl, seed_records, write_jsonl
-from healthai.adapter import BaseMismatchError, resolve_base
+from healthai.adapter import Adapter, BaseMismatchError
 from healthai.cli import cli_main
 from healthai.provenance import base_fingerprint, sha256_file
 
@@ -188,12 +188,12 @@ def test_a_relative_base_is_found_from_another_working_directory(run, tmp_path, 
     recorded = {**json.loads((real / "base.json").read_text()), "name_or_path": "models/tiny-qwen2.5"}
     (adapter / "base.json").write_text(json.dumps(recorded))
     monkeypatch.chdir(tmp_path)  # no models/ here
-    assert resolve_base(None, adapter, "--base") == recorded["path"]
-    assert resolve_base("models/tiny-qwen2.5", adapter, "--model.model_name_or_path") == recorded["path"]
+    assert Adapter.open(adapter).resolve_base(None, "--base") == recorded["path"]
+    assert Adapter.open(adapter).resolve_base("models/tiny-qwen2.5", "--model.model_name_or_path") == recorded["path"]
     (adapter / "base.json").write_text(json.dumps({**recorded, "path": str(tmp_path / "moved")}))
     with pytest.raises(FileNotFoundError, match=r"base model models/tiny-qwen2.5: no such folder from .*"
                                                 r"which is gone too\); pass --base PATH"):  # fmt: skip
-        resolve_base(None, adapter, "--base")
+        Adapter.open(adapter).resolve_base(None, "--base")
 
 
 def test_the_cli_writes_adapters_on_fit_only(tiny_model_dir, tmp_path, monkeypatch):
