@@ -91,8 +91,8 @@ class DiagnosisLoRA(L.LightningModule):
                 adapter was trained on (recorded in its ``base.json``); by default that is refused.
             merge_for_inference: In predict and serve, fold the LoRA weights into the base weights (PEFT's
                 ``merge_adapter``) before generating, as serving tools do: the same function without the LoRA
-                layers' extra matmuls at every projection (unmerged, they cost ~20 % of a decoding step of the
-                small model on CPU). Undone when predict ends. Not done for a 4-bit base (merging would round the
+                layers' extra matmuls at every projection (unmerged, they cost ~10-25 % of a decoding step of the
+                small model on CPU, scripts/bench_predict.py). Undone when predict ends. Not done for a 4-bit base (merging would round the
                 adapter into the 4-bit weights) nor for a sharded (FSDP) model; never in fit or validation, where
                 the adapter trains. The merged weights are rounded once in ``dtype``: float32 answers are equal
                 (tested), bf16 ones may differ from unmerged at near ties, as on another GPU. ``false`` keeps the
@@ -115,6 +115,8 @@ class DiagnosisLoRA(L.LightningModule):
         self.model = None
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
+        # (parent module, attribute, LoRA layer) of each LoRA layer set aside by merge_lora_for_inference.
+        self._lora_set_aside: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
         self._val_generated = 0
         self._batch_start: Optional[float] = None
         self._budget_checked = False
@@ -408,24 +410,36 @@ class DiagnosisLoRA(L.LightningModule):
 
     def merge_lora_for_inference(self) -> bool:
         """Fold the LoRA weights into the base weights for generation (see the ``merge_for_inference`` option);
-        returns whether the model is merged now. :meth:`unmerge_lora` restores the trainable layers."""
+        returns whether the model is merged now. :meth:`unmerge_lora` restores the trainable layers.
+
+        PEFT's ``merge_adapter``, then each LoRA layer is taken out of the forward path (its merged base layer put in
+        its place, as ``merge_and_unload`` does, but kept aside so that it can be undone): a merged PEFT layer still
+        costs a Python call per projection and step, ~5 % of a decoding step of the small model at batch 1."""
         if not self.lora_merge_allowed():
             return False
-        if not self.lora_merged():
+        if not self._lora_set_aside:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
             self.model.merge_adapter()
+            for name, layer in list(self.model.named_modules()):
+                if isinstance(layer, BaseTunerLayer):
+                    parent, _, attr = name.rpartition(".")
+                    self._lora_set_aside.append((self.model.get_submodule(parent), attr, layer))
+                    setattr(self._lora_set_aside[-1][0], attr, layer.get_base_layer())
         return True
 
     def unmerge_lora(self) -> None:
         """Undo :meth:`merge_lora_for_inference` (the same module may go on training or validating)."""
-        if self.model is not None and self.lora_merged():
-            self.model.unmerge_adapter()
+        if not self._lora_set_aside:
+            return
+        for parent, attr, layer in self._lora_set_aside:
+            setattr(parent, attr, layer)
+        self._lora_set_aside = []
+        self.model.unmerge_adapter()
 
     def lora_merged(self) -> bool:
-        """Whether the LoRA layers are merged into the base weights (then they only call their base layer)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        return bool(layers) and all(m.merged for m in layers)
+        """Whether the LoRA weights are merged into the base weights and the LoRA layers out of the forward path."""
+        return bool(self._lora_set_aside)
 
     @torch.no_grad()
     def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:

@@ -188,7 +188,7 @@ def merge_lit(tmp_path_factory, tiny_model_dir):
 
 def test_predict_generates_with_the_lora_merged_and_the_same_tokens_as_unmerged(merge_lit):
     """What predict's hook does (``on_predict_start``): the adapter is folded into the base weights, generate then runs
-    no LoRA matmul, and the greedy tokens in float32 are those of the unmerged layers on 24 fixture records (exactly:
+    no LoRA layer (the merged base layers stand in their place), and the greedy tokens in float32 are those of the unmerged layers on 24 fixture records (exactly:
     a difference in the logits' last bits could only flip a near tie, and none does here). ``on_predict_end`` undoes
     it, so the same module trains the adapter again."""
     from peft.tuners.lora import LoraLayer
@@ -221,12 +221,13 @@ def test_predict_generates_with_the_lora_merged_and_the_same_tokens_as_unmerged(
     lora_calls.clear()
     merged = answers()
     assert lit.lora_merged() and lora_calls == []  # the LoRA weights are in the base weights, not run beside them
+    assert not any(isinstance(m, LoraLayer) for m in lit.model.modules())
     assert all(not torch.equal(w, b) for w, b in zip(weights(), base_weights))
     assert [a.raw for a in merged] == [a.raw for a in unmerged]
     assert all(a.status in ("ok", "truncated") for a in merged)
 
     lit.on_predict_end()
-    assert not lit.lora_merged()
+    assert not lit.lora_merged() and len([m for m in lit.model.modules() if isinstance(m, LoraLayer)]) == len(layers)
     assert all(torch.allclose(w, b, atol=1e-6) for w, b in zip(weights(), base_weights))
     for hook in hooks:
         hook.remove()
