@@ -22,14 +22,15 @@ error.
     checkpoint's generation_config.json asks 1.05) and no constraint, then ``batch_decode``. It writes exactly as many
     tokens per row as (a) ran decoding steps on that batch (no stop token, ``max_new_tokens`` = (a)'s steps, so it
     never stops early and never runs longer): both sides compute the same token positions, and (a)/(c) in token
-    positions/s inside ``generate`` is the per-token cost of the JSON constraint (and of PEFT's wrapper around the
-    merged LoRA layers; of the unmerged layers with ``--merge_for_inference false``). Target: >= 0.9x, at batch 16
-    and at batch 1. (a)/(c) in records/s adds the project's data module and parsing.
+    positions/s inside ``generate`` is the per-token cost of the JSON constraint (and of PEFT's ``generate`` wrapper;
+    of the unmerged LoRA layers too with ``--merge_for_inference false``). Target: >= 0.9x, at batch 16 and at
+    batch 1. (a)/(c) in records/s adds the project's data module and parsing.
     The JSON-valid rates show what the constraint buys.
 (a') the constraint alone: after each (a) batch, the same model and generation config generate the same batch without
     the JSON processor and without a stop token, for exactly (a)'s steps (timed inside ``generate``). (a)/(a') is the
-    JSON constraint's own per-token cost; (c) differs from (a') by PEFT (its wrapper, and the LoRA layers, merged
-    into the base as predict does by default: ``--merge_for_inference false`` times them unmerged).
+    JSON constraint's own per-token cost; (c) differs from (a') by PEFT: its ``generate`` wrapper, and the LoRA
+    weights, merged into the base with the LoRA layers set aside as predict does by default
+    (``--merge_for_inference false`` times the unmerged layers).
 (b) old: the plain transformers model, one record at a time: ``prompt_ids`` (same chat prompt) →
     ``model.generate(do_sample=True, temperature=0.7, top_p=0.8)`` with no constraint → ``tokenizer.decode``.
 
@@ -119,8 +120,7 @@ class ProjectPath:
             return self.lit.predict_step(batch, batch_idx)
 
     def unconstrained(self, batch, steps: int) -> float:
-        """(a'): the same model (PEFT; LoRA layers merged as predict merges them, unless
-        ``--merge_for_inference false``) and generation config on the same batch, without the JSON processor and
+        """(a'): the same model (PEFT; LoRA merged as predict merges it, unless ``--merge_for_inference false``) and generation config on the same batch, without the JSON processor and
         without a stop token, for exactly ``steps`` steps; returns the seconds in ``generate``."""
         import copy
 
