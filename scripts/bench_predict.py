@@ -120,8 +120,9 @@ class ProjectPath:
             return self.lit.predict_step(batch, batch_idx)
 
     def unconstrained(self, batch, steps: int) -> float:
-        """(a'): the same model (PEFT; LoRA merged as predict merges it, unless ``--merge_for_inference false``) and generation config on the same batch, without the JSON processor and
-        without a stop token, for exactly ``steps`` steps; returns the seconds in ``generate``."""
+        """(a'): the same model (PEFT; LoRA merged as predict merges it, unless ``--merge_for_inference false``) and
+        generation config on the same batch, without the JSON processor and without a stop token, for exactly
+        ``steps`` steps; returns the seconds in ``generate``."""
         import copy
 
         import torch
