@@ -429,7 +429,8 @@ class DiagnosisLoRA(L.LightningModule):
         return True
 
     def unmerge_lora(self) -> None:
-        """Undo :meth:`merge_lora_for_inference` (the same module may go on training or validating)."""
+        """Undo :meth:`merge_lora_for_inference` (the same module may go on training or validating; PEFT subtracts
+        the adapter's update again, so in bf16 the base weights come back up to rounding, not bit for bit)."""
         if not self._lora_set_aside:
             return
         for parent, attr, layer in self._lora_set_aside:
