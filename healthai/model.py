@@ -92,7 +92,7 @@ class DiagnosisLoRA(L.LightningModule):
             merge_for_inference: In predict and serve, fold the LoRA weights into the base weights (PEFT's
                 ``merge_adapter``) and take the LoRA layers out of the forward path before generating, as serving
                 tools do: the same function without the LoRA layers' extra matmuls and calls at every projection
-                (unmerged, they cost ~10-25 % of a decoding step of the small model on CPU, bench_predict.py).
+                (unmerged, they cost ~10-20 % of a decoding step of the small model on CPU, bench_predict.py).
                 Undone when predict ends. Not done for a 4-bit base (merging would round the adapter into the 4-bit
                 weights) nor for a sharded (FSDP) model; never in fit or validation, where the adapter trains. The
                 merged weights are rounded once in ``dtype``: float32 answers are equal (tested), bf16 ones may
