@@ -241,13 +241,15 @@ class DiagnosisAPI(ls.LitAPI):
         max_batch_size: int,
         batch_timeout: float,
         allow_base_mismatch: bool = False,
+        merge_for_inference: bool = True,
     ):
         # The batched loop also for max_batch_size 1, so predict always sees a list of records.
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          spec=DiagnosisSpec(prompt, max_chars), loop=BatchedStreamingLoop())  # fmt: skip
         self.model_args = dict(model_name_or_path=model_name_or_path, adapter_path=adapter_path, dtype=dtype,
                                attn_implementation=attn_implementation, generation=generation,
-                               allow_base_mismatch=allow_base_mismatch)  # fmt: skip
+                               allow_base_mismatch=allow_base_mismatch,
+                               merge_for_inference=merge_for_inference)  # fmt: skip
         self.prompt = prompt
         self.max_length = max_length
         self.module = None
@@ -262,6 +264,7 @@ class DiagnosisAPI(ls.LitAPI):
         module = DiagnosisLoRA(gradient_checkpointing=False, **self.model_args)
         module.configure_model()
         self.module = module.to(device).eval()
+        self.module.merge_lora_for_inference()  # the server only generates: the adapter's weights stay folded in
         self.module.constraint()  # compile the answer schema now, not during the first request
 
     def decode_request(self, request: Any, context: dict) -> str:
@@ -414,6 +417,7 @@ def serve(
     api_key_env: str = "HEALTHAI_SERVE_API_KEY",
     insecure_no_api_key: bool = False,
     allow_base_mismatch: bool = False,
+    merge_for_inference: bool = True,
     timeout: NonNegativeFloat = 300.0,
     attn_implementation: str = "sdpa",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
@@ -449,6 +453,8 @@ def serve(
             the model. Off by default; a warning is printed when on.
         allow_base_mismatch: Apply adapter_path even to a base whose fingerprint differs from the one it was trained
             on (as predict's --model.allow_base_mismatch); by default that is refused.
+        merge_for_inference: Fold the LoRA weights into the base weights once loaded (as predict's
+            --model.merge_for_inference: faster decoding, float32 answers equal); false keeps the LoRA layers.
         timeout: Seconds a request may wait in the queue before it gets 504.
         attn_implementation: Attention kernel passed to transformers (sdpa, flash_attention_2, eager).
         log_level: Server log level.
@@ -461,7 +467,7 @@ def serve(
     prompt = check_startup(model_name_or_path, adapter_path, generation, max_length, allow_base_mismatch)
     api = DiagnosisAPI(
         model_name_or_path, adapter_path, dtype, attn_implementation, generation, prompt, max_length, max_chars,
-        max_batch_size, batch_timeout, allow_base_mismatch,
+        max_batch_size, batch_timeout, allow_base_mismatch, merge_for_inference,
     )  # fmt: skip
     server = ls.LitServer(
         api, accelerator="cuda" if device == "cuda" else device, devices=1, timeout=timeout,

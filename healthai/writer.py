@@ -12,8 +12,9 @@ decoding settings, package versions). A rerun resumes only when the base, adapte
 those of the meta file and every row already written has the ``feature_content`` of the input record with its id;
 anything else stops with one line naming what differs (``--writer.overwrite true`` starts over). The input *file* may
 change between runs (records appended, the file rewritten): rows are checked one by one against it, which is what
-matters, so a grown input resumes. Package versions are recorded, and a change is only reported: it moves floating
-point results the way another GPU does, not which model or settings produced a row.
+matters, so a grown input resumes. Package versions and whether the LoRA layers were merged for generation are
+recorded, and a change is only reported: it moves floating point results the way another GPU does, not which model or
+settings produced a row.
 
 SIGTERM (a scheduler's stop) and SIGINT (Ctrl+C) stop the run at the next batch boundary: the batch being generated is
 finished and written, the run prints how to resume and exits with 143 / 130.
@@ -205,6 +206,8 @@ class DiagnosisWriter(BasePredictionWriter):
                 for name, version in run["packages"].items()
                 if (old.get("packages") or {}).get(name, version) != version
             ]
+            merged = merge_note(old, run, self.output_path)
+            notes += [merged] if merged else []
             input_changed = (old.get("input") or {}).get("sha256") != run["input"]["sha256"]
         except (AttributeError, TypeError, KeyError) as e:  # valid JSON of another shape: hand-edited or foreign
             raise ResumeRefused(
@@ -333,8 +336,29 @@ def describe_run(datamodule, pl_module) -> dict[str, Any]:
         "prompt": _as_dict(datamodule.prompt),
         "max_length": datamodule.max_length,
         "generation": _as_dict(pl_module.generation),
+        # Noted, not compared: merged or not, the rows come from the same model and settings (see merge_note).
+        "inference": {"lora_merged": pl_module.lora_merge_allowed()},
         "packages": package_versions(*PACKAGES),
     }
+
+
+def merge_note(old: dict[str, Any], new: dict[str, Any], output_path) -> Optional[str]:
+    """A note when the rows already written were generated with the LoRA layers merged and this run's are not, or
+    the other way round (``model.merge_for_inference``; a meta file from before that option: unmerged).
+
+    Only noted, like a package version: merging computes the same function (``x·(W + s·BA)`` instead of
+    ``x·W + s·(x·A)·B``), so it changes no model or setting behind a row, only the order of floating-point rounding, as
+    another GPU or torch version does (float32 answers are equal, tests/test_predict.py). Refusing would force a user
+    who only wants speed to start a long run over."""
+    before = bool((old.get("inference") or {}).get("lora_merged", False))
+    now = new["inference"]["lora_merged"]
+    if before == now:
+        return None
+
+    def state(merged: bool) -> str:
+        return "the LoRA layers merged into the base" if merged else "the LoRA layers unmerged"
+
+    return f"{output_path} was started with {state(before)}, this run has {state(now)} (model.merge_for_inference)"
 
 
 def compare_runs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -22,12 +22,15 @@ error.
     checkpoint's generation_config.json asks 1.05) and no constraint, then ``batch_decode``. It writes exactly as many
     tokens per row as (a) ran decoding steps on that batch (no stop token, ``max_new_tokens`` = (a)'s steps, so it
     never stops early and never runs longer): both sides compute the same token positions, and (a)/(c) in token
-    positions/s inside ``generate`` is the per-token cost of the JSON constraint (and of the unmerged LoRA layers).
-    Target: >= 0.9x, at batch 16 and at batch 1. (a)/(c) in records/s adds the project's data module and parsing.
+    positions/s inside ``generate`` is the per-token cost of the JSON constraint (and of PEFT's ``generate`` wrapper;
+    of the unmerged LoRA layers too with ``--merge_for_inference false``). Target: >= 0.9x, at batch 16 and at
+    batch 1. (a)/(c) in records/s adds the project's data module and parsing.
     The JSON-valid rates show what the constraint buys.
 (a') the constraint alone: after each (a) batch, the same model and generation config generate the same batch without
     the JSON processor and without a stop token, for exactly (a)'s steps (timed inside ``generate``). (a)/(a') is the
-    JSON constraint's own per-token cost; (c) differs from (a') by the LoRA layers (PEFT keeps them unmerged).
+    JSON constraint's own per-token cost; (c) differs from (a') by PEFT: its ``generate`` wrapper, and the LoRA
+    weights, merged into the base with the LoRA layers set aside as predict does by default
+    (``--merge_for_inference false`` times the unmerged layers).
 (b) old: the plain transformers model, one record at a time: ``prompt_ids`` (same chat prompt) →
     ``model.generate(do_sample=True, temperature=0.7, top_p=0.8)`` with no constraint → ``tokenizer.decode``.
 
@@ -85,9 +88,11 @@ class ProjectPath:
         self.model_path, self.tokenizer = model_path, tokenizer
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, max_diseases_chars=args.max_diseases_chars,
                                       max_reason_chars=args.max_reason_chars)  # fmt: skip
-        self.lit = DiagnosisLoRA(model_path, dtype="float32", gradient_checkpointing=False, generation=settings)
+        self.lit = DiagnosisLoRA(model_path, dtype="float32", gradient_checkpointing=False, generation=settings,
+                                 merge_for_inference=args.merge_for_inference == "true")  # fmt: skip
         self.lit.configure_model()
         self.lit.eval()
+        self.merged = self.lit.merge_lora_for_inference()  # what predict's on_predict_start does
         self.counter = CountingGenerate(self.lit.model.generate, {end_of_turn_id(tokenizer), tokenizer.pad_token_id})
         self.lit.model.generate = self.counter  # an instance attribute: only this object's calls are counted
         # Keep each generate call's JSON processor, for its time per step.
@@ -115,8 +120,9 @@ class ProjectPath:
             return self.lit.predict_step(batch, batch_idx)
 
     def unconstrained(self, batch, steps: int) -> float:
-        """(a'): the same model (PEFT, LoRA layers unmerged) and generation config on the same batch, without the
-        JSON processor and without a stop token, for exactly ``steps`` steps; returns the seconds in ``generate``."""
+        """(a'): the same model (PEFT; LoRA merged as predict merges it, unless ``--merge_for_inference false``) and
+        generation config on the same batch, without the JSON processor and without a stop token, for exactly
+        ``steps`` steps; returns the seconds in ``generate``."""
         import copy
 
         import torch
@@ -283,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_reason_chars", type=int, default=36, help="(a)'s constraint bound (as predict_tiny)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of (b)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--merge_for_inference", choices=("true", "false"), default="true",
+                        help="(a)'s model.merge_for_inference, as predict's (default: %(default)s)")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -364,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"(a)'s JSON processor: {new_path.processor_ms_per_step():.2f} ms per decoding step (batch "
-          f"{args.batch_size}; accept, fill and apply the bitmask)")  # fmt: skip
+          f"{args.batch_size}; accept, fill and apply the bitmask); LoRA layers "
+          f"{'merged into the base' if new_path.merged else 'unmerged'}")  # fmt: skip
     token_ratio = plain["generate_s"] / new["generate_s"]  # equal positions
     verdict = "meets" if token_ratio >= TARGET_TOKEN_RATIO else "below"
     own_ratio = new["off_generate_s"] / new["generate_s"]  # equal positions
@@ -372,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio (a)/(a'): {own_ratio:.2f}x token positions/s in generate at equal length: the JSON constraint's "
           f"per-token cost on the project's model ((a') = (a) without the processor, {new['off_generate_s']:.2f} s); "
           f"target >= {TARGET_TOKEN_RATIO:g}x: {own_verdict}")  # fmt: skip
-    print(f"ratio (a)/(c): {token_ratio:.2f}x token positions/s in generate at equal length (the constraint and the "
-          f"unmerged LoRA layers; target >= {TARGET_TOKEN_RATIO:g}x: {verdict}); {rate(new) / rate(plain):.2f}x "
-          f"records/s; JSON valid {new['parse_ok']}/{new['records']} vs "
+    peft = "PEFT, LoRA merged" if new_path.merged else "PEFT's unmerged LoRA layers"
+    print(f"ratio (a)/(c): {token_ratio:.2f}x token positions/s in generate at equal length (the constraint and "
+          f"{peft}; target >= {TARGET_TOKEN_RATIO:g}x: {verdict}); {rate(new) / rate(plain):.2f}x records/s; JSON valid {new['parse_ok']}/{new['records']} vs "
           f"{plain['parse_ok']}/{plain['records']}")  # fmt: skip
     if old is not None:
         ratio = rate(new) / rate(old)

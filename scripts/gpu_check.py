@@ -24,7 +24,8 @@ patches transformers' Qwen2 code for the whole process; on CPU that option is an
 
 Predict: ``DiagnosisLoRA.generate_answers`` (greedy, KV cache: what ``predict_step`` runs) on ``--predict_batch`` real
 records (the median-length batch of the records sorted by length, left-padded, as ``DiagnosisDataModule`` batches
-them) in bf16 as ``configs/predict.yaml``'s ``bf16-true``, with the project's generation settings: once with the
+them) in bf16 as ``configs/predict.yaml``'s ``bf16-true``, the LoRA layers merged into the base as predict merges them
+(``model.merge_for_inference``), with the project's generation settings: once with the
 xgrammar JSON constraint, once without, after an untimed warm-up (grammar compile, kernels). Records/s, new tokens/s,
 ms per decoding step, peak memory. Then, budget allowing, the constraint's per-token cost at equal length (up to 128
 steps, :func:`run_constraint_cost`): constrained vs unconstrained token positions/s and the processor's time per step.
@@ -419,6 +420,7 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
     lit.to(device=device, dtype=torch.bfloat16 if cuda else torch.float32)  # fit's teardown left it on the CPU
     for p in lit.parameters():
         p.grad = None
+    merged = lit.merge_lora_for_inference()  # as predict's on_predict_start (model.merge_for_inference, default on)
     tokenizer = lit.tokenizer
     counter = CountingGenerate(lit.model.generate, {end_of_turn_id(tokenizer), tokenizer.pad_token_id})
     lit.model.generate = counter
@@ -469,7 +471,7 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
             "decode_steps": counter.steps, "ms_per_step": 1000 * seconds / max(1, counter.steps),
             # Strict JSON (a truncated answer parsed strictly; a field reached its cap): what the constraint buys.
             "json_ok": sum(a.status in ("ok", "truncated") for a in answers),
-            "truncated": sum(a.status == "truncated" for a in answers), "warmup_s": warmed,
+            "truncated": sum(a.status == "truncated" for a in answers), "warmup_s": warmed, "lora_merged": merged,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB if cuda else None,
         }  # fmt: skip
@@ -485,10 +487,12 @@ TARGET_CONSTRAINT_RATIO = 0.9
 
 def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> None:
     """The JSON constraint's per-token cost on the predict batch, as ``scripts/bench_predict.py`` measures it on CPU:
-    greedy ``generate`` with the project's processor (:class:`healthai.decoding.JsonLogitsProcessor`), then without
-    it for exactly as many tokens per row (``min_new_tokens`` = ``max_new_tokens`` = the constrained run's steps), so
-    both compute the same token positions. Reports the ratio of their rates (target >= 0.9) and the processor's host
-    time per step, in ``report.data["constraint_cost"]``. Runs only if it fits in the budget, after the core items."""
+    greedy ``generate`` with the project's processor (:class:`healthai.decoding.JsonLogitsProcessor`) — (a) — then
+    without it and without a stop token for exactly the constrained run's steps — (a') — so both compute the same
+    token positions; the model as predict runs it (the LoRA layers merged, ``lora_merged`` in the report, when
+    ``model.merge_for_inference`` allows). Reports the ratio of their rates, bench_predict's (a)/(a') (target >= 0.9),
+    and the processor's host time per step, in ``report.data["constraint_cost"]``. Runs only if it fits in the budget,
+    after the core items."""
     import copy
 
     import torch
@@ -523,12 +527,15 @@ def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> N
 
     was_training = lit.training
     lit.eval()
+    merged = lit.merge_lora_for_inference()
     try:
         with torch.no_grad():
             processor = lit.constraint().logits_processor()
             steps, on_s = timed(generation_config=config, logits_processor=[processor])
+            # No stop token rather than min_new_tokens, whose processor costs a pass over the scores per step.
             plain = copy.deepcopy(config)
-            plain.min_new_tokens = plain.max_new_tokens = steps
+            plain.eos_token_id, plain.max_new_tokens = None, steps
+            lit.base_model.generation_config = copy.deepcopy(plain)
             plain_steps, off_s = timed(generation_config=plain)
     except Exception as e:  # recorded: the report says it
         report.data["constraint_cost"] = {"status": "oom" if isinstance(e, torch.OutOfMemoryError) else "error",
@@ -544,12 +551,14 @@ def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> N
         "constrained_s": on_s, "unconstrained_s": off_s, "constrained_positions_per_s": positions / on_s,
         "unconstrained_positions_per_s": positions / off_s, "ratio": off_s / on_s,
         "target_ratio": TARGET_CONSTRAINT_RATIO, "processor_ms_per_step": 1e3 * processor.seconds / processor.steps,
+        "lora_merged": merged,
     }  # fmt: skip
     report.data["constraint_cost"] = result
     report.save()
     print(f"constraint cost at equal length: batch {len(prompts)}, {steps} steps: constrained {result['ratio']:.2f}x "
           f"unconstrained token positions/s (target >= {TARGET_CONSTRAINT_RATIO:g}x); JSON processor "
-          f"{result['processor_ms_per_step']:.2f} ms per step (host)", flush=True)  # fmt: skip
+          f"{result['processor_ms_per_step']:.2f} ms per step (host); LoRA {'merged' if merged else 'unmerged'}",
+          flush=True)  # fmt: skip
 
 
 # -- report ------------------------------------------------------------------------------------------------------------

@@ -130,23 +130,29 @@ def test_a_decode_step_moves_the_last_tokens_to_the_host_once_and_skips_finished
 @pytest.mark.parametrize("allowed_share", [0.0, 0.05, 0.5, 0.97, 1.0])
 def test_cpu_masking_matches_xgrammars_kernel(allowed_share):
     """Rows with few allowed tokens take another path than xgrammar's kernel; the result is the same, bit for bit, and
-    rows outside ``rows`` are left alone."""
+    rows outside ``rows`` are left alone; so it is again when the ids come from the index of an earlier step."""
     import numpy as np
     import xgrammar as xgr
 
-    from healthai.decoding import apply_bitmask_cpu
+    from healthai.decoding import MaskIndex, apply_bitmask_cpu
 
     gen = torch.Generator().manual_seed(0)
     vocab = 1000  # not a multiple of 32: the last word is partial
     allowed = torch.rand(5, vocab, generator=gen) < allowed_share
     allowed[1] = torch.rand(vocab, generator=gen) < 0.01  # one sparse row in every batch
-    padded = torch.zeros(5, xgr.get_bitmask_shape(5, vocab)[1] * 32, dtype=torch.bool)
+    # Bits past the vocabulary set (allowed): xgrammar 0.2.9's CPU kernel writes a blocked one into the next row.
+    padded = torch.ones(5, xgr.get_bitmask_shape(5, vocab)[1] * 32, dtype=torch.bool)
     padded[:, :vocab] = allowed
     # xgrammar's layout: token t is bit t % 32 of word t // 32 (little-endian words).
     bitmask = torch.from_numpy(np.packbits(padded.numpy(), axis=-1, bitorder="little").view(np.int32).copy())
     scores = torch.randn(5, vocab, generator=gen)
     expected = scores.clone()
     xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=vocab, indices=[0, 1, 3])
-    apply_bitmask_cpu(scores, bitmask, [0, 1, 3], vocab)
+    index = MaskIndex(vocab)
+    again = scores.clone()
+    apply_bitmask_cpu(scores, bitmask, [0, 1, 3], vocab, index)
     assert torch.equal(scores, expected)
     assert torch.equal(scores[0] == float("-inf"), ~allowed[0])
+    assert len(index.entries) == len({bitmask[r].numpy().tobytes() for r in (0, 1, 3)})
+    apply_bitmask_cpu(again, bitmask, [0, 1, 3], vocab, index)  # every row found in the index
+    assert torch.equal(again, expected)

@@ -71,6 +71,7 @@ def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_di
     cost = report["constraint_cost"]  # the constraint's per-token cost at equal length
     assert cost["status"] == "ok" and cost["batch"] == 2 and cost["unconstrained_steps"] == cost["decode_steps"] > 0
     assert cost["ratio"] > 0 and cost["processor_ms_per_step"] > 0
+    assert on["lora_merged"] is cost["lora_merged"] is True  # generated as predict does: the LoRA layers merged
     assert report["build"]["param_device"] == "cpu" and report["build"]["n_params"] > 0
     # The FSDP path on one process (gloo): wrapped per decoder layer, every parameter a shard, bf16 compute with fp32
     # LoRA weights and an fp32 RoPE buffer, and a checkpoint of the 28 LoRA tensors and their optimizer state only.

@@ -155,3 +155,88 @@ def test_parse_answer(text, status, diseases):
     assert parsed.status == status and parsed.diseases == diseases
     if status == "failed":
         assert parsed.raw == text and parsed.error
+
+
+@pytest.fixture(scope="module")
+def merge_lit(tmp_path_factory, tiny_model_dir):
+    """The small model in float32 with a LoRA adapter of random, non-zero weights on all seven projections (as fit
+    saves one), built as predict builds it; one torch thread."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from healthai.base_model import ALL_LINEAR
+    from healthai.model import DiagnosisLoRA
+    from healthai.prompts import PromptStyle
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapter = tmp_path_factory.mktemp("merge") / "adapter"
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    PromptStyle().save(adapter)
+    settings = GenerationSettings(max_new_tokens=56, max_diseases_chars=8, max_reason_chars=12)
+    module = DiagnosisLoRA(str(tiny_model_dir), adapter_path=str(adapter), dtype="float32",
+                           gradient_checkpointing=False, generation=settings)  # fmt: skip
+    module.configure_model()
+    module.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield module
+    torch.set_num_threads(threads)
+
+
+def test_predict_generates_with_the_lora_merged_and_the_same_tokens_as_unmerged(merge_lit):
+    """What predict's hook does (``on_predict_start``): the adapter is folded into the base weights, generate then runs
+    no LoRA layer (the merged base layers stand in their place), and the greedy tokens in float32 are those of the unmerged layers on 24 fixture records (exactly:
+    a difference in the logits' last bits could only flip a near tie, and none does here). ``on_predict_end`` undoes
+    it, so the same module trains the adapter again."""
+    from peft.tuners.lora import LoraLayer
+
+    from healthai.batching import pad_batch
+    from healthai.encoding import prompt_ids
+    from healthai.prompts import PromptStyle
+
+    lit = merge_lit
+    prompts = sorted((prompt_ids(lit.tokenizer, PromptStyle(), r["feature_content"]) for r in seed_records(24)), key=len)
+    batches = [(pad_batch(p, lit.tokenizer.pad_token_id, "left"), pad_batch([[1] * len(s) for s in p], 0, "left"))
+               for p in (prompts[i : i + 8] for i in range(0, len(prompts), 8))]  # fmt: skip
+    lora_calls = []
+    layers = [m for m in lit.model.modules() if isinstance(m, LoraLayer)]
+    hooks = [layer.lora_A["default"].register_forward_hook(lambda *_: lora_calls.append(1)) for layer in layers]
+
+    def answers():
+        return [a for ids, mask in batches for a in lit.generate_answers(ids, mask)]
+
+    def weights():
+        return [layer.get_base_layer().weight.clone() for layer in layers]
+
+    base_weights = weights()
+    unmerged = answers()
+    assert lora_calls and not lit.lora_merged()
+    with lit.model.disable_adapter():
+        assert [a.raw for a in answers()] != [a.raw for a in unmerged]  # the adapter matters: the test can fail
+
+    lit.on_predict_start()
+    lora_calls.clear()
+    merged = answers()
+    assert lit.lora_merged() and lora_calls == []  # the LoRA weights are in the base weights, not run beside them
+    assert not any(isinstance(m, LoraLayer) for m in lit.model.modules())
+    assert all(not torch.equal(w, b) for w, b in zip(weights(), base_weights))
+    assert [a.raw for a in merged] == [a.raw for a in unmerged]
+    assert all(a.status in ("ok", "truncated") for a in merged)
+
+    lit.on_predict_end()
+    assert not lit.lora_merged() and len([m for m in lit.model.modules() if isinstance(m, LoraLayer)]) == len(layers)
+    assert all(torch.allclose(w, b, atol=1e-6) for w, b in zip(weights(), base_weights))
+    for hook in hooks:
+        hook.remove()
+
+
+def test_merge_for_inference_false_keeps_the_lora_layers_and_4_bit_bases_are_never_merged(merge_lit, monkeypatch):
+    lit = merge_lit
+    monkeypatch.setitem(lit.hparams, "merge_for_inference", False)
+    assert lit.merge_lora_for_inference() is False and not lit.lora_merged()
+    monkeypatch.setitem(lit.hparams, "merge_for_inference", True)
+    monkeypatch.setitem(lit.hparams, "quantization", "nf4")
+    assert lit.merge_lora_for_inference() is False and not lit.lora_merged()

@@ -89,6 +89,7 @@ def test_a_finished_run_leaves_rows_and_a_meta_file_naming_what_produced_them(fi
     assert meta["adapter"] is None
     assert meta["generation"]["max_new_tokens"] == 12 and meta["prompt"]["system"] == PromptStyle().system
     assert {"healthai", "torch", "transformers", "peft", "xgrammar"} <= set(meta["packages"])
+    assert meta["inference"] == {"lora_merged": True}  # model.merge_for_inference's default
 
 
 def test_same_ids_with_other_case_text_are_refused_and_overwrite_starts_over(run_dir, tiny_model_dir, capsys):
@@ -123,6 +124,23 @@ def test_other_adapter_or_settings_on_the_same_output_are_refused(run_dir, tiny_
         cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl", *extra))
     assert expected in str(err.value) and "--writer.overwrite true" in str(err.value)
     assert files(run_dir) == before
+
+
+def test_merging_the_lora_layers_or_not_is_noted_on_resume_not_refused(run_dir, tiny_model_dir, capsys):
+    """Merged or not, the rows come from the same model and settings (only the rounding order differs, as on another
+    GPU): a rerun with the other choice resumes, says so and records its own."""
+    rows = read_jsonl(run_dir / "pred.jsonl")
+    write_jsonl(run_dir / "pred.jsonl", rows[:4])
+    capsys.readouterr()
+    cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl",
+                          "--model.merge_for_inference", "false"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert ("pred.jsonl was started with the LoRA layers merged into the base, this run has the LoRA layers unmerged"
+            " (model.merge_for_inference)") in out  # fmt: skip
+    assert "4 record(s) already done, 2 to go" in out
+    assert read_jsonl(run_dir / "pred.jsonl")[:4] == rows[:4] and len(read_jsonl(run_dir / "pred.jsonl")) == 6
+    meta = json.loads((run_dir / "pred.jsonl.meta.json").read_text(encoding="utf-8"))
+    assert meta["inference"] == {"lora_merged": False}
 
 
 def test_rows_without_a_meta_file_are_not_resumed(run_dir, tiny_model_dir):

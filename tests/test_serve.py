@@ -383,3 +383,16 @@ def test_sigterm_lets_requests_in_flight_finish_then_stops_every_process(server)
         time.sleep(0.2)
     with pytest.raises(OSError):
         request(server.url + "/health", key=None, timeout=5)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_model_worker_generates_with_the_lora_merged_unless_told_not_to(tiny_model_dir, adapter, merge):
+    """The worker's set-up (in-process): ``--merge_for_inference`` (default true) folds the adapter into the base
+    weights once loaded, as predict does; false keeps the LoRA layers."""
+    from healthai.decoding import GenerationSettings
+    from healthai.serve import DiagnosisAPI
+
+    api = DiagnosisAPI(str(tiny_model_dir), str(adapter), "float32", "sdpa", GenerationSettings(), PROMPT, 512,
+                       MAX_CHARS, 1, 0.0, merge_for_inference=merge)  # fmt: skip
+    api.setup("cpu")
+    assert api.module.lora_merged() is merge
