@@ -21,9 +21,9 @@ GOLDEN = FIXTURES / "golden_chat_template.json"
 
 def pytest_configure(config):
     """Under pytest-xdist (scripts/test.sh runs 2 workers on the 2 cores CI has), each worker and the processes its
-    tests start compute on one thread: two workers of N threads each on N cores spend CPU time waiting for each other
-    (OpenMP threads spin), which made the suite slower, not faster. Tests that compare with a multi-thread run set
-    their threads themselves."""
+    tests start compute on one thread: two workers of N threads each on N cores oversubscribe them, and OpenMP
+    threads spin (burning CPU time) while they wait for a descheduled peer. Tests that compare a run with another
+    process's set their threads themselves, as before."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
