@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,18 @@ FIXTURES = REPO / "tests" / "fixtures"
 SEED_RECORDS = FIXTURES / "seed_records.jsonl"
 EXAMPLE_OUTPUT = FIXTURES / "example_output.jsonl"
 GOLDEN = FIXTURES / "golden_chat_template.json"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test.sh runs 2 workers on the 2 cores CI has), each worker and the processes its
+    tests start compute on one thread: two workers of N threads each on N cores oversubscribe them, and OpenMP
+    threads spin (burning CPU time) while they wait for a descheduled peer. Tests that compare a run with another
+    process's set their threads themselves, as before."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the CLI subprocesses (DDP ranks, serve, predict)
+        torch.set_num_threads(1)
 
 
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
@@ -31,13 +45,32 @@ def _no_process_group_env_from_earlier_tests(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _fast_lightning_parser_after_a_dataclass_command():
+    """``healthai.__main__`` turns on jsonargparse's attribute-docstring parsing (a process-wide setting) to show a
+    dataclass command's field docs (label, serve). A shell runs one command per process; a test process runs
+    hundreds, and with the setting left on every later LightningCLI parse reads the source of each class it parses:
+    about 1 s more each on the test machine (0.2 s without). Put back what the test found."""
+    from jsonargparse import set_parsing_settings
+    from jsonargparse._optionals import get_docstring_parse_options
+
+    before = get_docstring_parse_options()["attribute_docstrings"]
+    yield
+    set_parsing_settings(docstring_parse_attribute_docstrings=before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The small random-weight Qwen2.5-architecture model, rebuilt first if its builder changed since it was written
     (a hash stamp; cheap when current). Configs such as configs/tiny.yaml point at this folder too."""
     path = REPO / "models" / "tiny-qwen2.5"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), "--out", str(path), "--if_stale"],
-                   check=True)  # fmt: skip
+    path.parent.mkdir(exist_ok=True)
+    # One builder at a time: parallel test workers (pytest-xdist) would otherwise both rebuild a stale folder, one
+    # writing the files the other is reading. The second waits, then finds the folder current.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), "--out", str(path), "--if_stale"],
+                       check=True)  # fmt: skip
     return path
 
 

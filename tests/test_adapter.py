@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -142,17 +140,22 @@ def test_an_adapter_on_another_base_of_the_same_shape_is_refused_unless_allowed(
     assert [r["id"] for r in rows] == [r["id"] for r in seed_records(2)]
 
 
-def test_predict_on_another_base_exits_2_with_one_line(run, other_base, tmp_path):
+def test_predict_on_another_base_exits_2_with_one_line(run, other_base, tmp_path, capsys, monkeypatch):
+    from healthai.__main__ import main
+
     adapter = run / "ckpt" / "best-step=1.ckpt"  # a checkpoint records its base too
     records = write_jsonl(tmp_path / "records.jsonl", seed_records(1))
-    cmd = [sys.executable, "-m", "healthai", "predict", "--config", PREDICT_CONFIG,
-           "--model.model_name_or_path", str(other_base), "--model.adapter_path", str(adapter),
-           "--data.predict_file", str(records), "--writer.output_path", str(tmp_path / "p.jsonl")]  # fmt: skip
-    result = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"healthai predict: error: adapter {adapter} was trained on base ") and "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    # In-process: the same main() `python -m healthai` runs (tests/test_errors.py has the real shell's status 2).
+    with pytest.raises(SystemExit) as exited:  # any other exception (a traceback in a shell) fails the test
+        main(["predict", "--config", PREDICT_CONFIG, "--model.model_name_or_path", str(other_base),
+              "--model.adapter_path", str(adapter), "--data.predict_file", str(records),
+              "--writer.output_path", str(tmp_path / "p.jsonl")])  # fmt: skip
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"healthai predict: error: adapter {adapter} was trained on base ") and "Traceback" not in err
     assert "--model.allow_base_mismatch true" in last
 
 

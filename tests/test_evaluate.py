@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,16 +166,13 @@ def test_official_example_format(example_rows: list[dict], tmp_path: Path) -> No
     assert result["missing"] == result["duplicates"] == result["unknown"] == []
 
 
-def test_cli(files: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli(files: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch) -> None:
+    from healthai.__main__ import main
+
     preds, refs = files
     report = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "healthai", "evaluate", "--predictions", str(preds), "--references", str(refs),
-         "--report", str(report)],  # fmt: skip
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "disease_f1" in proc.stdout
+    monkeypatch.chdir(REPO)
+    main(["evaluate", "--predictions", str(preds), "--references", str(refs), "--report", str(report)])  # returns: 0
+    assert "disease_f1" in capsys.readouterr().out
     written = json.loads(report.read_text(encoding="utf-8"))
     assert REPORT_KEYS <= set(written) and written["disease_f1"] == pytest.approx(0.6)
