@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, labelled_records, read_jsonl, seed_records, write_jsonl
+from test_tensorboard import rendered_rows, text_summaries
 
 pytestmark = pytest.mark.slow
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
@@ -27,19 +28,32 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resume(tmp_path, tiny_model_dir,
                                                                                    monkeypatch):
+    # The same 2-process run also checks the TensorBoard sample table under DDP (one launch for both: an interpreter
+    # start per rank is most of a DDP test's cost). 3 validation records: rank 0 generates records 0 and 2, rank 1
+    # record 1 and the sampler's repeat of record 0 (in one batch of 2); the gathered table holds records 0, 1, 2 in
+    # file order, once each, as on one device.
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
+    val_records = labelled_records(3, offset=10)
+    val = write_jsonl(tmp_path / "val.jsonl", val_records)
     run([
         "fit", "--config", "configs/tiny.yaml", *DDP,
         "--model.model_name_or_path", str(tiny_model_dir),
-        "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "256",
+        "--data.train_file", str(train), "--data.val_file", str(val), "--data.max_length", "256",
         "--data.batch_size", "2", "--trainer.max_steps", "4", "--trainer.max_epochs", "10",
-        "--model.generate_every_n_epochs", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.num_sanity_val_steps", "0", "--model.generate_every_n_epochs", "1", "--model.val_log_samples", "8",
+        "--model.generation.max_new_tokens", "4", "--model.generation.constrained", "false",
+        "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
     ])  # fmt: skip
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 and all("lora_" in k for k in ckpt["state_dict"])
     assert (tmp_path / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+    tables = text_summaries(tmp_path / "tiny" / "version_0")
+    assert len(tables) == 2  # 2 steps per epoch (2 ranks x batch 2 of 8 records): validated after steps 2 and 4
+    for _, markdown in tables:
+        assert "the first 3 validation records" in markdown
+        assert [row[0] for row in rendered_rows(markdown)] == [str(r["id"]) for r in val_records]
 
     # Resumed on one process, the saved position (2 ranks x 2 batches of 2) would mean other records: refused.
     from healthai.cli import cli_main
