@@ -26,9 +26,20 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 
 
 @pytest.mark.slow
-def test_bench_predict_smoke(tiny_model_dir):
-    out = run_script("bench_predict.py", "--model", str(tiny_model_dir), "--n_records", "4", "--old_records", "2",
-                     "--max_new_tokens", "8", "--threads", "1")  # fmt: skip
+def test_bench_predict_smoke(tiny_model_dir, monkeypatch, capsys):
+    # In this process (an interpreter start would cost more than the run): the script as `python scripts/...` runs it,
+    # its exit status 0, and torch's thread count (which --threads sets) put back after.
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        exited = run_script_in_process("bench_predict.py", "--model", str(tiny_model_dir), "--n_records", "4",
+                                       "--old_records", "2", "--max_new_tokens", "8", "--threads", "1",
+                                       monkeypatch=monkeypatch)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert exited.code == 0
+    out = capsys.readouterr().out
     assert "(a) project" in out and "(c) transformers alone" in out and "(b) old" in out
     assert "records of " + str(REPO / "tests" / "fixtures" / "seed_records.jsonl") in out  # the committed fixture
     assert "ratio (a)/(c):" in out
@@ -50,8 +61,8 @@ def test_bench_train_smoke_with_trl_on_the_same_tokens(tiny_model_dir):
 
 
 def run_script_in_process(name: str, *args: str, monkeypatch) -> SystemExit:
-    """``python scripts/<name> <args>`` in this process (no interpreter start), for runs that stop before any model
-    loads: the exit it raises, whose message Python prints as stderr's last line and whose exit status is then 1."""
+    """``python scripts/<name> <args>`` in this process (no interpreter start): the exit it raises (a script's
+    ``raise SystemExit(main())``; for a refusal, its message is what Python prints as stderr's last line, status 1)."""
     monkeypatch.syspath_prepend(str(REPO / "scripts"))  # what running the file puts first: benchlib is imported
     monkeypatch.setattr(sys, "argv", [str(REPO / "scripts" / name), *args])
     monkeypatch.chdir(REPO)
