@@ -4,7 +4,6 @@ busy CPU, two OpenMP threads can make every small op wait milliseconds on a desc
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import subprocess
