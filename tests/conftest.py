@@ -114,6 +114,22 @@ def labelled_records(n: int, offset: int = 0) -> list[dict]:
     return rows
 
 
+def built_on_one_thread(module):
+    """For a module-scoped fixture: ``module`` (a ``DiagnosisLoRA``) built as predict builds it, in eval mode, with
+    torch on one thread while the tests use it (on a busy shared CPU a second OpenMP thread makes the small model's
+    ops wait), the thread count put back after. ``yield from`` it."""
+    import torch
+
+    module.configure_model()
+    module.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield module
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

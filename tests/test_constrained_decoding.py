@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import seed_records
+from conftest import built_on_one_thread, seed_records
 
 # Calls that move a tensor's data to the host (on a GPU: a device sync each).
 HOST_TRANSFERS = {"item", "tolist", "cpu", "numpy", "to", "__int__", "__float__", "__bool__", "__index__", "__array__"}
@@ -33,12 +33,7 @@ def lit(tiny_model_dir):
 
     settings = GenerationSettings(max_new_tokens=56, max_diseases_chars=8, max_reason_chars=12)
     module = DiagnosisLoRA(str(tiny_model_dir), dtype="float32", gradient_checkpointing=False, generation=settings)
-    module.configure_model()
-    module.eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield module
-    torch.set_num_threads(threads)
+    yield from built_on_one_thread(module)
 
 
 def prompt_batches(lit, records: list[dict], batch_size: int):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from conftest import built_on_one_thread, REPO, read_jsonl, seed_records, write_jsonl
 from healthai.cli import cli_main
 from healthai.decoding import GenerationSettings, parse_answer
 from healthai.writer import SUBMISSION_KEYS
@@ -178,12 +178,7 @@ def merge_lit(tmp_path_factory, tiny_model_dir):
     settings = GenerationSettings(max_new_tokens=56, max_diseases_chars=8, max_reason_chars=12)
     module = DiagnosisLoRA(str(tiny_model_dir), adapter_path=str(adapter), dtype="float32",
                            gradient_checkpointing=False, generation=settings)  # fmt: skip
-    module.configure_model()
-    module.eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield module
-    torch.set_num_threads(threads)
+    yield from built_on_one_thread(module)
 
 
 def test_predict_generates_with_the_lora_merged_and_the_same_tokens_as_unmerged(merge_lit):
