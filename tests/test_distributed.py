@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,12 +17,10 @@ pytestmark = pytest.mark.slow
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
 
-def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "healthai", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=timeout)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+def run(forkserver, args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m healthai *args`` as 2 DDP processes (forked, as tests/forkserver.py says; the FSDP test runs
+    Lightning's own launcher from a fresh interpreter); rank 0's result."""
+    return forkserver.run_ranks(["-m", "healthai", *args], nprocs=2)[0]
 
 
 def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
@@ -36,7 +33,7 @@ def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
 
 
 def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resume(tmp_path, tiny_model_dir,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, forkserver):
     # The same 2-process run also checks the TensorBoard sample table under DDP (one launch for both: an interpreter
     # start per rank is most of a DDP test's cost). 3 validation records: rank 0 generates records 0 and 2, rank 1
     # record 1 and the sampler's repeat of record 0 (in one batch of 2); the gathered table holds records 0, 1, 2 in
@@ -44,7 +41,7 @@ def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resu
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
     val_records = labelled_records(3, offset=10)
     val = write_jsonl(tmp_path / "val.jsonl", val_records)
-    run([
+    run(forkserver, [
         "fit", "--config", "configs/tiny.yaml", *DDP,
         "--model.model_name_or_path", str(tiny_model_dir),
         "--data.train_file", str(train), "--data.val_file", str(val), "--data.max_length", "256",
@@ -96,7 +93,7 @@ def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resu
         ])  # fmt: skip
 
 
-def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir, monkeypatch):
+def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir, monkeypatch, forkserver):
     # 6 short records, 16 new tokens: the shards, their merge and equality with one process are what is tested. The
     # single-process reference runs in-process (on one thread, as the DDP ranks do); only DDP needs the real CLI, and
     # it runs once (an interpreter start per rank is most of its cost): as the resume of an earlier run's shards.
@@ -126,14 +123,14 @@ def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny
     rank2 = write_jsonl(tmp_path / "resumed.jsonl.rank2.jsonl", [])
     with open(rank2, "a", encoding="utf-8") as f:
         f.write(json.dumps(single[5], ensure_ascii=False)[:25])
-    out = run([*common, *DDP, "--writer.output_path", str(tmp_path / "resumed.jsonl")]).stdout
+    out = run(forkserver, [*common, *DDP, "--writer.output_path", str(tmp_path / "resumed.jsonl")]).stdout
     assert "2 record(s) already done, 4 to go" in out
     assert read_jsonl(tmp_path / "resumed.jsonl") == single
     assert not list(tmp_path.glob("resumed.jsonl.rank*"))
 
 
 def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(tmp_path, tiny_model_dir,
-                                                                               monkeypatch):  # fmt: skip
+                                                                               monkeypatch, forkserver):  # fmt: skip
     # 8 examples, one step of 2 accumulated global batches of 4: 1 process × batch 4, or 2 ranks × batch 2 (the
     # sampler builds the same global batches). Ranks hold different numbers of answer tokens; the step must still
     # weigh every token the same.
@@ -152,10 +149,7 @@ def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(t
             monkeypatch.setattr(sys, "argv", argv)
             script.main()
         else:
-            env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-            result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                                    timeout=300)  # fmt: skip
-            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+            forkserver.run_ranks(argv, nprocs=devices)
         steps[devices] = [torch.load(out / f"rank{r}.pt") for r in range(devices)]
     ranks = steps[2]
     assert ranks[0]["tokens"] != ranks[1]["tokens"]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -87,16 +84,15 @@ def test_greedy_outputs_do_not_depend_on_batch_size(tmp_path, tiny_model_dir):
     assert outputs[1] == outputs[6]
 
 
-def test_rerun_after_sigkill_completes_every_id_exactly_once(tmp_path, tiny_model_dir, capsys):
+def test_rerun_after_sigkill_completes_every_id_exactly_once(tmp_path, tiny_model_dir, capsys, forkserver):
     records = seed_records(10, offset=42)
     src = write_jsonl(tmp_path / "records.jsonl", records)
     out = tmp_path / "pred.jsonl"
     shard = tmp_path / "pred.jsonl.rank0.jsonl"
     args = predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "2")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    # The killed run is a real process (a SIGKILL needs one); the rerun is the same command, in-process.
-    proc = subprocess.Popen([sys.executable, "-m", "healthai", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    # The killed run is a real process (a SIGKILL needs one; forked: tests/forkserver.py); the rerun is the same
+    # command, in-process.
+    proc = forkserver.start(["-m", "healthai", *args])
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if shard.exists() and len(shard.read_bytes().splitlines()) >= 2:  # one batch written, four to go

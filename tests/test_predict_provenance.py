@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -206,27 +204,25 @@ def test_a_run_failing_after_setup_leaves_no_empty_shard(tmp_path, tiny_model_di
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stop_signal_ends_at_a_batch_boundary_and_the_rerun_completes_exactly_once(tmp_path, tiny_model_dir, signum,
-                                                                                    code, capsys):  # fmt: skip
+                                                                                    code, capsys, forkserver):  # fmt: skip
     """Case 7: a scheduler's SIGTERM (or Ctrl+C) ends the run after the current batch, keeps every row written,
     says how to resume and exits 128 + signal; rerunning the same command completes every id once."""
     records = short_records(16, offset=20)  # 8 batches: the signal comes after the first, far from the last
     src = write_jsonl(tmp_path / "records.jsonl", records)
     out = tmp_path / "pred.jsonl"
     shard = tmp_path / "pred.jsonl.rank0.jsonl"
-    cmd = [sys.executable, "-m", "healthai", *predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "2")]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(tmp_path / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.time() + 180
-            while proc.poll() is None and not (shard.exists() and shard.read_bytes().count(b"\n") >= 2):
-                assert time.time() < deadline, "no batch written in time"
-                time.sleep(0.02)
-            proc.send_signal(signum)
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    args = predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "2")
+    proc = forkserver.start(["-m", "healthai", *args], stderr=tmp_path / "stderr.txt")  # a real process, forked
+    try:
+        deadline = time.time() + 180
+        while proc.poll() is None and not (shard.exists() and shard.read_bytes().count(b"\n") >= 2):
+            assert time.time() < deadline, "no batch written in time"
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     stderr = (tmp_path / "stderr.txt").read_text(encoding="utf-8", errors="replace")
     assert rc == code, stderr[-3000:]
     assert f"stopped by {signal.Signals(signum).name}" in stderr and "rerun the same command to resume" in stderr
@@ -237,7 +233,7 @@ def test_stop_signal_ends_at_a_batch_boundary_and_the_rerun_completes_exactly_on
     if signum == signal.SIGINT:
         return  # the rerun is the same as after SIGTERM; once is enough for a test this slow
 
-    cli_main(cmd[3:])  # the same command, in this process (a second process start would only cost time)
+    cli_main(args)  # the same command, in this process (a second process would only cost time)
     assert f"{len(kept)} record(s) already done" in capsys.readouterr().out
     rows = read_jsonl(out)
     assert [r["id"] for r in rows] == [r["id"] for r in records]  # every id once, in input order

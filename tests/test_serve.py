@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from conftest import Forked, REPO, read_jsonl, seed_records, write_jsonl
 from healthai.prompts import DEFAULT_USER_TEMPLATE, PromptStyle
 
 KEY = "test-serve-key-0123456789"
@@ -95,7 +94,7 @@ def request(url: str, body=None, key: str | None = KEY, timeout: float = REQUEST
 class Server:
     """The server process, started by the fixture; :meth:`ready` waits (bounded) until it answers /health."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+    def __init__(self, proc: Forked, url: str, log: Path):
         self.proc, self.url, self.log = proc, url, log
         self.deadline = time.monotonic() + START_TIMEOUT_S
         self.healthy = False
@@ -117,20 +116,20 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir, adapter):
+def server(tmp_path_factory, tiny_model_dir, adapter, forkserver):
     """Started, not waited for: a test can do its in-process work while the server loads (tests call ``ready()``).
 
     It serves the adapter as a fit ``.ckpt``; the tests compare its answers with predict's from the adapter folder."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "healthai", "serve", "--model_name_or_path", str(tiny_model_dir),
+    cmd = ["-m", "healthai", "serve", "--model_name_or_path", str(tiny_model_dir),
            "--adapter_path", str(adapter.parent / "adapter.ckpt"), "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--max_batch_size", "8", "--batch_timeout", "0.05", "--max_length", "768",
            "--max_chars", str(MAX_CHARS), "--api_key_env", KEY_ENV, *GENERATION]  # fmt: skip
     env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(REPO)}
-    with open(log, "wb") as out:
-        # Own session: on teardown anything left of it can be found (and killed) by its process group.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # A real process, forked (tests/forkserver.py). Own session: on teardown anything left of it can be found (and
+    # killed) by its process group.
+    proc = forkserver.start(cmd, env=env, stdout=log, stderr="stdout", new_session=True)
     try:
         yield Server(proc, f"http://127.0.0.1:{port}", log)
     finally:
