@@ -240,7 +240,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_two_process_gloo_sync_equals_single_process(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # Forked, not spawned: a spawned child starts an interpreter and imports torch and torchmetrics again (4 s of CPU
+    # each). This process has no process group and its torch runs one thread, so a fork starts clean.
+    assert not torch.distributed.is_initialized()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     whole = _metrics()
     _update(whole, 0, 4)
     expected = _values(whole)
