@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import labelled_records
+from conftest import SharedTokenizers, labelled_records
 from healthai.encoding import IGNORE_INDEX, encode_example, end_of_turn_id
 from healthai.prompts import PromptStyle, answer_text
 
@@ -21,9 +21,7 @@ OTHER_TEMPLATE = (
 @pytest.fixture(scope="module")
 def own_tokenizer(tiny_model_dir):
     """A tokenizer of this module's own: the tests change its template and EOS, which the session's must not see."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+    return SharedTokenizers.load_uncached(tiny_model_dir)
 
 
 @pytest.fixture

@@ -71,21 +71,6 @@ def inputs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     return files
 
 
-@pytest.fixture(autouse=True, scope="module")
-def tokenizer_loaded_once():
-    """fit/validate/predict load the tokenizer (~1 s, the bulk of a case) before reading their files; it is the same
-    small-model tokenizer every time, so load it once. Only the loading is shared: every case runs the whole CLI."""
-    import functools
-
-    from transformers import AutoTokenizer
-
-    original = AutoTokenizer.from_pretrained
-    cached = functools.lru_cache(maxsize=4)(lambda source: original(source))
-    AutoTokenizer.from_pretrained = lambda source, **kwargs: original(source, **kwargs) if kwargs else cached(str(source))
-    yield
-    AutoTokenizer.from_pretrained = original
-
-
 def command_line(command: str, case: str, inputs: dict[str, Path], tmp: Path) -> tuple[list[str], str]:
     """The argv of ``command`` run on ``case``, and the path or option its error line must name."""
     bad = inputs.get(case, inputs["good"])
