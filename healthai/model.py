@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from healthai.adapter import Adapter, resolve_base
-from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, load_base, prepare_for_training
+from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, load_base, merge_lora, prepare_for_training
+from healthai.base_model import unmerge_lora
 from healthai.decoding import GenerationSettings, JsonConstraint, check_answer_budget, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
 from healthai.errors import ClosedUnitInterval, ConfigError, HalfOpenUnitInterval, NonNegativeFloat, NonNegativeInt
@@ -407,34 +408,19 @@ class DiagnosisLoRA(L.LightningModule):
         return hp.merge_for_inference and hp.quantization is None and not sharded
 
     def merge_lora_for_inference(self) -> bool:
-        """Fold the LoRA weights into the base weights for generation (see the ``merge_for_inference`` option);
-        returns whether the model is merged now. :meth:`unmerge_lora` restores the trainable layers.
-
-        PEFT's ``merge_adapter``, then each LoRA layer is taken out of the forward path (its merged base layer put in
-        its place, as ``merge_and_unload`` does, but kept aside so that it can be undone): a merged PEFT layer still
-        costs a Python call per projection and step, ~5 % of a decoding step of the small model at batch 1."""
+        """Fold the LoRA weights into the base weights for generation (see the ``merge_for_inference`` option and
+        :func:`healthai.base_model.merge_lora`); returns whether the model is merged now. :meth:`unmerge_lora`
+        restores the trainable layers."""
         if not self.lora_merge_allowed():
             return False
         if not self._lora_set_aside:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self.model.merge_adapter()
-            for name, layer in list(self.model.named_modules()):
-                if isinstance(layer, BaseTunerLayer):
-                    parent, _, attr = name.rpartition(".")
-                    self._lora_set_aside.append((self.model.get_submodule(parent), attr, layer))
-                    setattr(self._lora_set_aside[-1][0], attr, layer.get_base_layer())
+            self._lora_set_aside = merge_lora(self.model)
         return True
 
     def unmerge_lora(self) -> None:
-        """Undo :meth:`merge_lora_for_inference` (the same module may go on training or validating; PEFT subtracts
-        the adapter's update again, so in bf16 the base weights come back up to rounding, not bit for bit)."""
-        if not self._lora_set_aside:
-            return
-        for parent, attr, layer in self._lora_set_aside:
-            setattr(parent, attr, layer)
+        """Undo :meth:`merge_lora_for_inference` (the same module may go on training or validating)."""
+        unmerge_lora(self.model, self._lora_set_aside)
         self._lora_set_aside = []
-        self.model.unmerge_adapter()
 
     def lora_merged(self) -> bool:
         """Whether the LoRA weights are merged into the base weights and the LoRA layers out of the forward path."""
