@@ -61,6 +61,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # -- the adapter ------------------------------------------------------------------------------------------------------
 
 
+
+def _warn(line: str) -> None:
+    """One ``warning:`` line on stderr, from the first process only: every DDP/FSDP rank opens the adapter, and N
+    copies of one warning would read as N problems. (Lightning sets the rank from the launcher's environment.)"""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+
 @dataclass(frozen=True, eq=False)
 class Adapter:
     """An adapter folder or fit ``.ckpt``, checked to exist (:meth:`open`); what it records is read once, when first
@@ -149,7 +158,7 @@ class Adapter:
                 f"{recorded['fingerprint']}); {base} (fingerprint {actual}) has {differs}")  # fmt: skip
         if not allow_mismatch:
             raise BaseMismatchError(f"{line}; pass {flag} true to apply it anyway")
-        print(f"warning: {line}; applying it anyway ({flag})", file=sys.stderr, flush=True)
+        _warn(f"{line}; applying it anyway ({flag})")
         return line
 
     # -- what it carries besides its weights --------------------------------------------------------------------------
@@ -169,8 +178,7 @@ class Adapter:
             raise UserError(str(e)) from None
         hint = ("not a checkpoint written by `healthai fit`?" if self.is_checkpoint else
                 f"no {PROMPT_FILE}; if it was trained with another prompt, save that as {self.path / PROMPT_FILE}")
-        print(f"warning: adapter {self} records no prompt settings; using the default prompt ({hint})",
-              file=sys.stderr, flush=True)  # fmt: skip
+        _warn(f"adapter {self} records no prompt settings; using the default prompt ({hint})")
         return PromptStyle()
 
     def tokenizer_source(self, fallback: Optional[str]) -> Optional[str]:

@@ -144,3 +144,17 @@ def test_an_adapter_without_saved_prompt_gets_the_default_prompt_and_one_warning
     warnings = [line for line in capfd.readouterr().err.splitlines() if NO_PROMPT_WARNING in line]
     assert warnings == [f"warning: adapter {adapter} {NO_PROMPT_WARNING} (no prompt.json; if it was trained with "
                         f"another prompt, save that as {adapter / 'prompt.json'})"]  # fmt: skip
+
+
+def test_the_warning_comes_from_the_first_process_only(pair, tmp_path, capfd, monkeypatch):
+    """Under DDP/FSDP every rank opens the adapter: one warning line, not one per rank; the prompt is the same."""
+    import shutil
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    adapter = Path(shutil.copytree(pair[0], tmp_path / "foreign"))
+    (adapter / "prompt.json").unlink()
+    for rank, lines in ((1, 0), (0, 1)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        assert Adapter.open(adapter, "--model.adapter_path").prompt == PromptStyle()
+        assert capfd.readouterr().err.count(NO_PROMPT_WARNING) == lines, f"rank {rank}"
