@@ -5,16 +5,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from forkserver import REPO, ForkServer
+
 # Everything the tests read is committed under tests/fixtures/ (see its README): a clone needs nothing beside it.
 FIXTURES = REPO / "tests" / "fixtures"
 SEED_RECORDS = FIXTURES / "seed_records.jsonl"
@@ -121,123 +119,9 @@ def _fast_lightning_parser_after_a_dataclass_command():
     set_parsing_settings(docstring_parse_attribute_docstrings=before)
 
 
-class Forked:
-    """A command started by :class:`ForkServer`: the part of ``subprocess.Popen`` the tests use."""
-
-    def __init__(self, server: ForkServer, pid: int, args: list[str]):
-        self.server, self.pid, self.args, self.returncode = server, pid, args, None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.server.ask({"op": "poll", "pid": self.pid})["returncode"]
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.02)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-class ForkServer:
-    """Starts commands as real processes forked from one pre-imported interpreter (tests/forkserver.py says how and
-    what differs from a fresh one): an interpreter start costs 5-6 s of CPU here, a fork a few milliseconds."""
-
-    def __init__(self):
-        self._log = tempfile.NamedTemporaryFile(prefix="forkserver-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self._proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py")], cwd=REPO, env=env,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)  # fmt: skip
-        self._children: list[Forked] = []
-
-    def ask(self, request: dict) -> dict:
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the fork server ended: {Path(self._log.name).read_text()[-4000:]}")
-        return json.loads(line)
-
-    def start(self, argv: list[str], *, env: dict | None = None, cwd: Path = REPO, stdout: Path | None = None,
-              stderr: Path | str | None = None, new_session: bool = False) -> Forked:  # fmt: skip
-        """``python *argv`` as ``subprocess.Popen`` would start it; ``stdout``/``stderr`` are files (``None``: discarded;
-        ``stderr="stdout"``: into stdout's file). ``env`` defaults to this process's, with the repository importable."""
-        env = dict(os.environ, PYTHONPATH=str(REPO)) if env is None else env
-        request = {"op": "start", "argv": [str(a) for a in argv], "env": env, "cwd": str(cwd),
-                   "stdout": None if stdout is None else str(stdout),
-                   "stderr": stderr if stderr in (None, "stdout") else str(stderr), "new_session": new_session}  # fmt: skip
-        child = Forked(self, self.ask(request)["pid"], request["argv"])
-        self._children.append(child)
-        return child
-
-    def run(self, argv: list[str], *, env: dict | None = None, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-        """``subprocess.run(["python", *argv], capture_output=True, text=True, timeout=timeout)``."""
-        with tempfile.TemporaryDirectory() as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            child = self.start(argv, env=env, cwd=cwd, stdout=out, stderr=err)
-            try:
-                child.wait(timeout)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-                raise
-            return subprocess.CompletedProcess(child.args, child.returncode, out.read_text(), err.read_text())
-
-    def run_ranks(self, argv: list[str], nprocs: int = 2, timeout: float = 300) -> list[subprocess.CompletedProcess]:
-        """``python *argv`` as ``nprocs`` processes of one process group on this machine, started as Lightning's
-        launcher starts the ranks after the first (``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK``/``LOCAL_RANK``/
-        ``WORLD_SIZE``; the strategy sees processes created externally and launches none). One thread each. Every
-        rank must exit 0; returns each rank's result, rank 0 first."""
-        import socket
-
-        with socket.socket() as sock:  # a free port for the group's rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with tempfile.TemporaryDirectory() as folder:
-            ranks = []
-            for rank in range(nprocs):
-                env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs))  # fmt: skip
-                out, err = Path(folder) / f"stdout{rank}", Path(folder) / f"stderr{rank}"
-                ranks.append((self.start(argv, env=env, stdout=out, stderr=err), out, err))
-            deadline = time.monotonic() + timeout
-            codes = [None]
-            while None in codes and not any(codes) and time.monotonic() < deadline:
-                time.sleep(0.02)
-                codes = [child.poll() for child, _, _ in ranks]
-            for child, _, _ in ranks:  # a rank that failed (or hung) leaves its peers waiting for it: stop them
-                if child.poll() is None:
-                    child.kill()
-                    child.wait()
-            results = [subprocess.CompletedProcess(c.args, c.returncode, o.read_text(), e.read_text()) for c, o, e in ranks]
-        for rank, result in enumerate(results):
-            assert result.returncode == 0, f"rank {rank}: " + result.stdout[-2000:] + result.stderr[-4000:]
-        return results
-
-    def close(self) -> None:
-        for child in self._children:  # what a failed test left running
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        self._proc.stdin.close()
-        self._proc.wait(timeout=60)
-        os.unlink(self._log.name)
-
-
 @pytest.fixture(scope="session")
 def forkserver():
+    """This worker's :class:`forkserver.ForkServer`, started at its first use."""
     server = ForkServer()
     yield server
     server.close()
@@ -325,4 +209,3 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-

@@ -34,8 +34,8 @@ def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
 
 def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resume(tmp_path, tiny_model_dir,
                                                                                    monkeypatch, forkserver):
-    # The same 2-process run also checks the TensorBoard sample table under DDP (one launch for both: an interpreter
-    # start per rank is most of a DDP test's cost). 3 validation records: rank 0 generates records 0 and 2, rank 1
+    # The same 2-process run also checks the TensorBoard sample table under DDP (one launch for both: building the
+    # model in each rank is most of a DDP test's cost). 3 validation records: rank 0 generates records 0 and 2, rank 1
     # record 1 and the sampler's repeat of record 0 (in one batch of 2); the gathered table holds records 0, 1, 2 in
     # file order, once each, as on one device.
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
@@ -96,7 +96,7 @@ def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resu
 def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny_model_dir, monkeypatch, forkserver):
     # 6 short records, 16 new tokens: the shards, their merge and equality with one process are what is tested. The
     # single-process reference runs in-process (on one thread, as the DDP ranks do); only DDP needs the real CLI, and
-    # it runs once (an interpreter start per rank is most of its cost): as the resume of an earlier run's shards.
+    # it runs once (building the model in each rank is most of its cost): as the resume of an earlier run's shards.
     from healthai.cli import cli_main
 
     records = seed_records(6, offset=80)

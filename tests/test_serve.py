@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Forked, REPO, read_jsonl, seed_records, write_jsonl
+from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from forkserver import Forked
 from healthai.prompts import DEFAULT_USER_TEMPLATE, PromptStyle
 
 KEY = "test-serve-key-0123456789"
