@@ -292,7 +292,8 @@ def test_shell_sees_status_2_and_one_line_of_stderr(inputs, tmp_path, forkserver
     env.pop("HEALTHAI_DEBUG", None)
     # The first from a fresh interpreter, as a shell starts it; the second in a process forked from a pre-imported
     # one (tests/forkserver.py): the same exit status and stderr, without a second interpreter start.
-    argv = ["-m", "healthai", "evaluate", "--predictions", str(inputs["good"]), "--references", str(inputs["torn line"])]
+    argv = ["-m", "healthai", "evaluate", "--predictions", str(inputs["good"]),
+            "--references", str(inputs["torn line"])]  # fmt: skip
     result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(

@@ -38,8 +38,9 @@ def adapter_weights(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_checkpoint(tmp_path, tiny_model_dir,
-                                                                                        monkeypatch, forkserver):  # fmt: skip
+def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_checkpoint(
+    tmp_path, tiny_model_dir, monkeypatch, forkserver
+):
     from healthai.cli import cli_main
     from healthai.export import export
 

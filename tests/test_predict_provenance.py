@@ -203,8 +203,9 @@ def test_a_run_failing_after_setup_leaves_no_empty_shard(tmp_path, tiny_model_di
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_stop_signal_ends_at_a_batch_boundary_and_the_rerun_completes_exactly_once(tmp_path, tiny_model_dir, signum,
-                                                                                    code, capsys, forkserver):  # fmt: skip
+def test_stop_signal_ends_at_a_batch_boundary_and_the_rerun_completes_exactly_once(
+    tmp_path, tiny_model_dir, signum, code, capsys, forkserver
+):
     """Case 7: a scheduler's SIGTERM (or Ctrl+C) ends the run after the current batch, keeps every row written,
     says how to resume and exits 128 + signal; rerunning the same command completes every id once."""
     records = short_records(16, offset=20)  # 8 batches: the signal comes after the first, far from the last
