@@ -61,7 +61,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # -- the adapter ------------------------------------------------------------------------------------------------------
 
 
-
 def _warn(line: str) -> None:
     """One ``warning:`` line on stderr, from the first process only: every DDP/FSDP rank opens the adapter, and N
     copies of one warning would read as N problems. (Lightning sets the rank from the launcher's environment.)"""
@@ -69,6 +68,7 @@ def _warn(line: str) -> None:
 
     if getattr(rank_zero_only, "rank", 0) == 0:
         print(f"warning: {line}", file=sys.stderr, flush=True)
+
 
 @dataclass(frozen=True, eq=False)
 class Adapter:

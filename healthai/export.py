@@ -18,10 +18,10 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from healthai.adapter import Adapter
 from healthai.decoding import GenerationSettings
 from healthai.encoding import end_of_turn_id, fit_case_text
 from healthai.errors import NonNegativeFloat, PositiveInt, UserError, check_declared, check_model_source, check_output
-from healthai.adapter import Adapter
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.prompts import PromptStyle
 from healthai.records import check_record

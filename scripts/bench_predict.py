@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
           f"target >= {TARGET_TOKEN_RATIO:g}x: {own_verdict}")  # fmt: skip
     peft = "PEFT, LoRA merged" if new_path.merged else "PEFT's unmerged LoRA layers"
     print(f"ratio (a)/(c): {token_ratio:.2f}x token positions/s in generate at equal length (the constraint and "
-          f"{peft}; target >= {TARGET_TOKEN_RATIO:g}x: {verdict}); {rate(new) / rate(plain):.2f}x records/s; JSON valid {new['parse_ok']}/{new['records']} vs "
+          f"{peft}; target >= {TARGET_TOKEN_RATIO:g}x: {verdict}); {rate(new) / rate(plain):.2f}x records/s; "
+          f"JSON valid {new['parse_ok']}/{new['records']} vs "
           f"{plain['parse_ok']}/{plain['records']}")  # fmt: skip
     if old is not None:
         ratio = rate(new) / rate(old)

@@ -72,8 +72,8 @@ class SharedTokenizers:
         folder = Path(source) if isinstance(source, (str, Path)) else None
         if folder is None or not folder.is_dir():
             return None
-        files = tuple((name, (folder / name).stat().st_size, (folder / name).stat().st_mtime_ns)
-                      for name in cls.FILES if (folder / name).is_file())  # fmt: skip
+        stats = {name: (folder / name).stat() for name in cls.FILES if (folder / name).is_file()}
+        files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
         return str(folder.resolve()), repr(sorted(kwargs.items())), files
 
     @classmethod
