@@ -181,6 +181,18 @@ class Adapter:
         _warn(f"adapter {self} records no prompt settings; using the default prompt ({hint})")
         return PromptStyle()
 
+    @cached_property
+    def budget(self):
+        """The answer budget fit trained this adapter for (:class:`~healthai.generation.AnswerBudget`: a folder's
+        ``answer_budget.json``, a ``.ckpt``'s record), or None when it records none (another tool's adapter, or an
+        older one): then the settings' own budget, or the default, applies."""
+        from healthai.generation import AnswerBudget
+
+        if self.is_checkpoint:
+            saved = self._record().get("budget")
+            return None if saved is None else AnswerBudget.from_dict(saved, f"{self} (its {CKPT_KEY!r} record)")
+        return AnswerBudget.load(self.path)
+
     def tokenizer_source(self, fallback: Optional[str]) -> Optional[str]:
         """Where to load the tokenizer from: the adapter folder's copy (saved by fit, the one it was trained with),
         else ``fallback`` (the base; a ``.ckpt`` holds no tokenizer)."""

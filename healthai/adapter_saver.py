@@ -77,8 +77,8 @@ def monitored_best(trainer: L.Trainer) -> Optional[tuple[Any, Path]]:
 def save_adapter(module, directory: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None,
                  card: Optional[dict[str, Any]] = None, trainer: Optional[L.Trainer] = None) -> Path:  # fmt: skip
     """Write ``module``'s PEFT adapter (a :class:`~healthai.model.DiagnosisLoRA`; from ``state_dict`` if given, e.g.
-    gathered under FSDP), the tokenizer, the prompt settings, the base it was trained on (``base.json``) and a model
-    card (``README.md``, with ``trainer``'s settings and data when given) to ``directory``."""
+    gathered under FSDP), the tokenizer, the prompt settings, the answer budget (``answer_budget.json``), the base it
+    was trained on (``base.json``) and a model card (``README.md``, with ``trainer``'s settings and data when given) to ``directory``."""
     from healthai.adapter import BASE_FILE, write_model_card
 
     directory = Path(directory)
@@ -86,6 +86,8 @@ def save_adapter(module, directory: str | Path, state_dict: Optional[dict[str, t
     module.tokenizer.save_pretrained(directory)
     prompt = module._prompt()
     prompt.save(directory)
+    if module.answer_budget is not None:  # the budget the labels were checked against (validate/predict/serve use it)
+        module.answer_budget.save(directory)
     base = module.base_record()
     (directory / BASE_FILE).write_text(json.dumps(base, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     card = dict(card or {})

@@ -1,24 +1,23 @@
 """JSON-constrained generation and the one function that parses a model's answer.
 
-Constraint: xgrammar (vLLM's default structured-output engine) compiles the answer's JSON schema against the
-tokenizer once; a fresh logits processor per ``generate`` call masks every token that would break the schema. The
-format is pinned to ``json.dumps``'s separators — exactly what the model was trained to write — and each string gets a
-``maxLength`` so that a budget of new tokens can close the object.
+Constraint: xgrammar (vLLM's default structured-output engine) compiles the answer's grammar
+(:func:`healthai.answer_grammar.answer_grammar`: exactly what ``json.dumps`` writes, escapes included, strings
+unbounded) against the tokenizer once; a fresh logits processor per ``generate`` call masks every token that would
+break it, and closes each answer within the token budget (:class:`healthai.answer_grammar.BudgetCloser`), so every
+answer is valid JSON however the model writes.
 
 Parsing: strict ``json.loads``, else json-repair, else failure → ``parse_status`` ``ok`` | ``repaired`` | ``failed``;
-an answer with a field at its ``maxLength`` is ``truncated`` (the constraint closed that string, not the model).
+``truncated`` when the processor reports that the budget, not the model, ended the answer.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
-from healthai.errors import ConfigError, PositiveInt, check_declared
 from healthai.prompts import ANSWER_JSON_SCHEMA, join_diseases
 
 ParseStatus = Literal["ok", "repaired", "truncated", "failed"]
@@ -35,9 +34,10 @@ REASON_SEPARATOR = "\n"
 class ParsedAnswer:
     """A model's answer, parsed. ``diseases``/``reason`` are ``None`` when ``status`` is ``failed``.
 
-    ``status``: ``ok`` (strict JSON), ``repaired`` (json-repair was needed: e.g. the token budget cut the answer),
-    ``truncated`` (a field reached its ``maxLength`` cap, so the constraint may have cut it: diagnoses or findings
-    may be missing), ``failed`` (no answer could be read).
+    ``status``: ``ok`` (strict JSON), ``repaired`` (json-repair was needed: unconstrained decoding cut by the
+    budget, or a reply that was not strict JSON), ``truncated`` (strict JSON, but the token budget closed it rather
+    than the model: the open string was ended where it stood, so diagnoses or findings may be missing), ``failed``
+    (no answer could be read).
     """
 
     diseases: Optional[str]
@@ -46,6 +46,10 @@ class ParsedAnswer:
     error: Optional[str] = None
     raw: Optional[str] = None
     """The text that was parsed, kept for ``failed`` rows."""
+    prompt_tokens: Optional[int] = None
+    """Tokens of the prompt it answered (set by generation; serve's ``usage``)."""
+    completion_tokens: Optional[int] = None
+    """Tokens generated for it, the end-of-turn token included (set by generation)."""
 
     def row_fields(self) -> dict[str, str]:
         """The answer's fields of a prediction row (predict's file and serve's ``/predict``): empty strings where
@@ -110,78 +114,48 @@ def load_answer_json(text: str, allow_repair: bool = True) -> tuple[Any, bool]:
     return repaired, True
 
 
-def parse_answer(text: str, max_diseases_chars: Optional[int] = None, max_reason_chars: Optional[int] = None
-                 ) -> ParsedAnswer:  # fmt: skip
+def parse_answer(text: str, truncated: bool = False) -> ParsedAnswer:
     """Parse a model's answer: strict JSON (code fences allowed), else json-repair, else ``failed``.
 
-    Pass the caps the answer was generated under (``None`` = uncapped, or unconstrained decoding): a field that
-    reaches its cap makes the answer ``truncated``. xgrammar closes a string at ``maxLength`` whatever the model was
-    about to write, so an answer at the cap looks complete but may have lost diagnoses; one that happens to end exactly
-    at the cap is marked too (it cannot be told apart).
+    ``truncated``: the constrained decoder reports that the token budget closed this answer
+    (:meth:`JsonLogitsProcessor.truncated`); the text is then valid JSON that the model did not finish, and its status
+    is ``truncated``. Never guessed from a length: an answer that ends by itself at the budget is ``ok``.
     """
     try:
         obj, repaired = load_answer_json(text)
         diseases, reason = answer_fields(obj)
     except (ValueError, TypeError, RecursionError) as e:
         return ParsedAnswer(None, None, status="failed", error=str(e), raw=text)
-    at_cap = [f"{key} reached its cap of {cap} characters"
-              for key, value, cap in (("diseases", diseases, max_diseases_chars), ("reason", reason, max_reason_chars))
-              if cap is not None and len(value) >= cap]  # fmt: skip
-    if at_cap:
-        return ParsedAnswer(diseases, reason, status="truncated", error="; ".join(at_cap), raw=text)
+    if truncated:
+        return ParsedAnswer(diseases, reason, status="truncated", error="the token budget closed the answer", raw=text)
     return ParsedAnswer(diseases, reason, status="repaired" if repaired else "ok", raw=text)
 
 
-CAPPED_UNWRITABLE = re.compile(r'["\\\x00-\x1f]')
-"""Characters an answer string cannot hold under a ``maxLength`` cap. xgrammar (0.2.9) compiles a capped string to
-a run of at most ``cap`` characters other than a quote, a backslash, CR and LF, with no escape sequences; the model is
-trained on ``json.dumps`` text, which writes a quote, a backslash and every control character (newline, tab) as an
-escape. A label holding one of them cannot be written under a cap (tests/test_truncation.py checks this against
-xgrammar)."""
-
-
-def answer_schema(max_diseases_chars: Optional[int], max_reason_chars: Optional[int]) -> dict[str, Any]:
-    """The answer's JSON schema, with optional ``maxLength`` bounds on the two strings (see :data:`CAPPED_UNWRITABLE`
-    for what a bounded string cannot hold)."""
-    schema = json.loads(json.dumps(ANSWER_JSON_SCHEMA))
-    for key, bound in (("diseases", max_diseases_chars), ("reason", max_reason_chars)):
-        if bound is not None:
-            schema["properties"][key]["maxLength"] = bound
-    return schema
-
-
 class JsonConstraint:
-    """The answer schema compiled for one tokenizer; hands out a fresh logits processor per ``generate`` call."""
+    """The answer grammar compiled for one tokenizer, and its :class:`~healthai.answer_grammar.BudgetCloser`; hands
+    out a fresh logits processor per ``generate`` call."""
 
-    def __init__(
-        self,
-        tokenizer,
-        vocab_size: int,
-        stop_token_ids: Sequence[int],
-        max_diseases_chars: Optional[int] = None,
-        max_reason_chars: Optional[int] = None,
-    ):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_id: int):
         import xgrammar as xgr
 
+        from healthai.answer_grammar import BudgetCloser, answer_grammar
+
         # vocab_size is the model's (Qwen2.5-7B pads its embedding to 152,064 > the tokenizer's 151,665).
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
-        compiler = xgr.GrammarCompiler(info)
-        # Compact separators identical to json.dumps' defaults: the constrained format is the trained format, and no
-        # token can be spent on free whitespace.
-        self.compiled = compiler.compile_json_schema(
-            json.dumps(answer_schema(max_diseases_chars, max_reason_chars)), any_whitespace=False,
-            separators=(", ", ": "),
-        )  # fmt: skip
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[stop_token_id])
+        self.compiled = xgr.GrammarCompiler(info).compile_grammar(answer_grammar())
+        self.closer = BudgetCloser(info.decoded_vocab, info.special_token_ids, stop_token_id)
         self.mask_index = MaskIndex(vocab_size)
 
-    def logits_processor(self) -> "JsonLogitsProcessor":
-        """A new processor (it holds per-row matcher state, so one serves exactly one ``generate`` call); they share
-        this constraint's :class:`MaskIndex`, as the same bitmask rows come back in every call."""
-        return JsonLogitsProcessor(self.compiled, mask_index=self.mask_index)
+    def logits_processor(self, budget: int) -> "JsonLogitsProcessor":
+        """A new processor for one ``generate`` call with ``max_new_tokens=budget`` (it holds per-row matcher
+        state); they share this constraint's :class:`MaskIndex` and closer, as the same rows and states come back in
+        every call."""
+        return JsonLogitsProcessor(self.compiled, self.closer, budget, mask_index=self.mask_index)
 
 
 class JsonLogitsProcessor:
-    """Masks, at every ``generate`` step, the tokens that would break the compiled schema: the whole batch at once.
+    """Masks, at every ``generate`` step, the tokens that would break the answer grammar or the budget: the whole
+    batch at once.
 
     Per step: the rows' last tokens come to the host in ONE transfer (``tolist``; xgrammar's ``contrib.hf`` processor
     calls ``.item()`` per row — on a GPU a device sync per row per token), the live rows' matchers accept them in one
@@ -189,9 +163,17 @@ class JsonLogitsProcessor:
     logits in one call. Rows whose answer is finished (the matcher accepted the stop token) are skipped from then on.
     The bitmask buffers are allocated on the first step (batch size and device are known then) and reused.
 
+    The budget (``max_new_tokens`` of the same call, counted here by steps): each row's bitmask is narrowed by
+    :meth:`BudgetCloser.decide <healthai.answer_grammar.BudgetCloser.decide>` — near the end of the budget to the
+    tokens after which the answer can still close, at the end to the close itself. Where that changed the token the
+    model would have picked under the grammar alone (the highest score), the row is truncated
+    (:meth:`truncated`): the budget, not the model, ended it. On a GPU that comparison stays on the device (read
+    once, after ``generate``), so a step keeps its one device-to-host transfer.
+
     Applying on a GPU is ``xgrammar.apply_token_bitmask_inplace`` (its Triton kernel), on the whole batch. On the CPU
     that function's kernel reads all 152k bits of every row at every step (~0.15 ms a row in an open string, ~0.7 ms
-    one the schema forces), so :func:`apply_bitmask_cpu` masks by token ids looked up per distinct row instead.
+    one the grammar forces), so :func:`apply_bitmask_cpu` masks by token ids looked up per distinct row instead
+    (``device_kernel`` true takes the GPU branch on any device, for tests).
 
     Forced stretches still cost one forward per token: feeding them in the prompt instead would change the token
     boundaries the model was trained on (a free model may start ``{"`` or ``{``), so answers would differ.
@@ -201,19 +183,27 @@ class JsonLogitsProcessor:
     asynchronously after).
     """
 
-    def __init__(self, compiled, threads: int | str = "auto", mask_index: Optional[MaskIndex] = None):
+    def __init__(self, compiled, closer, budget: int, threads: int | str = "auto",
+                 mask_index: Optional[MaskIndex] = None, device_kernel: Optional[bool] = None):  # fmt: skip
         import xgrammar as xgr
 
         self.compiled = compiled
+        self.closer = closer
+        self.budget = budget
         self.vocab_size = compiled.tokenizer_info.vocab_size
         self.mask_index = mask_index if mask_index is not None else MaskIndex(self.vocab_size)
+        self.device_kernel = device_kernel
         # "auto": half the hardware threads, as xgrammar chooses (one thread on a 2-core machine).
         self.batcher = xgr.BatchGrammarMatcher(threads)
         self.matchers: list[Any] = []
+        self.states: list[Any] = []
+        """Each row's place in the answer (:class:`~healthai.answer_grammar.AnswerLayout` state)."""
         self.live: list[int] = []
         """Rows still writing their answer."""
-        self.host_mask = None
-        self.device_mask = None
+        self.host_mask = self.device_mask = None
+        self.budget_mask = self.device_budget = None
+        self.narrowed: list[int] = []
+        self.overrode = None
         self.steps = 0
         self.seconds = 0.0
 
@@ -222,18 +212,30 @@ class JsonLogitsProcessor:
         import xgrammar as xgr
 
         self.matchers = [xgr.GrammarMatcher(self.compiled) for _ in range(batch_size)]
+        self.states = [self.closer.start() for _ in range(batch_size)]
         self.live = list(range(batch_size))
         shape = xgr.get_bitmask_shape(batch_size, self.vocab_size)
-        cuda = device.type == "cuda"
+        kernel = device.type == "cuda" if self.device_kernel is None else self.device_kernel
+        pin = device.type == "cuda"
         # xgrammar fills host memory; pinned, it reaches the GPU in an asynchronous copy.
-        self.host_mask = torch.full(shape, -1, dtype=torch.int32, pin_memory=cuda)
-        self.device_mask = torch.full(shape, -1, dtype=torch.int32, device=device) if cuda else self.host_mask
+        self.host_mask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pin)
+        self.device_mask = torch.full(shape, -1, dtype=torch.int32, device=device) if kernel else self.host_mask
+        # The budget's narrowing, applied after the grammar's mask (all-allowed rows where it has nothing to say): in
+        # between, each narrowed row's best token under the grammar alone is read, and the row is truncated when the
+        # budget does not allow it (what the model would have picked is not what it may pick).
+        self.budget_mask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pin)
+        if kernel:
+            self.device_budget = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.overrode = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
     def __call__(self, input_ids, scores):
         # The step's one device-to-host transfer. It waits for the step's forward, as generate's own check for
         # finished rows does at every step anyway, so that wait is not counted in ``seconds``.
         last = input_ids[:, -1].tolist() if self.matchers else None
         start = time.perf_counter()
+        if self.steps >= self.budget:
+            raise RuntimeError(f"JSON constraint: step {self.steps + 1} of a processor made for max_new_tokens "
+                               f"{self.budget}: pass the same budget to generate and to logits_processor()")
         if last is None:  # the first step: nothing generated yet
             self._start(input_ids.shape[0], scores.device)
         else:
@@ -244,6 +246,11 @@ class JsonLogitsProcessor:
         self.seconds += time.perf_counter() - start
         return scores
 
+    def truncated(self) -> list[bool]:
+        """Per row of the ``generate`` call: whether the budget ended its answer (changed a token the model would
+        have picked under the grammar alone). One device-to-host transfer, after ``generate``."""
+        return self.overrode.tolist() if self.overrode is not None else []
+
     def _accept(self, last: list[int]) -> None:
         """Advance the live rows' matchers by the tokens just generated; retire the rows that finished."""
         import xgrammar as xgr
@@ -253,6 +260,10 @@ class JsonLogitsProcessor:
         if not all(accepted):  # cannot happen when this mask was applied: a bug, not a bad input
             bad = [(i, last[i]) for i, ok in zip(self.live, accepted) if not ok]
             raise RuntimeError(f"JSON constraint: (row, token) {bad} rejected by the answer grammar")
+        for i in self.live:
+            self.states[i] = self.closer.advance(self.states[i], last[i])
+            if self.states[i] is None:  # the grammar and the closer's scanner disagree: a bug
+                raise RuntimeError(f"answer budget: row {i}'s token {last[i]} is not in the answer's layout")
         finished = [i for i, m in zip(self.live, matchers) if m.is_terminated()]
         if finished:
             # generate pads a finished row whatever its scores; an all-allowed row keeps them finite.
@@ -265,19 +276,61 @@ class JsonLogitsProcessor:
 
         matchers = [self.matchers[i] for i in self.live]
         self.batcher.batch_fill_next_token_bitmask(matchers, self.host_mask, indices=self.live)
+        narrowed = self._narrow()
         if self.device_mask is self.host_mask:
             apply_bitmask_cpu(scores, self.host_mask, self.live, self.vocab_size, self.mask_index)
-        else:
-            # One copy and one kernel for the whole batch (finished rows' masks are all-allowed: harmless).
-            self.device_mask.copy_(self.host_mask, non_blocking=True)
-            xgr.apply_token_bitmask_inplace(scores, self.device_mask, vocab_size=self.vocab_size)
+            if narrowed:
+                self._apply_budget_cpu(scores, narrowed)
+            return
+        # One copy and one kernel for the whole batch (finished rows' masks are all-allowed: harmless).
+        self.device_mask.copy_(self.host_mask, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(scores, self.device_mask, vocab_size=self.vocab_size)
+        if narrowed:  # the last steps of a row only; all on the device, nothing read back
+            self.device_budget.copy_(self.budget_mask, non_blocking=True)
+            self.overrode |= ~_bit_set(self.device_budget, scores.argmax(-1))
+            xgr.apply_token_bitmask_inplace(scores, self.device_budget, vocab_size=self.vocab_size)
+
+    def _narrow(self) -> list[int]:
+        """Fill ``budget_mask`` with the tokens the budget allows each live row (``steps`` tokens written, so
+        ``budget - steps`` left, this one included); returns the rows it narrows (the others' rows are all-allowed)."""
+        left = self.budget - self.steps
+        words = self.budget_mask.numpy()
+        if self.narrowed:
+            words[self.narrowed] = -1
+        self.narrowed = []
+        for i in self.live:
+            allowed = self.closer.decide(self.states[i], left)
+            if allowed is not None:
+                words[i] = allowed
+                self.narrowed.append(i)
+        return self.narrowed
+
+    def _apply_budget_cpu(self, scores, rows: list[int]) -> None:
+        """The budget's narrowing of ``rows`` after the grammar's mask, noting the rows whose best token it blocks."""
+        import numpy as np
+        import torch
+
+        # numpy's argmax, row by row on a view: ~10x faster than torch's on the CPU, and no copy of the rows.
+        values = scores.detach().numpy()
+        best = np.array([values[r, : self.vocab_size].argmax() for r in rows])
+        words = self.budget_mask.numpy()[rows]
+        kept = (words[np.arange(len(rows)), best // 32] >> (best % 32)) & 1
+        self.overrode[rows] |= torch.from_numpy(kept == 0)
+        apply_bitmask_cpu(scores, self.budget_mask, rows, self.vocab_size, self.mask_index)
+
+
+def _bit_set(words, tokens):
+    """Per row, whether token ``tokens[row]`` is allowed by the bitmask row ``words[row]`` (xgrammar's layout), on
+    the tensors' device."""
+    word = words.gather(1, (tokens // 32)[:, None])[:, 0]
+    return ((word >> (tokens % 32)) & 1).bool()
 
 
 class MaskIndex:
     """How to mask each distinct bitmask row, worked out once per row content and reused.
 
-    A schema's bitmask rows repeat: every step inside an open string allows the same characters (until the length cap
-    comes near), and every forced stretch (``{"diseases": "``) allows the same single token at each of its positions,
+    A schema's bitmask rows repeat: every step inside an open string allows the same characters (until the budget comes
+    near), and every forced stretch (``{"diseases": "``) allows the same single token at each of its positions,
     in every row and every ``generate`` call. So instead of reading the 152k bits at every step, each row's words are
     looked up (hashing its 19 KB: ~7 µs) and the way found the first time is used again: the blocked ids of a row that
     allows most tokens (``index_fill_`` with ``-inf``), the allowed ids of a row that blocks most (kept, the rest
@@ -371,135 +424,3 @@ def apply_bitmask_cpu(scores, bitmask, rows: list[int], vocab_size: int, index: 
         scores_1d.index_copy_(0, at, values)
 
 
-@dataclass
-class GenerationSettings:
-    """How answers are generated, in validation and predict alike.
-
-    These are the only decoding settings in play: :meth:`transformers_config` turns them into a complete
-    ``GenerationConfig``, so nothing is inherited from a checkpoint's ``generation_config.json`` (Qwen2.5-7B-Instruct
-    ships ``do_sample``, ``temperature 0.7``, ``top_p 0.8``, ``top_k 20`` and ``repetition_penalty 1.05``).
-    """
-
-    max_new_tokens: PositiveInt = 512
-    """Most tokens generated per record (the answer and its end-of-turn token)."""
-
-    do_sample: bool = False
-    """Sample instead of greedy decoding. Greedy is deterministic and batch-invariant."""
-
-    temperature: float = 0.7
-    """Sampling temperature (only with ``do_sample``)."""
-
-    top_p: float = 0.8
-    """Nucleus sampling mass (only with ``do_sample``)."""
-
-    top_k: int = 0
-    """Sample only among the k most likely tokens (only with ``do_sample``; 0 = no top-k filter)."""
-
-    repetition_penalty: float = 1.0
-    """Divide the scores of tokens already in the prompt or answer by this (1.0 = none, greedy or not). The model is
-    trained without one, and a penalty discourages copying findings from the case text into ``reason``."""
-
-    constrained: bool = True
-    """Constrain decoding to the answer's JSON schema (xgrammar), so every answer parses."""
-
-    max_diseases_chars: Optional[int] = 64
-    """``maxLength`` of the ``diseases`` string under the constraint (None = unbounded)."""
-
-    max_reason_chars: Optional[int] = 400
-    """``maxLength`` of the ``reason`` string under the constraint (None = unbounded). Keep the two bounds within
-    ``max_new_tokens`` so that the object always closes before the budget runs out (checked at start-up)."""
-
-    def __post_init__(self) -> None:
-        check_declared(GenerationSettings, vars(self), "generation.")  # the CLI checks these too, naming the option
-
-    def transformers_config(self, eos_token_ids: Sequence[int], pad_token_id: int):
-        """A complete ``transformers.GenerationConfig`` of these settings.
-
-        ``generate`` fills every field of a passed config that is ``None`` from the model's own generation config
-        (``GenerationMixin._prepare_generation_config``, transformers 5). Every field with a global default is
-        therefore set here — to that neutral default unless these settings say otherwise — so a checkpoint's
-        ``top_k`` or ``repetition_penalty`` cannot leak in. (The caller also installs this config as the model's own,
-        which closes the fields that have no global default, such as ``min_p``.)
-        """
-        from transformers import GenerationConfig
-
-        values = GenerationConfig._get_default_generation_params()
-        values.update(
-            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, repetition_penalty=self.repetition_penalty,
-            eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id, use_cache=True,
-        )  # fmt: skip
-        # max_new_tokens bounds the length; a max_length left at its default 20 is then ignored (set, it would
-        # only draw a "both set" warning from generate).
-        values["max_length"] = None
-        if self.do_sample:  # greedy keeps the neutral values: no "flag only used when sampling" warnings
-            values.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return GenerationConfig(**values)
-
-    def serving_config(self, eos_token_ids: Sequence[int], pad_token_id: int, bos_token_id: Optional[int]) -> dict:
-        """The ``generation_config.json`` of an exported model: vLLM and ``generate`` decode as predict does.
-
-        vLLM takes its default sampling parameters from this file (``repetition_penalty``, ``temperature``,
-        ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``) and ignores ``do_sample``: greedy is ``temperature 0``
-        there, and a file that leaves the temperature out samples at 1.0. transformers ignores the sampling fields
-        when ``do_sample`` is false. ``top_k`` 0 (off) is written only when sampling: it is what transformers reads as
-        "no filter" (vLLM before 0.9 rejects 0; it is absent, hence off, in a greedy file). The JSON constraint is not
-        a file setting: a server applies it per request (``response_format`` with the answer schema).
-        """
-        config: dict[str, Any] = {"bos_token_id": bos_token_id, "eos_token_id": list(eos_token_ids),
-                                  "pad_token_id": pad_token_id, "do_sample": self.do_sample,
-                                  "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}  # fmt: skip
-        if self.do_sample:
-            config.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:
-            config.update(temperature=0.0, top_p=1.0)
-        return {k: v for k, v in config.items() if v is not None}
-
-
-# Characters an answer is written in: ASCII, full-width punctuation, a newline, common and rare (Extension A / late
-# BMP) CJK ideographs. Each is measured in a run of its own kind, inside the answer's JSON string.
-_BUDGET_PROBE = ("A", "1", "；", "、", "（", "\n", "病", "\u3400", "\u4db5", "\u9fa5", "\u9fd5")
-
-
-def worst_tokens_per_char(tokenizer) -> int:
-    """The most tokens this tokenizer spends per character of an answer string, over :data:`_BUDGET_PROBE`.
-
-    Qwen2.5's byte-level BPE: 1 for ASCII and common Chinese, 2 for rare ideographs whose three UTF-8 bytes have no
-    merged token.
-    """
-    from healthai.prompts import answer_text
-
-    def n(text: str) -> int:
-        return len(tokenizer.encode(answer_text("", text), add_special_tokens=False))
-
-    empty, run = n(""), 16
-    return max(math.ceil((n(ch * run) - empty) / run) for ch in _BUDGET_PROBE)
-
-
-def check_answer_budget(tokenizer, settings: GenerationSettings) -> Optional[str]:
-    """Does an answer at the schema's length caps fit in ``max_new_tokens``? ``None`` if it does, else a warning.
-
-    Needed: the JSON scaffolding (``{"diseases": "", "reason": ""}``) and the end-of-turn token, plus the caps'
-    characters at :func:`worst_tokens_per_char`. An answer that runs out of tokens is cut and comes back
-    ``repaired`` with a truncated reason. Raises ValueError when not even the scaffolding fits (no answer could
-    ever close).
-    """
-    from healthai.prompts import answer_text
-
-    if not settings.constrained:
-        return None
-    scaffold = len(tokenizer.encode(answer_text("", ""), add_special_tokens=False)) + 1
-    budget = settings.max_new_tokens
-    if budget < scaffold:
-        raise ConfigError(f"generation.max_new_tokens={budget} is below the {scaffold} tokens of an empty answer "
-                         f"object: no answer can be complete; raise it")  # fmt: skip
-    caps = (settings.max_diseases_chars, settings.max_reason_chars)
-    if None in caps:
-        return (f"generation.max_diseases_chars/max_reason_chars unbounded: an answer longer than "
-                f"max_new_tokens={budget} is cut (parse_status 'repaired'); set both caps")  # fmt: skip
-    per_char = worst_tokens_per_char(tokenizer)
-    needed = scaffold + per_char * sum(caps)
-    if needed <= budget:
-        return None
-    return (f"generation.max_new_tokens={budget} may cut answers at the caps: max_diseases_chars + max_reason_chars = "
-            f"{sum(caps)} characters at up to {per_char} token(s) each plus {scaffold} for the JSON scaffolding need "
-            f"{needed}; raise max_new_tokens to {needed} or lower the caps (cut answers are parsed as 'repaired')")

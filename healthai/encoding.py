@@ -13,9 +13,7 @@ from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
-from healthai.errors import UserError
-from healthai.prompts import PromptStyle, answer_text, join_diseases
-from healthai.records import id_key
+from healthai.prompts import PromptStyle, answer_text
 
 IGNORE_INDEX = -100
 """Label value that the loss skips (prompt, padding)."""
@@ -124,52 +122,3 @@ class EncodedDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         return [len(e["input_ids"]) for e in self.examples]
-
-
-# Refuse rather than derive caps from the data: the check runs before the base is loaded, so a refusal costs seconds,
-# not the hours of a 7B run; caps grown silently to a runaway teacher label (a 2,000-character reason) would raise
-# every answer's token budget and make the adapter override predict's settings, a second, hidden source of decoding
-# settings. Refused, the user picks: raise the caps (in the fit and the predict config) or fix those labels.
-def check_answer_caps(splits: dict[str, Optional[EncodedDataset]], max_diseases_chars: Optional[int],
-                      max_reason_chars: Optional[int]) -> None:  # fmt: skip
-    """Refuse (:class:`~healthai.errors.UserError`, one line) labels that the length-capped JSON constraint could not
-    write back: a field at or over its cap (a generated field that reaches its cap is reported ``truncated``), or
-    holding a character a capped string cannot hold (:data:`healthai.decoding.CAPPED_UNWRITABLE`: a quote, a
-    backslash, a newline or another control character). The model would learn answers it is not allowed to finish,
-    and validation would score it against references it cannot reach. ``splits`` maps a split's name to its encoded
-    examples (``None`` = no such split); a ``None`` cap is unbounded (and allows escapes)."""
-    from healthai.decoding import CAPPED_UNWRITABLE
-
-    caps = {"diseases": max_diseases_chars, "reason": max_reason_chars}
-    problems = []
-    for split, dataset in splits.items():
-        if dataset is None:
-            continue
-        bad_ids, longest, n_over, unwritable = set(), {}, {}, []
-        for example in dataset.examples:
-            for key, cap in caps.items():
-                if cap is None:
-                    continue
-                value = join_diseases(example[key]) if key == "diseases" else example[key]
-                if len(value) >= cap:
-                    bad_ids.add(id_key(example["id"]))
-                    n_over[key] = n_over.get(key, 0) + 1
-                    if len(value) > longest.get(key, (-1, None))[0]:
-                        longest[key] = (len(value), example["id"])
-                if CAPPED_UNWRITABLE.search(value):
-                    bad_ids.add(id_key(example["id"]))
-                    unwritable.append((example["id"], key))
-        if not bad_ids:
-            continue
-        parts = [f"{n_over[key]} with {key} of {caps[key]}+ characters (model.generation.max_{key}_chars {caps[key]};"
-                 f" longest {longest[key][0]}, id {longest[key][1]!r})" for key in caps if key in n_over]  # fmt: skip
-        if unwritable:
-            rid, key = unwritable[0]
-            parts.append(f"{len(unwritable)} field(s) holding a quote, backslash, newline or other control character, "
-                         f"which a capped string cannot hold (e.g. id {rid!r}, {key})")  # fmt: skip
-        problems.append(f"{len(bad_ids)} of {len(dataset)} {split} label(s) cannot be written under the answer caps: "
-                        + ", ".join(parts))  # fmt: skip
-    if problems:
-        fix = ("raise the caps above the longest label (in this config and predict's; max_new_tokens must hold them) "
-               "or set them to null (uncapped strings allow escapes), or fix those labels")  # fmt: skip
-        raise UserError("; ".join(problems) + f"; the model would learn answers it may not finish: {fix}")

@@ -268,7 +268,7 @@ def evaluate(
     prediction rows scored (so a missing record does not lower them; null when no row is scored); a row without
     ``parse_status`` (the official submission format) counts as valid when its ``diseases`` is a string.
     ``reason_rougeL`` averages over references that have a reason and is null when none has. ``parse_status`` counts
-    the scored rows by status: ``truncated`` rows (a field reached the length cap, diagnoses may be missing) are
+    the scored rows by status: ``truncated`` rows (the token budget closed the answer, diagnoses may be missing) are
     scored as they are, and are not valid JSON for ``json_valid_rate``. A malformed line, a bad field or a repeated
     reference id stops with ``file:line``; a references file without records is an error, and so is an output that
     is a folder or would replace an input (``--report`` equal to ``--predictions``, say).
@@ -316,7 +316,7 @@ def evaluate(
             print(f"{name} ids: {_preview(result[name])}")
     truncated = [p.id for k, p in scored.preds.rows.items() if k in scored.refs and p.parse_status == "truncated"]
     if truncated:
-        print(f"truncated ids (a field reached the length cap; diagnoses may be missing): {_preview(truncated)}")
+        print(f"truncated ids (the token budget closed the answer; diagnoses may be missing): {_preview(truncated)}")
     if report is not None:
         _write_json(Path(report), result)
     if per_record is not None:

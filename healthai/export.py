@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from healthai.adapter import Adapter
-from healthai.decoding import GenerationSettings
+from healthai.generation import GenerationSettings, resolve_budget
 from healthai.encoding import end_of_turn_id, fit_case_text
 from healthai.errors import NonNegativeFloat, PositiveInt, UserError, check_declared, check_model_source, check_output
 from healthai.jsonl import BadRecordError, iter_jsonl
@@ -225,7 +225,7 @@ def export(
         device: Where to load and run the models: cpu, cuda, cuda:1, ...
         generation: Decoding settings written to the merged folder's generation_config.json, which vLLM and
             ``generate`` use as defaults. Give the same ``--generation.*`` as predict (default: predict's defaults,
-            greedy, no repetition penalty, at most 512 new tokens).
+            greedy, no repetition penalty, and max_new_tokens the answer budget fit saved with the adapter).
         allow_base_mismatch: Merge even into a base whose fingerprint differs from the one the adapter was trained
             on.
         overwrite: Replace a non-empty --out folder: its contents are deleted first, so no file of an earlier
@@ -251,6 +251,9 @@ def export(
     except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError
         raise UserError(str(e)) from None
     prompt = lora.prompt  # the rule every command follows (Adapter)
+    # A null budget is the one fit trained the adapter for: a server reading generation_config.json must not cut
+    # answers the adapter was trained to write.
+    generation = resolve_budget(generation, lora.budget)
     lora.check_base(base_name, allow_base_mismatch, "--allow_base_mismatch")
     try:
         check_out_folder(out, overwrite, {"--adapter": lora.path, "--base": base_name, "--records": records_file})

@@ -23,7 +23,7 @@ from healthai.prompts import join_diseases
 
 PARSE_STATUSES = ("ok", "repaired", "truncated", "failed")
 """Values of a prediction row's ``parse_status`` (:class:`healthai.decoding.ParsedAnswer`); only ``ok`` counts as
-valid JSON: a ``truncated`` answer parses, but the constraint closed one of its strings at the length cap, so it is
+valid JSON: a ``truncated`` answer parses, but the token budget closed it before the model did, so it is
 not the answer the model wrote."""
 
 DiseasesField = Union[str, Sequence[str], None]
@@ -279,7 +279,7 @@ class JsonValidRate(ParseStatusRate):
 
 
 class TruncatedRate(ParseStatusRate):
-    """Share of prediction rows whose ``parse_status`` is ``truncated`` (a field reached its length cap); 0 if none."""
+    """Share of prediction rows whose ``parse_status`` is ``truncated`` (the token budget closed the answer); 0 if none."""
 
     higher_is_better = False
 

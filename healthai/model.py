@@ -14,8 +14,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from healthai.adapter import Adapter, resolve_base
 from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, load_base, merge_lora, prepare_for_training
 from healthai.base_model import unmerge_lora
-from healthai.decoding import GenerationSettings, JsonConstraint, check_answer_budget, parse_answer
+from healthai.decoding import JsonConstraint, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
+from healthai.generation import AnswerBudget, GenerationSettings, check_answer_budget, check_label_budget
+from healthai.generation import resolve_budget
 from healthai.errors import ClosedUnitInterval, ConfigError, HalfOpenUnitInterval, NonNegativeFloat, NonNegativeInt
 from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
@@ -69,7 +71,9 @@ class DiagnosisLoRA(L.LightningModule):
             weight_decay: AdamW weight decay.
             warmup_ratio: Share of the total steps spent warming the learning rate up linearly from 0.
             min_lr_ratio: The cosine decay ends at ``learning_rate * min_lr_ratio``.
-            generation: Decoding settings for validation generation and predict.
+            generation: Decoding settings for validation generation and predict. Its ``max_new_tokens`` is the
+                answer's token budget: fit refuses labels longer than it and saves it with the adapter; null takes
+                the adapter's (in fit, validate, predict and serve), else 1024.
             generate_every_n_epochs: In validation, generate answers every this many epochs and log disease
                 precision/recall/F1, JSON validity and reason ROUGE-L (0 = never). A checkpoint callback that
                 monitors one of those metrics needs 1 (checked at start).
@@ -111,8 +115,6 @@ class DiagnosisLoRA(L.LightningModule):
         if liger_kernel:
             check_liger_kernel()  # before anything is loaded: a CPU machine learns it at once, not after the base
         self.save_hyperparameters()  # every argument above is read back as self.hparams.<name>
-        # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
-        self.generation = generation
         self._val_samples: list[dict[str, str]] = []
         self.model = None
         self.tokenizer = None
@@ -125,6 +127,11 @@ class DiagnosisLoRA(L.LightningModule):
         self._base_record: Optional[dict[str, Any]] = None
         self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
         """The adapter applied to the base (:class:`~healthai.adapter.Adapter`), or None."""
+        # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
+        # A null budget is the adapter's (what its labels were checked against), else the default.
+        self.generation = resolve_budget(generation, self.adapter.budget if self.adapter is not None else None)
+        self.answer_budget: Optional[AnswerBudget] = None
+        """The budget fit checked the labels against and their longest answer: saved with the adapter."""
         # Summed over the micro-batches of the optimizer step under way (see on_before_optimizer_step).
         self._step_loss_sum = torch.zeros((), dtype=torch.float64)
         self._step_tokens = torch.zeros((), dtype=torch.float64)
@@ -250,20 +257,19 @@ class DiagnosisLoRA(L.LightningModule):
 
         check_max_steps(self.trainer)
         check_monitored_metrics(self.trainer.callbacks, self.hparams.generate_every_n_epochs)
-        self._check_label_caps()
+        self._check_label_budget()
         if self.hparams.val_every_n_steps is not None:
             self._set_validation_interval()
 
-    def _check_label_caps(self) -> None:
-        """After the data module has read and encoded the labels, before the base is loaded: refuse labels the
-        length-capped constraint could not write back (:func:`healthai.encoding.check_answer_caps`)."""
+    def _check_label_budget(self) -> None:
+        """After the data module has read and encoded the labels, before the base is loaded: refuse labels longer than
+        the answer's token budget (:func:`healthai.generation.check_label_budget`), and keep the budget and the
+        longest label to save with the adapter."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and self.generation.constrained:
-            from healthai.encoding import check_answer_caps
-
+        if datamodule is not None:
             splits = {"training": getattr(datamodule, "train_set", None),
                       "validation": getattr(datamodule, "val_set", None)}  # fmt: skip
-            check_answer_caps(splits, self.generation.max_diseases_chars, self.generation.max_reason_chars)
+            self.answer_budget = check_label_budget(splits, self.generation.budget)
 
     def _set_validation_interval(self) -> None:
         """Translate ``val_every_n_steps`` into Lightning's ``val_check_interval`` (micro-batches per process)."""
@@ -373,22 +379,20 @@ class DiagnosisLoRA(L.LightningModule):
     # -- generation (validation and predict) --------------------------------------------------------------------------
 
     def constraint(self) -> JsonConstraint:
-        """The answer schema compiled for this tokenizer (compiled once, ~1 s over the 152k vocabulary)."""
+        """The answer grammar compiled for this tokenizer (compiled once, ~1 s over the 152k vocabulary)."""
         if self._constraint is None:
-            g = self.generation
-            self._constraint = JsonConstraint(
-                self.tokenizer, self.base_model.config.vocab_size, [end_of_turn_id(self.tokenizer)],
-                g.max_diseases_chars, g.max_reason_chars,
-            )  # fmt: skip
+            vocab_size = self.base_model.config.vocab_size
+            self._constraint = JsonConstraint(self.tokenizer, vocab_size, end_of_turn_id(self.tokenizer))
         return self._constraint
 
     def check_answer_budget(self) -> None:
-        """Say at start-up, once, when the schema's length caps may not fit in ``max_new_tokens`` for this tokenizer
-        (a warning: such answers are cut and parsed as ``repaired``, not lost); an error when no answer can fit."""
+        """Say at start-up, once, when the budget is below the longest answer the adapter was trained on (a warning:
+        such answers are closed by the budget, ``truncated``); an error when no answer can fit."""
         if self._budget_checked:
             return
         self._budget_checked = True
-        message = check_answer_budget(self.tokenizer, self.generation)
+        recorded = self.adapter.budget if self.adapter is not None else None
+        message = check_answer_budget(self.tokenizer, self.generation, recorded, "model.generation.max_new_tokens")
         if message is not None:
             rank_zero_warn(f"WARNING: {message}")
 
@@ -427,40 +431,50 @@ class DiagnosisLoRA(L.LightningModule):
         return bool(self._lora_set_aside)
 
     @torch.no_grad()
-    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
-        """Generate from left-padded prompts; returns each row's new text (special tokens removed)."""
+    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                       ) -> tuple[list[str], list[bool], list[int]]:  # fmt: skip
+        """Generate from left-padded prompts: each row's new text (special tokens removed), whether the budget ended
+        it (the constraint says; never under unconstrained decoding) and how many tokens it took (end-of-turn
+        included)."""
         g = self.generation
         base = self.base_model
         base.config.use_cache = True  # training turned the KV cache off
-        pad = self.tokenizer.pad_token_id
-        config = g.transformers_config([end_of_turn_id(self.tokenizer), pad], pad)
+        pad, end = self.tokenizer.pad_token_id, end_of_turn_id(self.tokenizer)
+        config = g.transformers_config([end, pad], pad)
         # generate() fills unset fields of a passed config from the model's own (the checkpoint's
         # generation_config.json: Qwen's sampling and repetition_penalty 1.05); with ours as the model's own too,
         # every decoding parameter is the project's.
         base.generation_config = copy.deepcopy(config)
+        processor = self.constraint().logits_processor(g.budget) if g.constrained else None
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
-            logits_processor=[self.constraint().logits_processor()] if g.constrained else None,
+            logits_processor=[processor] if processor is not None else None,
             # Sharded, every decoding step gathers each layer from all ranks: a rank whose answers are done must go on
             # stepping until every rank's are (transformers recognises FSDP1 and DeepSpeed, not FSDP2).
             synced_gpus=synced_generation(self.model),
         )
-        return self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+        new = out[:, input_ids.shape[1] :].tolist()
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        truncated = processor.truncated() if processor is not None else [False] * len(texts)
+        stops = {end, pad}
+        lengths = [next((k + 1 for k, t in enumerate(row) if t in stops), len(row)) for row in new]
+        return texts, truncated, lengths
 
     def generate_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """:meth:`generate_texts`, each parsed by :func:`~healthai.decoding.parse_answer` (``truncated`` where a field
-        reached its cap under the constraint)."""
+        """:meth:`generate_texts`, each parsed by :func:`~healthai.decoding.parse_answer` (``truncated`` where the
+        budget ended it), with its prompt and completion token counts."""
         was_training = self.training
         self.eval()
         try:
-            texts = self.generate_texts(input_ids, attention_mask)
+            texts, truncated, lengths = self.generate_texts(input_ids, attention_mask)
         finally:
             self.train(was_training)
-        g = self.generation
-        caps = (g.max_diseases_chars, g.max_reason_chars) if g.constrained else (None, None)
-        return [parse_answer(t, *caps) for t in texts]
+        answers = [parse_answer(t, truncated=cut) for t, cut in zip(texts, truncated)]
+        for answer, prompt_tokens, n in zip(answers, attention_mask.sum(-1).tolist(), lengths):
+            answer.prompt_tokens, answer.completion_tokens = int(prompt_tokens), n
+        return answers
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Rows in submission key order (``id, reason, diseases, feature_content, parse_status``), plus the input
@@ -497,6 +511,8 @@ class DiagnosisLoRA(L.LightningModule):
 
         checkpoint[CKPT_KEY] = {"base": self.base_record(), "prompt": dataclasses.asdict(self._prompt()),
                                 "lora": lora_settings(self.model), "val_metrics": self._val_metrics()}  # fmt: skip
+        if self.answer_budget is not None:
+            checkpoint[CKPT_KEY]["budget"] = dataclasses.asdict(self.answer_budget)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another base, LoRA settings or prompt, or one that does not restore every trainable

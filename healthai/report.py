@@ -161,7 +161,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
 
 METRIC_LABELS = {"disease_f1": "disease F1", "disease_precision": "disease precision",
                  "disease_recall": "disease recall", "json_valid_rate": "JSON valid (strict)",
-                 "truncated_rate": "truncated (length cap)", "reason_rougeL": "reason ROUGE-L"}  # fmt: skip
+                 "truncated_rate": "truncated (budget closed)", "reason_rougeL": "reason ROUGE-L"}  # fmt: skip
 """How the summary names a report metric; one not listed (a new metric) is shown under its report key."""
 COUNT_LABELS = [("n", "reference records"), ("n_predictions", "records predicted"), ("missing", "missing"),
                 ("duplicates", "duplicate ids"), ("unknown", "unknown ids")]  # fmt: skip

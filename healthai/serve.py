@@ -6,7 +6,9 @@ from both are batched together (``max_batch_size`` / ``batch_timeout``):
 * ``POST /predict`` ``{"feature_content": "...", "id": ...}`` → ``{"diseases", "reason", "parse_status"}`` (+ ``id``),
   ``parse_status`` as predict writes it (``ok`` | ``repaired`` | ``truncated`` | ``failed``);
 * ``POST /v1/chat/completions``: LitServe's OpenAI spec, so any OpenAI client (``healthai label --base_url``) works;
-  the case record is read from the last user message (see :func:`case_from_messages`);
+  the case record is read from the last user message (see :func:`case_from_messages`). The reply's ``usage`` counts
+  the prompt's and the answer's real tokens, and ``finish_reason`` is ``length`` where the token budget
+  (``--generation.max_new_tokens``) ended the answer, ``stop`` otherwise (see :func:`finish_reason`), streamed or not;
 * ``GET /``: a small page for a person; ``GET /health``: 200 once the model is loaded.
 
 Why one LitAPI with an extended spec rather than two LitAPIs (``api_path="/predict"`` + an OpenAI one): LitServe gives
@@ -31,6 +33,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any, Literal, Optional
 
 from healthai.errors import require_extra
@@ -43,10 +46,12 @@ from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from litserve.loops import BatchedStreamingLoop
-from litserve.specs.openai import ChatCompletionRequest, ChatMessage, OpenAISpec
+from litserve.specs.openai import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage
+from litserve.specs.openai import OpenAISpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
-from healthai.decoding import GenerationSettings, ParsedAnswer
+from healthai.decoding import ParsedAnswer
+from healthai.generation import GenerationSettings
 from healthai.errors import ConfigError, NonNegativeFloat, PositiveInt, UnprivilegedPort, check_declared
 from healthai.errors import check_model_source
 from healthai.prompts import DEFAULT_USER_TEMPLATE, PromptStyle
@@ -59,6 +64,9 @@ OPEN_PATHS = frozenset({"/", "/health"})
 """Routes served without the API key: the page (it asks for the key itself) and the load balancer's health check."""
 
 KEY_HELP = "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')"
+
+FinishReason = Literal["stop", "length"]
+"""OpenAI's ``finish_reason`` of a chat answer: ``length`` where the token budget ended it, ``stop`` otherwise."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,6 +206,26 @@ class DiagnosisSpec(OpenAISpec):
         check_case(case_from_messages(request.messages, self.prompt), self.max_chars, field="the user message")
         return await super().chat_completion(request, background_tasks)
 
+    # LitServe (0.2.19) takes ``usage`` from the token counts in the items the model worker sends (:func:`encode_answer`
+    # sets them) but writes ``finish_reason: "stop"`` for every choice. The two overrides below run its code as it is
+    # and only put each answer's own reason (carried in its item too) in place of that "stop".
+
+    async def non_streaming_completion(self, request: ChatCompletionRequest, generator_list: list[AsyncIterator]
+                                       ) -> ChatCompletionResponse:  # fmt: skip
+        reasons: list[FinishReason] = ["stop"] * len(generator_list)
+        pipes = [_noting_finish_reason(pipe, reasons, i) for i, pipe in enumerate(generator_list)]
+        response = await super().non_streaming_completion(request, pipes)
+        for choice in response.choices:
+            choice.finish_reason = reasons[choice.index]
+        return response
+
+    async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list[AsyncIterator]
+                                   ) -> AsyncIterator[str]:  # fmt: skip
+        reasons: list[FinishReason] = ["stop"] * len(pipe_responses)
+        pipes = [_noting_finish_reason(pipe, reasons, i) for i, pipe in enumerate(pipe_responses)]
+        async for event in super().streaming_completion(request, pipes):
+            yield _with_finish_reasons(event, reasons)
+
     async def predict_endpoint(self, request: Request) -> JSONResponse:
         """``POST /predict``: queue one record and wait for its row (LitServe's worker sends it as one stream item)."""
         payload = predict_payload(await request.body(), self.max_chars)
@@ -218,6 +246,30 @@ class DiagnosisSpec(OpenAISpec):
         if row is None:
             raise HTTPException(500, "the model returned nothing for this request")
         return JSONResponse(row if rid is None else {"id": rid, **row})
+
+
+async def _noting_finish_reason(pipe: AsyncIterator, reasons: list[FinishReason], index: int) -> AsyncIterator:
+    """``pipe`` (one choice's ``(data, status)`` items from the model worker) passed through unchanged, noting in
+    ``reasons[index]`` the ``finish_reason`` its answer carries."""
+    async for data, status in pipe:
+        if status == LitAPIStatus.OK:
+            reasons[index] = json.loads(data).get("finish_reason", "stop")
+        yield data, status
+
+
+def _with_finish_reasons(event: str, reasons: list[FinishReason]) -> str:
+    """A server-sent event of LitServe's chat stream; its closing chunk (the only one with a ``finish_reason``, which
+    it sets to ``stop``) rewritten with each choice's own reason. Content chunks, errors and ``[DONE]`` pass as they
+    are."""
+    try:
+        chunk = ChatCompletionChunk.model_validate_json(event.removeprefix("data: "))
+    except ValueError:  # pydantic's ValidationError: "[DONE]" or an error event
+        return event
+    if not any(choice.finish_reason for choice in chunk.choices):
+        return event
+    for choice in chunk.choices:
+        choice.finish_reason = reasons[choice.index]
+    return f"data: {chunk.model_dump_json(by_alias=True)}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,15 +341,34 @@ class DiagnosisAPI(ls.LitAPI):
         yield self.module.generate_answers(batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
     def encode_response(self, outputs, context: list[dict]):
+        budget = self.module.generation.budget  # resolved: the adapter's where --generation.max_new_tokens is null
         for answers in outputs:
-            yield [encode_answer(answer, ctx["route"]) for answer, ctx in zip(answers, context)]
+            yield [encode_answer(answer, ctx["route"], budget) for answer, ctx in zip(answers, context)]
 
 
-def encode_answer(answer: ParsedAnswer, route: str) -> dict[str, Any]:
-    """A ``/predict`` row (as predict writes it: ``raw_output`` only when parsing failed) or a chat message."""
+def finish_reason(answer: ParsedAnswer, budget: int) -> FinishReason:
+    """``length`` where the token budget, not the model, ended ``answer``; else ``stop``. Read off the parse, never off
+    the text's length: ``truncated`` is the constrained decoder's own report that the budget closed the answer; an
+    answer that used the whole budget and is still not a strict, complete answer (``repaired`` or ``failed``:
+    unconstrained decoding cut mid-answer, or a closed answer whose fields could not be read) was cut by it too. An
+    answer that is strict JSON when it reaches the budget (``ok``) ended by itself. (The one case the parse cannot tell
+    apart: an unconstrained reply that is not strict JSON and whose end-of-turn was exactly its budget-th token; it is
+    reported as ``length``.)"""
+    if answer.status == "truncated":
+        return "length"
+    used_budget = answer.completion_tokens is not None and answer.completion_tokens >= budget
+    return "length" if answer.status in ("repaired", "failed") and used_budget else "stop"
+
+
+def encode_answer(answer: ParsedAnswer, route: str, budget: int) -> dict[str, Any]:
+    """A ``/predict`` row (as predict writes it: ``raw_output`` only when parsing failed), or a chat message with its
+    token counts (LitServe sums them into ``usage``) and :func:`finish_reason` (for :class:`DiagnosisSpec`)."""
     if route == PREDICT_PATH:
         return answer.row_fields()
-    return {"role": "assistant", "content": answer.raw}
+    prompt_tokens, completion_tokens = answer.prompt_tokens or 0, answer.completion_tokens or 0
+    return {"role": "assistant", "content": answer.raw, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "finish_reason": finish_reason(answer, budget)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -376,7 +447,7 @@ def check_startup(
 
     from healthai.adapter import Adapter, resolve_base
     from healthai.encoding import prompt_ids
-    from healthai.decoding import check_answer_budget
+    from healthai.generation import check_answer_budget, resolve_budget
 
     check_model_source(model_name_or_path, "--model_name_or_path")
     if adapter_path is None:
@@ -393,10 +464,9 @@ def check_startup(
     if empty >= max_length:
         raise ConfigError(f"--max_length {max_length} is too small: the prompt without any case text is {empty} "
                           "tokens; raise it")  # fmt: skip
-    try:
-        warning = check_answer_budget(tokenizer, generation)
-    except ValueError as e:  # no answer could ever be complete
-        raise ConfigError(f"--{e}") from None
+    recorded = adapter.budget if adapter_path is not None else None
+    warning = check_answer_budget(tokenizer, resolve_budget(generation, recorded), recorded,
+                                  "--generation.max_new_tokens")  # fmt: skip
     if warning is not None:
         print(f"serve: warning: {warning}", file=sys.stderr, flush=True)
     return prompt
@@ -443,8 +513,8 @@ def serve(
         batch_timeout: Seconds the worker waits for more requests to fill a batch once one has arrived.
         max_length: Longest prompt in tokens; longer case texts have their tail trimmed, as in predict.
         max_chars: Longest accepted case text in characters; longer requests get 413.
-        generation: Decoding settings (as predict's --model.generation.*): max_new_tokens, constrained, the schema's
-            max_diseases_chars / max_reason_chars, sampling. Client-sent sampling settings (temperature,
+        generation: Decoding settings (as predict's --model.generation.*): max_new_tokens (the answer's token
+            budget; null: the adapter's), constrained, sampling. Client-sent sampling settings (temperature,
             max_tokens) are ignored: the server decodes as predict does.
         api_key_env: Name of the environment variable holding the API key. When it is set, every route except / and
             /health (the docs and /openapi.json included) needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.

@@ -422,7 +422,7 @@ def _resume_command(argv: Optional[list[str]] = None) -> str:
 
 def status_summary(path: Path) -> str:
     """`` (ok N, repaired N, truncated N, failed N)`` over the rows of a merged output file, with a warning on its
-    own line when answers reached a length cap: they parse, but diagnoses may be missing."""
+    own line when the budget closed answers: they parse, but diagnoses may be missing."""
     from healthai.metrics import PARSE_STATUSES
 
     counts = dict.fromkeys(PARSE_STATUSES, 0)
@@ -431,9 +431,9 @@ def status_summary(path: Path) -> str:
             counts[row["parse_status"]] += 1
     text = " (" + ", ".join(f"{status} {n}" for status, n in counts.items()) + ")"
     if counts["truncated"]:
-        text += (f"\nwarning: {counts['truncated']} answer(s) reached a length cap (parse_status truncated: the "
-                 "constraint closed the string, diagnoses may be missing); raise model.generation.max_diseases_chars"
-                 " / max_reason_chars (and max_new_tokens to hold them)")  # fmt: skip
+        text += (f"\nwarning: {counts['truncated']} answer(s) were closed by the token budget (parse_status "
+                 "truncated: the budget, not the model, ended them; diagnoses or findings may be missing); raise "
+                 "model.generation.max_new_tokens")  # fmt: skip
     return text
 
 

@@ -3,7 +3,7 @@ by transformers alone without a constraint, and vs the old one-record-at-a-time 
 one process. Not a test.
 
     python scripts/bench_predict.py --records path/to/records.jsonl    # 64 real records, 64 new tokens, batch 16
-    python scripts/bench_predict.py --n_records 4 --max_new_tokens 8   # smoke run (the committed fixture)
+    python scripts/bench_predict.py --n_records 4 --max_new_tokens 16  # smoke run (the committed fixture)
     python scripts/bench_predict.py --old_records 64                    # time (b) on all 64 too (~7 min on 2 cores)
     python scripts/bench_predict.py --model path/to/Qwen2.5-7B-Instruct --n_records 256 --batch_size 32
     python scripts/bench_predict.py --batch_size 1 --n_records 16 --old_records 0   # batch 1, without (b)
@@ -14,8 +14,9 @@ error.
 
 (a) new: ``DiagnosisDataModule`` (prompts tokenised once and sorted by length, left-padded batches of
     ``--batch_size``) → ``DiagnosisLoRA.predict_step`` (``generate`` with greedy decoding, KV cache and the xgrammar
-    JSON constraint, then ``parse_answer``), in ``torch.no_grad``. The timed part covers the data module's
-    ``setup("predict")`` (reading + tokenising), the collation and every ``predict_step``.
+    JSON constraint, which closes every answer within ``--max_new_tokens``, then ``parse_answer``), in
+    ``torch.no_grad``. The timed part covers the data module's ``setup("predict")`` (reading + tokenising), the
+    collation and every ``predict_step``.
 (c) plain: what a user would write with transformers alone: the plain model, the tokenizer with
     ``padding_side="left"``, the chat template applied to the same ``PromptStyle`` messages, ``generate`` on (a)'s
     very batches (same records, same length-sorted grouping) with greedy decoding, no repetition penalty (as (a); the
@@ -43,13 +44,19 @@ to ``--n_records`` times (b) on all of them.
 The paths are timed in alternating rounds (one (a) batch, the same batch through (c) and (a'), then (b) on its share
 of the records, and so on), so that a change in the machine's load during the run weighs on all alike.
 
-All use the same ``--max_new_tokens``. (b) stops at the model's end-of-turn token whenever it writes one, while the
-constrained path writes until its JSON object closes: the table shows new tokens (per row, up to and including its
-stop token) and new tokens/s next to records/s, the token positions computed (rows x decoding steps: a batch runs
-until its longest row ends, and (c) runs as long) and their rate, and the share of outputs that parse as the answer
-JSON (checked after the clock stops). It also prints the time (a)'s JSON processor took per decoding step. Each path
-is warmed up once on 2 records first (for (a) that also compiles the JSON grammar, a one-off cost per run). Targets:
-(a)/(b) >= 8x in records/s with the small model; (a)/(a') and (a)/(c) >= 0.9x in token positions/s.
+All use the same ``--max_new_tokens``: for (a) it is the answer's token budget, the only bound on its length (the
+grammar's strings are unbounded). (b) stops at the model's end-of-turn token whenever it writes one, while the
+constrained path writes until its JSON object closes: by itself, or closed by the budget by its last step (the
+processor's ``BudgetCloser``; ``parse_status`` ``truncated``, still strict JSON). The small model's random weights
+rarely end a string by themselves, so its rows are mostly closed by the budget and its batches run all
+``--max_new_tokens`` steps. The table shows new tokens (per row, up to and including its stop token) and new
+tokens/s next to records/s, the token positions computed (rows x decoding steps: a batch runs until its longest row
+ends, and (c) runs as long) and their rate, and the outputs that are strictly valid answer JSON (checked after the
+clock stops; for (a) ``json.loads`` of the generated text itself, and how many of those rows the budget closed). It
+also prints what (a)'s JSON processor (grammar masks and budget decisions) took per decoding step, and its share of
+(a)'s time in ``generate``. Each path is warmed up once on 2 records first (for (a) that also compiles the JSON
+grammar, a one-off cost per run). Targets: (a)/(b) >= 8x in records/s with the small model; (a)/(a') and (a)/(c) >=
+0.9x in token positions/s, with every (a) row strictly valid JSON.
 
 Threads: torch's default. On a shared CPU under load, two OpenMP threads can make each of the small model's tiny ops
 wait milliseconds for a descheduled thread, which swamps both paths unevenly (in one loaded run on 2 cores, (a) took
@@ -82,12 +89,17 @@ class ProjectPath:
 
     def __init__(self, model_path: str, tokenizer, args):
         from healthai.encoding import end_of_turn_id
-        from healthai.decoding import GenerationSettings
+        from healthai.errors import ConfigError
+        from healthai.generation import GenerationSettings, check_answer_budget
         from healthai.model import DiagnosisLoRA
 
         self.model_path, self.tokenizer = model_path, tokenizer
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, max_diseases_chars=args.max_diseases_chars,
-                                      max_reason_chars=args.max_reason_chars)  # fmt: skip
+        # The budget is the only length setting: every answer closes within it as strict JSON.
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+        try:  # predict's start-up check (on_predict_start), which predict_step alone does not run
+            check_answer_budget(tokenizer, settings, option="--max_new_tokens")
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
         self.lit = DiagnosisLoRA(model_path, dtype="float32", gradient_checkpointing=False, generation=settings,
                                  merge_for_inference=args.merge_for_inference == "true")  # fmt: skip
         self.lit.configure_model()
@@ -98,11 +110,43 @@ class ProjectPath:
         # Keep each generate call's JSON processor, for its time per step.
         constraint, self.processors = self.lit.constraint(), []
         make = constraint.logits_processor
-        constraint.logits_processor = lambda: self.processors.append(make()) or self.processors[-1]
+
+        def keep_processor(budget: int):
+            self.processors.append(make(budget))
+            return self.processors[-1]
+
+        constraint.logits_processor = keep_processor
+        # Keep each row's generated text and budget flag too: predict_step's rows carry only the parsed fields, and
+        # "strictly valid" is judged on the text itself (json.loads), not on parse_status.
+        self.texts: list[str] = []
+        self.truncated: list[bool] = []
+        generate_texts = self.lit.generate_texts
+
+        def keep_texts(input_ids, attention_mask):
+            texts, truncated, lengths = generate_texts(input_ids, attention_mask)
+            self.texts += texts
+            self.truncated += truncated
+            return texts, truncated, lengths
+
+        self.lit.generate_texts = keep_texts  # an instance attribute: generate_answers looks it up on the object
+
+    def reset(self) -> None:
+        """Forget the warm-up: counts, processors and texts."""
+        self.counter.reset()
+        self.processors.clear()
+        self.texts.clear()
+        self.truncated.clear()
+
+    def processor_steps(self) -> int:
+        """Decoding steps the JSON processors ran (one call per step of each ``generate``)."""
+        return sum(p.steps for p in self.processors)
+
+    def processor_seconds(self) -> float:
+        """Host seconds inside the JSON processors: grammar masks, budget decisions and applying them."""
+        return sum(p.seconds for p in self.processors)
 
     def processor_ms_per_step(self) -> float:
-        steps = sum(p.steps for p in self.processors)
-        return 1e3 * sum(p.seconds for p in self.processors) / max(steps, 1)
+        return 1e3 * self.processor_seconds() / max(self.processor_steps(), 1)
 
     def loader(self, path: Path, batch_size: int):
         """Set up the data module (reads and tokenises ``path``) and return its predict dataloader."""
@@ -242,10 +286,13 @@ def run_interleaved(new: ProjectPath, plain: PlainBatchedPath, old: OldPath | No
             t = time.perf_counter()
             texts += old.generate(chunks[k])
             b_seconds += time.perf_counter() - t
+    assert len(new.texts) == len(rows)
     a = {"records": len(rows), "seconds": a_seconds, "new_tokens": new.counter.new_tokens,
          "positions": new.counter.positions, "generate_s": new.counter.seconds, "off_generate_s": off_seconds,
-         # Strict JSON, as for (b) and (c): a truncated row parsed strictly too (a field reached its cap).
-         "parse_ok": sum(r["parse_status"] in ("ok", "truncated") for r in rows)}  # fmt: skip
+         # Strict JSON on the generated text itself: a row the budget closed (parse_status truncated) counts when
+         # json.loads reads it as the answer object, as it must under the constraint.
+         "parse_ok": sum(map(strict_answer_json, new.texts)), "truncated": sum(new.truncated),
+         "status_truncated": sum(r["parse_status"] == "truncated" for r in rows)}  # fmt: skip
     b = None if old is None else {
         "records": len(texts), "seconds": b_seconds, "new_tokens": old.new_tokens, "positions": old.new_tokens,
         "generate_s": b_seconds,
@@ -254,6 +301,20 @@ def run_interleaved(new: ProjectPath, plain: PlainBatchedPath, old: OldPath | No
          "positions": plain.positions, "generate_s": plain.generate_seconds,
          "parse_ok": sum(parse_answer(x).status == "ok" for x in plain_texts)}  # fmt: skip
     return a, b, c
+
+
+def strict_answer_json(text: str) -> bool:
+    """Whether ``text``, exactly as generated, is strict JSON (``json.loads``: no fence stripping, no repair) holding
+    the answer's fields."""
+    import json
+
+    from healthai.decoding import answer_fields
+
+    try:
+        answer_fields(json.loads(text))
+    except ValueError:  # json.JSONDecodeError is one
+        return False
+    return True
 
 
 def spread_subset(tokenizer, records: list[dict], m: int) -> tuple[list[dict], float, float]:
@@ -279,14 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     add_records_option(parser)
     parser.add_argument("--n_records", type=int, default=64, help="records timed (default: %(default)s)")
     parser.add_argument("--offset", type=int, default=0, help="first record taken from --records")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="same for all paths (default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=int, default=64,
+                        help="same for all paths; (a)'s answer budget: every answer closes within it "
+                             "(default: %(default)s)")
     parser.add_argument("--old_records", type=int, default=16,
                         help="records (b) is timed on, spread over the prompt lengths; 0 leaves (b) out "
                              "(default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=16,
                         help="predict batch size of (a) and (c) (default: %(default)s)")
-    parser.add_argument("--max_diseases_chars", type=int, default=12, help="(a)'s constraint bound (as predict_tiny)")
-    parser.add_argument("--max_reason_chars", type=int, default=36, help="(a)'s constraint bound (as predict_tiny)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of (b)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--merge_for_inference", choices=("true", "false"), default="true",
@@ -327,10 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             old_path.generate(warm)
             old_path.new_tokens = 0
         old_warm = time.perf_counter() - t
-        new_path.counter.reset()
+        new_path.reset()
         plain_path.new_tokens = plain_path.positions = 0
         plain_path.generate_seconds = 0.0
-        new_path.processors.clear()
         new, old, plain = run_interleaved(new_path, plain_path, old_path, records_file, old_records, args.batch_size)
     new["prompt_len"], plain["prompt_len"] = new_len, new_len
     new["warmup_s"], plain["warmup_s"] = new_warm, plain_warm
@@ -363,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     print(" positions = rows x decoding steps, what the model computed: a batch runs until its longest row ends, and")
     print(" (a') and (c) write as many tokens per row as (a) ran steps on the same batch; gen s = seconds inside")
     print(" generate (no data loading, tokenising, decoding or parsing), pos/s = positions / gen s;")
-    print(f" JSON ok = rows that parse strictly as the answer object; warm-up on 2 other records, not timed: "
+    print(" JSON ok = rows that are strictly the answer object (json.loads; for (a) of the generated text itself,")
+    print(f" rows the budget closed included); warm-up on 2 other records, not timed: "
           f"(a) {new['warmup_s']:.2f} s incl. the grammar compile, (c) {plain['warmup_s']:.2f} s"
           + (f", (b) {old['warmup_s']:.2f} s)" if old is not None else ")"))  # fmt: skip
 
@@ -371,8 +432,15 @@ def main(argv: list[str] | None = None) -> int:
         return r[key] / r["seconds"]
 
     print()
-    print(f"(a)'s JSON processor: {new_path.processor_ms_per_step():.2f} ms per decoding step (batch "
-          f"{args.batch_size}; accept, fill and apply the bitmask); LoRA layers "
+    every = "every row" if new["parse_ok"] == new["records"] else f"ONLY {new['parse_ok']}/{new['records']} rows"
+    print(f"(a)'s answers: {every} strictly valid JSON; {new['truncated']}/{new['records']} closed by the "
+          f"{args.max_new_tokens}-token budget rather than by the model (parse_status truncated: "
+          f"{new['status_truncated']})")  # fmt: skip
+    steps, processor_s = new_path.processor_steps(), new_path.processor_seconds()
+    print(f"(a)'s JSON processor (grammar masks, budget decisions, applying them): "
+          f"{new_path.processor_ms_per_step():.2f} ms per decoding step of a batch of <= {args.batch_size} rows "
+          f"({1e3 * processor_s / max(new['positions'], 1):.3f} ms per token position; {steps} steps, "
+          f"{processor_s:.2f} s = {100 * processor_s / new['generate_s']:.1f}% of (a)'s time in generate); LoRA layers "
           f"{'merged into the base' if new_path.merged else 'unmerged'}")  # fmt: skip
     token_ratio = plain["generate_s"] / new["generate_s"]  # equal positions
     verdict = "meets" if token_ratio >= TARGET_TOKEN_RATIO else "below"

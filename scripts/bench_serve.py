@@ -5,7 +5,7 @@ test.
     python scripts/bench_serve.py                                   # small model, 64 real records, 48 new tokens
     python scripts/bench_serve.py --records 16 --rounds 2           # quicker
     python scripts/bench_serve.py --model path/to/Qwen2.5-7B-Instruct --dtype bfloat16 --device cuda \\
-        --adapter ADAPTER --max_new_tokens 512 --max_diseases_chars 64 --max_reason_chars 400 --records 256
+        --adapter ADAPTER --max_new_tokens 512 --records 256
 
 It starts `python -m healthai serve` on a free loopback port (max_batch_size = --concurrency), waits for /health,
 sends one warm-up request, then times ``--rounds`` alternating rounds: the round's share of the records sent one at a
@@ -74,9 +74,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--batch_timeout", type=float, default=0.05)
-    p.add_argument("--max_new_tokens", type=int, default=48)
-    p.add_argument("--max_diseases_chars", type=int, default=12)
-    p.add_argument("--max_reason_chars", type=int, default=36)
+    p.add_argument("--max_new_tokens", type=int, default=48, help="the answer's token budget (its only bound)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for start-up and for each request")
     args = p.parse_args()
@@ -91,9 +89,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "healthai", "serve", "--model_name_or_path", args.model, "--dtype", args.dtype,
            "--device", args.device, "--port", str(port), "--max_batch_size", str(args.concurrency),
            "--batch_timeout", str(args.batch_timeout), "--max_length", "768", "--log_level", "warning",
-           "--generation.max_new_tokens", str(args.max_new_tokens),
-           "--generation.max_diseases_chars", str(args.max_diseases_chars),
-           "--generation.max_reason_chars", str(args.max_reason_chars)]  # fmt: skip
+           "--generation.max_new_tokens", str(args.max_new_tokens)]  # fmt: skip
     if args.adapter:
         cmd += ["--adapter_path", args.adapter]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

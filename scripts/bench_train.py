@@ -186,7 +186,7 @@ def run_project(args) -> dict:
     import lightning as L
 
     from healthai.adapter_saver import AdapterSaver
-    from healthai.decoding import GenerationSettings
+    from healthai.generation import GenerationSettings
     from healthai.model import DiagnosisLoRA
 
     meter = Meter(args.warmup_steps)

@@ -25,10 +25,12 @@ patches transformers' Qwen2 code for the whole process; on CPU that option is an
 Predict: ``DiagnosisLoRA.generate_answers`` (greedy, KV cache: what ``predict_step`` runs) on ``--predict_batch`` real
 records (the median-length batch of the records sorted by length, left-padded, as ``DiagnosisDataModule`` batches
 them) in bf16 as ``configs/predict.yaml``'s ``bf16-true``, the LoRA layers merged into the base as predict merges them
-(``model.merge_for_inference``), with the project's generation settings: once with the
-xgrammar JSON constraint, once without, after an untimed warm-up (grammar compile, kernels). Records/s, new tokens/s,
-ms per decoding step, peak memory. Then, budget allowing, the constraint's per-token cost at equal length (up to 128
-steps, :func:`run_constraint_cost`): constrained vs unconstrained token positions/s and the processor's time per step.
+(``model.merge_for_inference``), with the project's generation settings and ``--predict_new_tokens`` as the answer's
+token budget: once with the xgrammar JSON constraint (which closes every answer within the budget; with random weights
+nearly all are closed by it, ``truncated``), once without, after an untimed warm-up (grammar compile, kernels).
+Records/s, new tokens/s, ms per decoding step, peak memory, strict-JSON and truncated counts. Then, budget allowing,
+the constraint's per-token cost at equal length (up to 128 steps, :func:`run_constraint_cost`): constrained vs
+unconstrained token positions/s and the processor's time per step (grammar masks and budget decisions).
 
 FSDP: the sharded path of ``configs/qwen_lora_fsdp.yaml`` (``healthai.sharding.LoRAFSDPStrategy``: FSDP2 through
 Lightning's ``ModelParallelStrategy``, bf16-mixed, clipping 1.0) on the one device, world size 1, on a fresh model at
@@ -195,6 +197,18 @@ def load_tokenizer(folder: Path):
                          "(bash scripts/fetch_gpu_wheels.sh carries the package)") from None  # fmt: skip
 
 
+def check_budget(tokenizer, budget: int) -> None:
+    """Exit with one line when ``--predict_new_tokens`` cannot hold even the empty answer object (predict's start-up
+    check, which ``generate_answers`` alone does not run): the constraint could close no answer in it."""
+    from healthai.errors import ConfigError
+    from healthai.generation import GenerationSettings, check_answer_budget
+
+    try:
+        check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=budget), option="--predict_new_tokens")
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+
+
 def write_model_dir(dest: Path, config: Path, tokenizer) -> Path:
     """A model folder without weights: the architecture's ``config.json`` (and generation config), the tokenizer."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -263,15 +277,11 @@ def predict_batch(prompts: list[list[int]], batch: int) -> tuple[list[list[int]]
 
 
 def make_model(model_dir: Path, args, cuda: bool, liger: bool):
-    from healthai.decoding import GenerationSettings
+    from healthai.generation import GenerationSettings
     from healthai.model import DiagnosisLoRA
 
-    n = args.predict_new_tokens
-    if n == GenerationSettings().max_new_tokens:
-        generation = GenerationSettings()  # the project's settings (configs/predict.yaml)
-    else:  # string bounds that let the JSON object close within the new-token budget
-        generation = GenerationSettings(max_new_tokens=n, max_diseases_chars=max(2, n // 10),
-                                        max_reason_chars=max(4, n // 4))  # fmt: skip
+    # The project's settings but for the budget, the one length setting: every constrained answer closes within it.
+    generation = GenerationSettings(max_new_tokens=args.predict_new_tokens)
     return DiagnosisLoRA(
         str(model_dir), dtype="bfloat16" if cuda else "float32", lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
         gradient_checkpointing=True, random_init=True, generate_every_n_epochs=0, generation=generation,
@@ -439,7 +449,8 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
             continue
         try:
             if warmed is None:  # grammar compile, first-call kernels: untimed
-                lit.generation = dataclasses.replace(settings, max_new_tokens=min(16, settings.max_new_tokens))
+                # 16 tokens hold the empty answer object (12 with Qwen2.5's tokenizer) that the budget closes.
+                lit.generation = dataclasses.replace(settings, max_new_tokens=min(16, settings.budget))
                 t = time.perf_counter()
                 lit.generate_answers(*tensors(warm))
                 warmed = time.perf_counter() - t
@@ -465,12 +476,13 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
         lengths = [len(p) for p in prompts]
         item.result = {
             "status": "ok", "constrained": item.constrained, "batch": len(prompts),
-            "max_new_tokens": settings.max_new_tokens, "mean_prompt_tokens": sum(lengths) / len(lengths),
+            "max_new_tokens": settings.budget, "mean_prompt_tokens": sum(lengths) / len(lengths),
             "max_prompt_tokens": max(lengths), "seconds": seconds, "records_per_s": len(prompts) / seconds,
             "new_tokens": counter.new_tokens, "new_tokens_per_s": counter.new_tokens / seconds,
             "decode_steps": counter.steps, "ms_per_step": 1000 * seconds / max(1, counter.steps),
-            # Strict JSON (a truncated answer parsed strictly; a field reached its cap): what the constraint buys.
-            "json_ok": sum(a.status in ("ok", "truncated") for a in answers),
+            # Strict JSON, judged on the text as generated (a truncated answer counts: the budget closed it as JSON):
+            # what the constraint buys.
+            "json_ok": sum(strict_answer_json(a.raw or "") for a in answers),
             "truncated": sum(a.status == "truncated" for a in answers), "warmup_s": warmed, "lora_merged": merged,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB if cuda else None,
@@ -479,9 +491,21 @@ def run_predict(lit, items: list[Item], prompts, warm, planner: Planner, cuda: b
         report.save()
 
 
+def strict_answer_json(text: str) -> bool:
+    """Whether ``text``, exactly as generated, is strict JSON (``json.loads``: no fence stripping, no repair) holding
+    the answer's fields."""
+    from healthai.decoding import answer_fields
+
+    try:
+        answer_fields(json.loads(text))
+    except ValueError:  # json.JSONDecodeError is one
+        return False
+    return True
+
+
 CONSTRAINT_COST_TOKENS = 128
 """Most decoding steps of the constraint-cost comparison (enough for a per-token figure; the random 7B, constrained,
-would otherwise write up to the caps)."""
+would otherwise write up to the whole budget before the budget closes its answers)."""
 TARGET_CONSTRAINT_RATIO = 0.9
 
 
@@ -500,7 +524,7 @@ def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> N
     from healthai.batching import pad_batch
     from healthai.encoding import end_of_turn_id
 
-    steps_cap = min(lit.generation.max_new_tokens, CONSTRAINT_COST_TOKENS)
+    steps_cap = min(lit.generation.budget, CONSTRAINT_COST_TOKENS)
     cost = 2 * steps_cap * (planner.decode_step_s or planner.guess["decode_step_s"]) + planner.guess["item_s"]
     reserve = sum(planner.estimate(i) for i in planner.items if i.core and i.result is None)
     if cost + reserve > planner.left():
@@ -530,8 +554,10 @@ def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> N
     merged = lit.merge_lora_for_inference()
     try:
         with torch.no_grad():
-            processor = lit.constraint().logits_processor()
+            # The processor closes every answer within the same budget generate is given (steps_cap).
+            processor = lit.constraint().logits_processor(steps_cap)
             steps, on_s = timed(generation_config=config, logits_processor=[processor])
+            truncated = processor.truncated()  # rows the budget closed: with random weights, usually all
             # No stop token rather than min_new_tokens, whose processor costs a pass over the scores per step.
             plain = copy.deepcopy(config)
             plain.eos_token_id, plain.max_new_tokens = None, steps
@@ -551,13 +577,14 @@ def run_constraint_cost(lit, prompts, planner: Planner, cuda: bool, report) -> N
         "constrained_s": on_s, "unconstrained_s": off_s, "constrained_positions_per_s": positions / on_s,
         "unconstrained_positions_per_s": positions / off_s, "ratio": off_s / on_s,
         "target_ratio": TARGET_CONSTRAINT_RATIO, "processor_ms_per_step": 1e3 * processor.seconds / processor.steps,
-        "lora_merged": merged,
+        "truncated": sum(truncated), "lora_merged": merged,
     }  # fmt: skip
     report.data["constraint_cost"] = result
     report.save()
     print(f"constraint cost at equal length: batch {len(prompts)}, {steps} steps: constrained {result['ratio']:.2f}x "
           f"unconstrained token positions/s (target >= {TARGET_CONSTRAINT_RATIO:g}x); JSON processor "
-          f"{result['processor_ms_per_step']:.2f} ms per step (host); LoRA {'merged' if merged else 'unmerged'}",
+          f"{result['processor_ms_per_step']:.2f} ms per step (host); {result['truncated']}/{len(prompts)} closed by "
+          f"the budget; LoRA {'merged' if merged else 'unmerged'}",
           flush=True)  # fmt: skip
 
 
@@ -687,7 +714,8 @@ def parse_args(argv: Optional[list[str]]):
     parser.add_argument("--steps", type=int, help="timed steps per size (gpu 10)")
     parser.add_argument("--answer_tokens", type=int, help="labelled tokens at the end of each row (gpu 300)")
     parser.add_argument("--predict_batch", type=int, help="records in the predict batch (gpu 32)")
-    parser.add_argument("--predict_new_tokens", type=int, help="most new tokens per record (gpu 512, the project's)")
+    parser.add_argument("--predict_new_tokens", type=int,
+                        help="the answer's token budget: most new tokens per record (gpu 512)")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--no_liger", action="store_true", help="leave out the Liger fit")
     parser.add_argument("--no_fsdp", action="store_true", help="leave out the FSDP fit")
@@ -746,6 +774,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     texts = read_texts(args.records)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, source = load_tokenizer(args.tokenizer)
+        check_budget(tokenizer, args.predict_new_tokens)
         model_dir = write_model_dir(Path(tmp) / "model", config, tokenizer)
         prompts = record_prompts(tokenizer, texts)
         batch, warm = predict_batch(prompts, args.predict_batch)

@@ -123,7 +123,7 @@ def _prompt_of_export(adapter: Path, tiny_model_dir: Path, tmp_path: Path) -> Pr
 
 def _prompt_of_serve(adapter: Path, tiny_model_dir: Path, tmp_path: Path) -> PromptStyle:
     pytest.importorskip("litserve")
-    from healthai.decoding import GenerationSettings
+    from healthai.generation import GenerationSettings
     from healthai.serve import check_startup
 
     return check_startup(str(tiny_model_dir), str(adapter), GenerationSettings(), 2048, False)

@@ -16,7 +16,8 @@ from conftest import labelled_records, write_jsonl
 from healthai import metrics
 from healthai.compare import compare
 from healthai.data import DiagnosisDataModule
-from healthai.decoding import GenerationSettings, ParsedAnswer
+from healthai.decoding import ParsedAnswer
+from healthai.generation import GenerationSettings
 from healthai.evaluate import evaluate
 from healthai.metrics import (
     AnswerMetric,

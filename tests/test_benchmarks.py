@@ -32,8 +32,9 @@ def test_bench_predict_smoke(tiny_model_dir, monkeypatch, capsys):
 
     threads = torch.get_num_threads()
     try:
+        # 16 new tokens: the budget must hold at least the empty answer object (12 tokens with its end of turn).
         exited = run_script_in_process("bench_predict.py", "--model", str(tiny_model_dir), "--n_records", "4",
-                                       "--old_records", "2", "--max_new_tokens", "8", "--threads", "1",
+                                       "--old_records", "2", "--max_new_tokens", "16", "--threads", "1",
                                        monkeypatch=monkeypatch)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -43,6 +44,17 @@ def test_bench_predict_smoke(tiny_model_dir, monkeypatch, capsys):
     assert "records of " + str(REPO / "tests" / "fixtures" / "seed_records.jsonl") in out  # the committed fixture
     assert "ratio (a)/(c):" in out
     assert "ratio (a)/(b):" in out.splitlines()[-1]
+    # The constraint closes every answer within the budget as strict JSON (json.loads of the text as generated).
+    assert "(a)'s answers: every row strictly valid JSON;" in out
+    assert "closed by the 16-token budget" in out and "ms per decoding step" in out
+
+
+def test_bench_predict_refuses_a_budget_no_answer_fits_in(tiny_model_dir, monkeypatch):
+    # One line, before the models are built: the processor could not close an answer in 8 tokens.
+    message = run_script_in_process("bench_predict.py", "--model", str(tiny_model_dir), "--n_records", "2",
+                                    "--old_records", "0", "--max_new_tokens", "8", monkeypatch=monkeypatch).code
+    assert isinstance(message, str)
+    assert message.startswith("--max_new_tokens=8 is below the 12 tokens of an empty answer object")
 
 
 @pytest.mark.slow

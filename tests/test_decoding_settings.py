@@ -1,6 +1,6 @@
 """Decoding settings are the project's own: the small model brings Qwen2.5-7B-Instruct's config and generation config
 (sampling, top_k 20, repetition_penalty 1.05), and none of it reaches predict; the length caps are checked against
-max_new_tokens at start-up."""
+the budget is checked against the adapter's labels at start-up."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, read_jsonl, seed_records, write_jsonl
 from healthai.cli import cli_main
-from healthai.decoding import GenerationSettings, check_answer_budget, worst_tokens_per_char
+from healthai.generation import AnswerBudget, GenerationSettings, check_answer_budget, resolve_budget
 
 QWEN7B = REPO / "scripts" / "qwen2.5-7b-instruct"
 
@@ -49,7 +49,7 @@ def test_transformers_config_leaves_nothing_for_the_checkpoint_to_fill(tiny_mode
     assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
     ours = GenerationSettings().transformers_config([151645, 151643], 151643)
     merged, _ = model._prepare_generation_config(ours)
-    assert (merged.do_sample, merged.repetition_penalty, merged.max_new_tokens) == (False, 1.0, 512)
+    assert (merged.do_sample, merged.repetition_penalty, merged.max_new_tokens) == (False, 1.0, 1024)
     sampled = GenerationSettings(do_sample=True, temperature=0.5, top_p=0.9, top_k=0)
     merged, _ = model._prepare_generation_config(sampled.transformers_config([151645], 151643))
     assert (merged.temperature, merged.top_p, merged.top_k, merged.repetition_penalty) == (0.5, 0.9, 0, 1.0)
@@ -82,31 +82,56 @@ def test_predictions_with_qwens_generation_config_equal_those_with_a_neutral_one
         out = tmp_path / f"{name}.jsonl"
         cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(model),
                   "--data.predict_file", str(src), "--writer.output_path", str(out), "--writer.progress", "false",
-                  "--data.eval_batch_size", "3", "--data.max_length", "256"])  # fmt: skip
+                  "--data.eval_batch_size", "3", "--data.max_length", "256",
+                  "--model.generation.max_new_tokens", "112"])  # fmt: skip
         rows[name] = read_jsonl(out)
     assert [r["id"] for r in rows["qwen"]] == [r["id"] for r in records]
     assert rows["qwen"] == rows["neutral"]
 
 
-def test_worst_tokens_per_char_of_qwens_tokenizer(tokenizer):
-    # Rare ideographs (U+3400, U+9FA5) have no token of their own: their three UTF-8 bytes take two tokens.
-    assert worst_tokens_per_char(tokenizer) == 2
+def test_a_null_budget_is_the_adapters_else_the_default():
+    recorded = AnswerBudget(max_new_tokens=300, longest_answer_tokens=250, longest_answer_id="a7")
+    assert resolve_budget(GenerationSettings(), recorded).max_new_tokens == 300
+    assert resolve_budget(GenerationSettings(), None).max_new_tokens == 1024
+    assert resolve_budget(GenerationSettings(max_new_tokens=64), recorded).max_new_tokens == 64  # given: kept
 
 
 def test_answer_budget_check_names_the_numbers(tokenizer):
-    # 64 + 400 characters at 2 tokens each + 12 for {"diseases": "", "reason": ""} and <|im_end|> = 940 tokens.
-    message = check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=512))
-    assert message is not None and "max_new_tokens=512" in message and "raise max_new_tokens to 940" in message
-    assert check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=940)) is None
-    assert check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=940, constrained=False)) is None
-    with pytest.raises(ValueError, match=r"max_new_tokens=8 is below the 12 tokens of an empty answer"):
-        check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=8))
+    recorded = AnswerBudget(max_new_tokens=300, longest_answer_tokens=250, longest_answer_id="a7")
+    assert check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=250), recorded) is None
+    message = check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=200), recorded)
+    assert message == ("generation.max_new_tokens=200 is below the longest answer the adapter was trained on (250 "
+                       "tokens, id 'a7'): answers that long will be closed by the budget (parse_status truncated); "
+                       "leave it null to use the adapter's budget (300)")  # fmt: skip
+    unconstrained = check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=200, constrained=False), recorded)
+    assert "will be cut (parse_status repaired)" in unconstrained
+    assert check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=200)) is None  # no adapter: nothing known
+    # {"diseases": "", "reason": ""} is 11 tokens, and the end-of-turn token one more.
+    with pytest.raises(ValueError, match=r"max_new_tokens=11 is below the 12 tokens of an empty answer"):
+        check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=11))
+    assert check_answer_budget(tokenizer, GenerationSettings(max_new_tokens=12)) is None
 
 
-def test_predict_warns_at_start_up_when_the_caps_do_not_fit(tmp_path, tiny_model_dir, monkeypatch):
+def test_predict_warns_at_start_up_when_the_budget_is_below_the_adapters_labels(tmp_path, tiny_model_dir,
+                                                                              monkeypatch):  # fmt: skip
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     monkeypatch.chdir(REPO)
+    adapter = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    AnswerBudget(max_new_tokens=40, longest_answer_tokens=30, longest_answer_id=9).save(adapter)
     src = write_jsonl(tmp_path / "records.jsonl", seed_records(1))
-    with pytest.warns(UserWarning, match=r"max_new_tokens=24 may cut answers .* raise max_new_tokens to 108"):
+    with pytest.warns(UserWarning, match=r"max_new_tokens=24 is below the longest answer the adapter was trained on "
+                                         r"\(30 tokens, id 9\).*adapter's budget \(40\)"):  # fmt: skip
         cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-                  "--data.predict_file", str(src), "--writer.output_path", str(tmp_path / "p.jsonl"),
-                  "--writer.progress", "false", "--model.generation.max_new_tokens", "24"])  # fmt: skip
+                  "--model.adapter_path", str(adapter), "--data.predict_file", str(src), "--writer.progress", "false",
+                  "--writer.output_path", str(tmp_path / "p.jsonl"),
+                  "--model.generation.max_new_tokens", "24"])  # fmt: skip
+    # Left null (predict_tiny.yaml), the budget is the adapter's: the predictions file records it.
+    cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
+              "--model.adapter_path", str(adapter), "--data.predict_file", str(src), "--writer.progress", "false",
+              "--writer.output_path", str(tmp_path / "q.jsonl")])  # fmt: skip
+    meta = json.loads((tmp_path / "q.jsonl.meta.json").read_text(encoding="utf-8"))
+    assert meta["generation"]["max_new_tokens"] == 40

@@ -47,7 +47,7 @@ def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resu
         "--data.train_file", str(train), "--data.val_file", str(val), "--data.max_length", "256",
         "--data.batch_size", "2", "--trainer.max_steps", "4", "--trainer.max_epochs", "10",
         "--trainer.num_sanity_val_steps", "0", "--model.generate_every_n_epochs", "1", "--model.val_log_samples", "8",
-        "--model.generation.max_new_tokens", "4", "--model.generation.constrained", "false",
+        "--model.generation.max_new_tokens", "34", "--model.generation.constrained", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),

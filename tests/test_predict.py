@@ -13,7 +13,8 @@ import yaml
 
 from conftest import built_on_one_thread, REPO, read_jsonl, seed_records, write_jsonl
 from healthai.cli import cli_main
-from healthai.decoding import GenerationSettings, parse_answer
+from healthai.decoding import parse_answer
+from healthai.generation import GenerationSettings
 from healthai.writer import SUBMISSION_KEYS
 
 
@@ -27,7 +28,7 @@ def predict_args(tiny_model_dir, records: Path, out: Path, *extra: str) -> list[
         "predict", "--config", "configs/predict_tiny.yaml",
         "--model.model_name_or_path", str(tiny_model_dir),
         "--data.predict_file", str(records), "--writer.output_path", str(out),
-        "--writer.progress", "false", *extra,
+        "--writer.progress", "false", "--model.generation.max_new_tokens", "48", *extra,
     ]  # fmt: skip
 
 
@@ -37,16 +38,13 @@ def test_every_id_exactly_once_in_input_order_and_every_row_parses(tmp_path, tin
     out = tmp_path / "pred.jsonl"
     cli_main(predict_args(tiny_model_dir, src, out, "--data.eval_batch_size", "8"))
     rows = read_jsonl(out)
-    generation = yaml.safe_load((REPO / "configs" / "predict_tiny.yaml").read_text(encoding="utf-8"))["model"]["generation"]
-    caps = {key: generation[f"max_{key}_chars"] for key in ("diseases", "reason")}
     assert [r["id"] for r in rows] == [r["id"] for r in records]  # once each, in input order
     for row, record in zip(rows, records):
         assert tuple(row)[:5] == SUBMISSION_KEYS
         assert row["feature_content"] == record["feature_content"]
-        # Constrained decoding: even random weights give strict JSON; the noise they write often runs into a length
-        # cap, and exactly those rows are reported truncated.
-        at_cap = any(len(row[key]) >= cap for key, cap in caps.items())
-        assert row["parse_status"] == ("truncated" if at_cap else "ok"), row
+        # Constrained decoding: even random weights give strict JSON; the noise they write often runs into the
+        # budget, which closes it (truncated: tests/test_answer_grammar.py checks the flag is exact).
+        assert row["parse_status"] in ("ok", "truncated"), row
         assert isinstance(row["diseases"], str) and isinstance(row["reason"], str)
     assert not list(tmp_path.glob("pred.jsonl.rank*"))  # shards merged and removed
 
@@ -58,8 +56,9 @@ def predict_in_process(tiny_model_dir, records: Path, batch_sizes: tuple[int, ..
     from healthai.model import DiagnosisLoRA
 
     config = yaml.safe_load((REPO / "configs" / "predict_tiny.yaml").read_text(encoding="utf-8"))
+    generation = GenerationSettings(**{**config["model"]["generation"], "max_new_tokens": 48})  # as predict_args
     model = DiagnosisLoRA(str(tiny_model_dir), dtype="float32", gradient_checkpointing=False,
-                          generation=GenerationSettings(**config["model"]["generation"]))  # fmt: skip
+                          generation=generation)  # fmt: skip
     model.configure_model()
     model.eval()
     outputs = {}
@@ -139,7 +138,7 @@ def test_bad_predict_input_names_file_and_line_or_goes_to_rejects(tmp_path, tiny
         ('{"diseases": "高血压", "reason": "血压高"}', "ok", "高血压"),
         ('```json\n{"diseases": "高血压", "reason": "血压高"}\n```', "ok", "高血压"),
         ('{"diseases": ["高血压", "糖尿病"], "reason": "r"}', "ok", "高血压；糖尿病"),
-        ('{"diseases": "高血压", "reason": "血压', "repaired", "高血压"),  # truncated by max_new_tokens
+        ('{"diseases": "高血压", "reason": "血压', "repaired", "高血压"),  # unconstrained, cut by max_new_tokens
         ('{"diseases": "胃炎", "reason": "上腹痛",}', "repaired", "胃炎"),
         ("诊断：高血压", "failed", None),
         ("", "failed", None),
@@ -171,7 +170,7 @@ def merge_lit(tmp_path_factory, tiny_model_dir):
     get_peft_model(base, config).save_pretrained(adapter)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
     PromptStyle().save(adapter)
-    settings = GenerationSettings(max_new_tokens=56, max_diseases_chars=8, max_reason_chars=12)
+    settings = GenerationSettings(max_new_tokens=56)
     module = DiagnosisLoRA(str(tiny_model_dir), adapter_path=str(adapter), dtype="float32",
                            gradient_checkpointing=False, generation=settings)  # fmt: skip
     yield from built_on_one_thread(module)

@@ -55,7 +55,7 @@ def test_validation_logs_the_same_first_records_as_a_table_each_time_it_generate
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
         "--model.generate_every_n_epochs", "1", "--model.val_generate_limit", "3", "--model.val_log_samples", "2",
-        "--model.generation.max_new_tokens", "4", "--model.generation.constrained", "false",
+        "--model.generation.max_new_tokens", "34", "--model.generation.constrained", "false",
     ])  # fmt: skip
     summaries = text_summaries(tmp_path / "tiny" / "version_0")
     assert [step for step, _ in summaries] == [1, 2]  # one table per validation that generated (1 step per epoch)
