@@ -63,6 +63,71 @@ class TrainCollator:
         return batch
 
 
+class PackingCollator:
+    """Padding-free training batches: the micro-batch's records concatenated into rows of at most ``max_length``
+    tokens (:meth:`rows`), ``position_ids`` restarting at 0 at each record, labels as each record has them.
+
+    No attention mask is passed: transformers reads the restarts in ``position_ids`` as sequence boundaries (a
+    block-diagonal causal mask for sdpa and eager, per-sequence lengths for flash-attention), so no token attends to
+    another record. A row shorter than the longest is filled with pad tokens that form a sequence of their own
+    (positions from 0, labels −100): nothing attends to them and they add nothing to the loss. ``attention_mask``
+    is still in the batch, 1 on real tokens, for the padding statistics; the model does not read it.
+    """
+
+    def __init__(self, pad_id: int, max_length: int, pad_to_multiple_of: int = 1):
+        self.pad_id = pad_id
+        self.max_length = max_length
+        self.multiple_of = pad_to_multiple_of
+
+    def rows(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Which examples (indices into ``lengths``) share a row: as few rows as ``max_length`` allows, balanced
+        (longest first, each to the row with the most room) so that the rows are padded to little: the batch computes
+        about its real tokens, where first-fit would leave one full row and one short one. Never more tokens than
+        padding the batch would compute."""
+        total = sum(lengths)
+        for count in range(max(1, math.ceil(total / self.max_length)), len(lengths) + 1):
+            rows: list[list[int]] = [[] for _ in range(count)]
+            filled = [0] * count
+            for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+                row = min(range(count), key=filled.__getitem__)
+                if filled[row] + lengths[i] > self.max_length:
+                    break
+                rows[row].append(i)
+                filled[row] += lengths[i]
+            else:
+                rows = [row for row in rows if row]
+                break
+        else:
+            rows = [[i] for i in range(len(lengths))]
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        # Rows of uneven sums can cost more than padding the records themselves (which the length-grouped sampler
+        # keeps to a few %): then each record keeps a row of its own.
+        if len(rows) * width > len(lengths) * max(lengths):
+            return [[i] for i in range(len(lengths))]
+        return rows
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = self.rows([len(e["input_ids"]) for e in examples])
+        ids, labels, positions = [], [], []
+        for row in rows:
+            ids.append([t for i in row for t in examples[i]["input_ids"]])
+            labels.append([t for i in row for t in examples[i]["labels"]])
+            positions.append([p for i in row for p in range(len(examples[i]["input_ids"]))])
+        width = math.ceil(max(len(r) for r in ids) / self.multiple_of) * self.multiple_of
+        for row_ids, row_labels, row_positions in zip(ids, labels, positions):
+            fill = width - len(row_ids)
+            row_ids += [self.pad_id] * fill
+            row_labels += [IGNORE_INDEX] * fill
+            row_positions += list(range(fill))  # a sequence of its own: its first position restarts at 0
+        real = [[1] * sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "attention_mask": pad_batch(real, 0, "right", self.multiple_of),
+        }
+
+
 class PromptCollator:
     """Left-pads prompts for batched generation (so every row's next token sits in the last column)."""
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from healthai.adapter import Adapter
 from healthai.batching import EvalSampler, LengthGroupedSampler, PaddedEvalSet, PromptCollator, ResumableLoader
-from healthai.batching import TrainCollator
+from healthai.batching import PackingCollator, TrainCollator
 from healthai.encoding import EncodedDataset, encode_example, fit_case_text, prompt_ids
 from healthai.errors import ConfigError, HalfOpenUnitInterval, InputError, check_declared, check_model_source
 from healthai.errors import NonNegativeInt, PositiveInt
@@ -49,6 +49,7 @@ class DiagnosisDataModule(L.LightningDataModule):
         on_bad_record: OnBadRecord = "error",
         pad_to_multiple_of: PositiveInt = 1,
         mega_batch_mult: PositiveInt = 50,
+        packing: bool = False,
         num_workers: NonNegativeInt = 0,
         allow_layout_change: bool = False,
     ):
@@ -76,6 +77,12 @@ class DiagnosisDataModule(L.LightningDataModule):
             pad_to_multiple_of: Round padded lengths up to a multiple of this (8 helps tensor cores on GPU).
             mega_batch_mult: Mega-batch size, in global batches, within which the sampler sorts by length. Larger =
                 less padding, less randomness.
+            packing: Padding-free training batches: each micro-batch's records are concatenated into rows of at most
+                ``max_length`` tokens, ``position_ids`` restarting at each record and no attention across records
+                (:class:`~healthai.batching.PackingCollator`; fit refuses an attention implementation that would
+                attend across them). A micro-batch is still ``batch_size`` records and the loss is still per token, so
+                steps, resumes and the loss are those of an unpacked run: only the padding goes. Validation and predict
+                are not packed.
             num_workers: DataLoader worker processes.
             allow_layout_change: On ``fit --ckpt_path``, accept a checkpoint written in another training layout
                 (number of processes, batch size, accumulation, sampler settings, seed, training or validation
@@ -103,6 +110,7 @@ class DiagnosisDataModule(L.LightningDataModule):
         self.on_bad_record = on_bad_record
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mega_batch_mult = mega_batch_mult
+        self.packing = packing
         self.num_workers = num_workers
         self.allow_layout_change = allow_layout_change
         self.tokenizer = None
@@ -305,13 +313,19 @@ class DiagnosisDataModule(L.LightningDataModule):
         )
         loader = ResumableLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of),
+            collate_fn=self.train_collator(),
         )  # fmt: skip
         if self._resume is not None:
             loader.load_state_dict(self._resume)
             self._resume = None
         self._train_loader = loader
         return loader
+
+    def train_collator(self) -> TrainCollator | PackingCollator:
+        """How training batches are built: padded to their longest record, or packed (``packing``)."""
+        if self.packing:
+            return PackingCollator(self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
+        return TrainCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -211,7 +211,13 @@ class DiagnosisLoRA(L.LightningModule):
         """
         base = self.base_model
         base.config.use_cache = False
-        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        # A packed batch (data.packing) brings position ids that restart at each record and no attention mask:
+        # transformers then keeps attention within each record (healthai.batching.PackingCollator).
+        packed = batch.get("position_ids")
+        hidden = base.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=None if packed is not None else batch["attention_mask"],
+            position_ids=packed,
+        ).last_hidden_state  # fmt: skip
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
         with gathered_head(base) as head:  # sharded (FSDP), the head's weight is gathered for the chunked loss
@@ -258,6 +264,8 @@ class DiagnosisLoRA(L.LightningModule):
         check_max_steps(self.trainer)
         check_monitored_metrics(self.trainer.callbacks, self.hparams.generate_every_n_epochs)
         self._check_label_budget()
+        if getattr(getattr(self.trainer, "datamodule", None), "packing", False):
+            check_packing_attention(self.hparams.attn_implementation)
         if self.hparams.val_every_n_steps is not None:
             self._set_validation_interval()
 
@@ -550,6 +558,20 @@ class DiagnosisLoRA(L.LightningModule):
     def _val_metrics(self) -> dict[str, float]:
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}
         return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+
+
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention implementations that keep a packed row's records apart: transformers builds their masks (or, for
+flash-attention, sequence lengths) from position ids that restart at each record."""
+
+
+def check_packing_attention(attn_implementation: str) -> None:
+    """Refuse at start (one line) packing with an attention implementation that would attend across records."""
+    if attn_implementation not in PACKING_ATTENTION:
+        raise ConfigError(f"data.packing true needs an attention implementation that keeps packed records apart "
+                          f"({', '.join(PACKING_ATTENTION)}); model.attn_implementation {attn_implementation!r} would "
+                          "let each record attend to the ones packed before it: pick one of those or set data.packing "
+                          "false")  # fmt: skip
 
 
 def check_monitored_metrics(callbacks: list, generate_every_n_epochs: int) -> None:
