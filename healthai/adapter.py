@@ -202,21 +202,35 @@ class Adapter:
 
     def apply(self, base, is_trainable: bool = False):
         """``base`` with this adapter applied, as a PeftModel: from a PEFT folder, or from a fit checkpoint (its LoRA
-        settings are the run's hyperparameters, its state dict the adapter's weights)."""
+        settings are the run's hyperparameters — variant included —, its state dict the adapter's weights; a PiSSA or
+        OLoRA run's weights converted with the initial ones it records into the plain LoRA of the unmodified base,
+        as fit saves its folder: :mod:`healthai.lora_variants`)."""
         from peft import LoraConfig, PeftModel, get_peft_model
+
+        from healthai.lora_variants import MOVES_BASE, convert, converted_settings, lora_config_kwargs
 
         if not self.is_checkpoint:
             return PeftModel.from_pretrained(base, str(self.path), is_trainable=is_trainable)
         ckpt = load_checkpoint(self.path)
         hp = ckpt.get("hyper_parameters", {})
+        weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         started = hp.get("adapter_path")
         if started and Path(started).is_dir():
             config = LoraConfig.from_pretrained(started)  # the run continued training that adapter folder
         else:
-            config = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
-                                target_modules=list(hp["target_modules"]), task_type="CAUSAL_LM")  # fmt: skip
+            r, alpha = hp["lora_r"], hp["lora_alpha"]
+            variant, init = hp.get("lora_variant", "lora"), hp.get("lora_init", "default")
+            if init in MOVES_BASE:  # trained against rewritten base weights: convert (see healthai.lora_variants)
+                initial = self._record().get("initial_lora")
+                if not initial:
+                    raise UserError(f"{self}: a lora_init {init} checkpoint that records no initial weights (not "
+                                    "written by `healthai fit`?): it cannot be applied to the unmodified base")
+                weights = convert(weights, initial)
+                (r, alpha), init = converted_settings(r, alpha, variant), "default"
+            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=hp["lora_dropout"],
+                                target_modules=list(hp["target_modules"]), task_type="CAUSAL_LM",
+                                **lora_config_kwargs(variant, init))  # fmt: skip
         model = get_peft_model(base, config)
-        weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         result = model.load_state_dict(weights, strict=False)
         lora = {n for n, _ in model.named_parameters() if "lora_" in n}
         if result.unexpected_keys or not lora or lora & set(result.missing_keys):

@@ -83,6 +83,11 @@ def save_adapter(module, directory: str | Path, state_dict: Optional[dict[str, t
 
     directory = Path(directory)
     module.model.save_pretrained(directory, state_dict=state_dict)
+    initial = getattr(module, "_initial_lora", None)
+    if initial is not None:  # PiSSA / OLoRA: saved as the plain LoRA of the unmodified base (healthai.lora_variants)
+        from healthai.lora_variants import convert_saved
+
+        convert_saved(directory, initial)
     module.tokenizer.save_pretrained(directory)
     prompt = module._prompt()
     prompt.save(directory)
@@ -103,9 +108,12 @@ def card_facts(module, trainer: Optional[L.Trainer] = None) -> dict[str, Any]:
     from healthai.provenance import package_versions, sha256_file
 
     hp = dict(module.hparams)
-    lora_keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+    lora_keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_variant", "lora_init")
+    lora = {k: hp.get(k) for k in lora_keys}
+    if getattr(module, "_initial_lora", None) is not None:
+        lora["saved_as"] = "a plain LoRA of rank 2 x lora_r on the unmodified base (converted from the trained one)"
     facts: dict[str, Any] = {
-        "lora": {k: hp.get(k) for k in lora_keys},
+        "lora": lora,
         "generation": dataclasses.asdict(module.generation),
         "versions": package_versions("healthai", "torch", "transformers", "peft", "lightning", "xgrammar"),
     }

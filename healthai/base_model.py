@@ -65,15 +65,22 @@ def build_base(source: str, dtype: str, attn_implementation: str, *, quantizatio
     return base
 
 
-def apply_lora(base, adapter: Optional[Adapter], r: int, alpha: int, dropout: float, target_modules: list[str]):
+def apply_lora(base, adapter: Optional[Adapter], r: int, alpha: int, dropout: float, target_modules: list[str],
+               variant: str = "lora", init: str = "default"):  # fmt: skip
     """``base`` wrapped by PEFT: with ``adapter`` (an ``adapter/`` folder or a fit checkpoint ``.ckpt``) trainable,
-    else with a new LoRA adapter of rank ``r`` on ``target_modules``."""
+    else with a new LoRA adapter of rank ``r`` on ``target_modules``, of ``variant`` (``lora``, ``dora``, ``rslora``)
+    initialised by ``init`` (:mod:`healthai.lora_variants`; PiSSA and OLoRA rewrite the base weights)."""
     from peft import LoraConfig, get_peft_model
+
+    from healthai.lora_variants import init_rng, lora_config_kwargs
 
     if adapter is not None:
         return adapter.apply(base, is_trainable=True)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        task_type="CAUSAL_LM")  # fmt: skip
+                        task_type="CAUSAL_LM", **lora_config_kwargs(variant, init))  # fmt: skip
+    if init == "pissa":  # a randomised SVD: the same on every rank and in every run
+        with init_rng():
+            return get_peft_model(base, config)
     return get_peft_model(base, config)
 
 

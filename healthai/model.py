@@ -38,11 +38,14 @@ class DiagnosisLoRA(L.LightningModule):
         lora_alpha: PositiveInt = 32,
         lora_dropout: HalfOpenUnitInterval = 0.05,
         target_modules: list[str] = ALL_LINEAR,
+        lora_variant: Literal["lora", "dora", "rslora"] = "lora",
+        lora_init: Literal["default", "gaussian", "pissa", "olora"] = "default",
         gradient_checkpointing: bool = True,
         learning_rate: NonNegativeFloat = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: ClosedUnitInterval = 0.03,
         min_lr_ratio: ClosedUnitInterval = 0.1,
+        neftune_alpha: Optional[NonNegativeFloat] = None,
         generation: GenerationSettings = GenerationSettings(),
         generate_every_n_epochs: NonNegativeInt = 1,
         val_every_n_steps: Optional[PositiveInt] = None,
@@ -66,11 +69,26 @@ class DiagnosisLoRA(L.LightningModule):
             lora_alpha: LoRA scaling numerator (the update is scaled by ``alpha / r``).
             lora_dropout: Dropout on the LoRA input.
             target_modules: Modules that get a LoRA adapter (default: all seven linear projections).
+            lora_variant: ``lora``; ``dora`` (DoRA, Liu et al. 2024: a trained magnitude per output row and a
+                LoRA-updated direction; slower steps, works with ``quantization: nf4``); ``rslora`` (rank-stabilised
+                LoRA, Kalajdzievski 2023: scaling ``lora_alpha / sqrt(lora_r)``, for high ranks). Saved in the
+                adapter; predict, serve and export apply it, and a resume with another variant is refused.
+            lora_init: How a new adapter starts: ``default`` (PEFT's: A Kaiming-uniform, B zero), ``gaussian`` (A
+                Gaussian), ``pissa`` (PiSSA, Meng et al. 2024: A, B from the top singular vectors of each weight, by
+                PEFT's randomised SVD ``pissa_niter_4``) or ``olora`` (OLoRA, Büyükakyüz 2024: from its QR
+                decomposition). PiSSA and OLoRA take that part out of the base weights while training; the saved
+                adapter is converted to a plain LoRA of rank ``2 × lora_r`` on the unmodified base (what predict,
+                serve and export load), and each checkpoint also holds the initial A, B (twice the adapter's size).
+                Not with ``quantization`` nor with ``dora`` nor under FSDP (refused at start). Ignored with
+                ``adapter_path``, whose weights are the start (as are its variant and rank).
             gradient_checkpointing: Recompute activations in backward (non-reentrant): much less memory, ~30% slower.
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay.
             warmup_ratio: Share of the total steps spent warming the learning rate up linearly from 0.
             min_lr_ratio: The cosine decay ends at ``learning_rate * min_lr_ratio``.
+            neftune_alpha: NEFTune (Jain et al. 2023): add uniform noise of magnitude ``alpha / sqrt(L × hidden)``
+                (``L`` the batch's row length, padding or packed records included) to the input embeddings in
+                training forwards, never in validation, predict or serve (the paper uses 5-15; null = off).
             generation: Decoding settings for validation generation and predict. Its ``max_new_tokens`` is the
                 answer's token budget: fit refuses labels longer than it and saves it with the adapter; null takes
                 the adapter's (in fit, validate, predict and serve), else 1024.
@@ -112,6 +130,9 @@ class DiagnosisLoRA(L.LightningModule):
         super().__init__()
         if random_init and quantization is not None:
             raise ConfigError("model.random_init builds unquantized weights; it cannot be combined with quantization")
+        from healthai.lora_variants import check_lora_options
+
+        check_lora_options(lora_variant, lora_init, quantization, adapter_path)
         if liger_kernel:
             check_liger_kernel()  # before anything is loaded: a CPU machine learns it at once, not after the base
         self.save_hyperparameters()  # every argument above is read back as self.hparams.<name>
@@ -125,6 +146,9 @@ class DiagnosisLoRA(L.LightningModule):
         self._batch_start: Optional[float] = None
         self._budget_checked = False
         self._base_record: Optional[dict[str, Any]] = None
+        # PiSSA / OLoRA: the adapter's initial weights, to save it for the unmodified base (healthai.lora_variants).
+        self._initial_lora: Optional[dict[str, torch.Tensor]] = None
+        self._neftune_handle: Optional[torch.utils.hooks.RemovableHandle] = None
         self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
         """The adapter applied to the base (:class:`~healthai.adapter.Adapter`), or None."""
         # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
@@ -161,7 +185,8 @@ class DiagnosisLoRA(L.LightningModule):
         hp = self.hparams
         self.tokenizer = self._tokenizer()
         self.model = apply_lora(self._load_base(), self.adapter, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
-                                hp.target_modules)  # fmt: skip
+                                hp.target_modules, hp.lora_variant, hp.lora_init)  # fmt: skip
+        self._keep_initial_lora()
         # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         precision = str(self.trainer.precision) if mesh is not None else None
@@ -198,6 +223,46 @@ class DiagnosisLoRA(L.LightningModule):
     def base_model(self):
         """The transformers model inside the PEFT wrapper (LoRA layers injected in place)."""
         return self.model.get_base_model()
+
+    # -- LoRA initialisations that rewrite the base (PiSSA, OLoRA) and NEFTune: healthai.lora_variants ---------------
+
+    def _keep_initial_lora(self) -> None:
+        """After a new PiSSA / OLoRA adapter is built: keep its initial weights, which convert the trained ones into
+        an adapter of the unmodified base (saved with every checkpoint and adapter folder)."""
+        from healthai.lora_variants import MOVES_BASE, initial_weights
+
+        if self.adapter is None and self.hparams.lora_init in MOVES_BASE:
+            self._initial_lora = initial_weights(self.model)
+
+    def _restore_initial_lora(self, recorded: Optional[dict[str, torch.Tensor]], ckpt: Any) -> None:
+        """On resume, before the weights load: make this run's rewritten base and initial weights the checkpoint's
+        (:func:`healthai.lora_variants.rebase`), so that training continues on the residual it was trained on."""
+        if self._initial_lora is None:
+            return
+        from healthai.lora_variants import rebase
+        from healthai.resume import ResumeRefused
+
+        if not recorded:
+            raise ResumeRefused(f"--ckpt_path {ckpt} records no initial weights of its model.lora_init "
+                                f"{self.hparams.lora_init} adapter, so its base cannot be rebuilt; start a new run")
+        rebase(self.model, self._initial_lora, recorded)
+        self._initial_lora = recorded
+
+    def on_fit_start(self) -> None:
+        """NEFTune (``neftune_alpha``): noise on the input embeddings, added by a forward hook that acts only while
+        the model is in training mode (Lightning puts it in eval mode for validation, as generation does)."""
+        alpha = self.hparams.neftune_alpha
+        if alpha and self._neftune_handle is None:
+            from healthai.lora_variants import neftune_hook
+
+            embeddings = self.base_model.get_input_embeddings()  # called inside the decoder answer_loss runs
+            self._neftune_handle = embeddings.register_forward_hook(neftune_hook(alpha))
+
+    def teardown(self, stage: str) -> None:
+        """Take NEFTune's hook off when fit ends, also on an error (the same module may then predict)."""
+        if self._neftune_handle is not None:
+            self._neftune_handle.remove()
+            self._neftune_handle = None
 
     # -- training -----------------------------------------------------------------------------------------------------
 
@@ -521,6 +586,8 @@ class DiagnosisLoRA(L.LightningModule):
                                 "lora": lora_settings(self.model), "val_metrics": self._val_metrics()}  # fmt: skip
         if self.answer_budget is not None:
             checkpoint[CKPT_KEY]["budget"] = dataclasses.asdict(self.answer_budget)
+        if self._initial_lora is not None:  # PiSSA / OLoRA: what makes the weights an adapter of the unmodified base
+            checkpoint[CKPT_KEY]["initial_lora"] = self._initial_lora
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another base, LoRA settings or prompt, or one that does not restore every trainable
@@ -534,6 +601,7 @@ class DiagnosisLoRA(L.LightningModule):
                                  dataclasses.asdict(self._prompt()), ckpt, self.hparams.allow_base_mismatch)  # fmt: skip
         if "state_dict" in checkpoint:
             check_all_restored(checkpoint["state_dict"], self.trainable_names(), ckpt)
+        self._restore_initial_lora(recorded.get("initial_lora"), ckpt)
 
     def base_record(self) -> dict[str, Any]:
         """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once."""

@@ -96,10 +96,18 @@ def check_layout(saved: Optional[dict[str, Any]], now: dict[str, Any], ckpt: Any
                    "count, so this epoch may repeat or miss records (later epochs are whole)")  # fmt: skip
 
 
+LORA_DEFAULTS = {"variant": "lora", "init": "default"}
+"""What a checkpoint written before the LoRA variants were recorded was trained with."""
+
+
 def lora_settings(peft_model) -> dict[str, Any]:
-    """The LoRA configuration that gives an adapter's weights their meaning: rank, alpha and target modules."""
+    """The LoRA configuration that gives an adapter's weights their meaning: rank, alpha, target modules, variant
+    (``lora``, ``dora``, ``rslora``) and initialisation (:mod:`healthai.lora_variants`)."""
+    from healthai.lora_variants import init_of, variant_of
+
     config = peft_model.peft_config["default"]
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+            "variant": variant_of(config), "init": init_of(config)}  # fmt: skip
 
 
 def check_checkpoint_matches(recorded: dict[str, Any], base: dict[str, Any], lora: dict[str, Any],
@@ -116,7 +124,7 @@ def check_checkpoint_matches(recorded: dict[str, Any], base: dict[str, Any], lor
         from lightning.pytorch.utilities import rank_zero_warn
 
         rank_zero_warn(f"WARNING: {line}; resuming anyway (--model.allow_base_mismatch)")
-    old_lora = recorded.get("lora")
+    old_lora = {**LORA_DEFAULTS, **recorded["lora"]} if recorded.get("lora") else None
     if old_lora:
         changed = [f"{k} {old_lora.get(k)!r}, now {lora.get(k)!r}" for k in sorted(set(old_lora) | set(lora))
                    if old_lora.get(k) != lora.get(k)]  # fmt: skip

@@ -174,6 +174,13 @@ class LoRAFSDPStrategy(ModelParallelStrategy):
             raise ConfigError("model.quantization (QLoRA) cannot be sharded by healthai.sharding.LoRAFSDPStrategy: "
                               "shard a bf16 base (a lora.yaml config with configs/qwen_lora_fsdp.yaml), or run QLoRA "
                               "on one GPU or with DDP")  # fmt: skip
+        hp = self.lightning_module.hparams
+        init = getattr(hp, "lora_init", "default")
+        if init in ("pissa", "olora") and getattr(hp, "adapter_path", None) is None:
+            raise ConfigError(f"model.lora_init {init} is not supported with healthai.sharding.LoRAFSDPStrategy (its "
+                              "rewrite of the base weights and the conversion of the saved adapter are not verified "
+                              "on sharded weights); use lora_init default or gaussian, or train on one GPU or with "
+                              "DDP")  # fmt: skip
         # All processes of all nodes form one data-parallel (FSDP) dimension; the tensor-parallel one has size 1.
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1

@@ -5,6 +5,7 @@ token sequences and the same number of optimizer steps. Not a test.
     python scripts/bench_train.py --records path/to/records.jsonl   # 128 real records, batch 8, one epoch (16 steps)
     python scripts/bench_train.py --steps 1 --n_records 16 --batch_size 4 --max_length 512   # smoke run
     python scripts/bench_train.py --variants a,t                      # leave out the slow seed recipe
+    python scripts/bench_train.py --variants a,dora,rslora,pissa,neftune   # the model options against plain LoRA
 
 TRL is an optional dependency: ``pip install -e .[bench]``.
 
@@ -39,6 +40,11 @@ script prints it.
     full-vocabulary logits at every position). The original recipe accumulated 16 micro-batches; here accumulation
     equals (a)'s batch size, so that all variants take N optimizer steps of the same size. (b) reads the sequences in
     (a)'s order through a sequential sampler (at micro-batch 1 order changes no padding).
+
+Model options, each a row of its own against (a) (plain LoRA): (a) again with one ``DiagnosisLoRA`` option set, on
+the same records, batches and steps, each in its own child process as (a): ``dora`` (``lora_variant: dora``),
+``rslora`` (``lora_variant: rslora``), ``pissa`` (``lora_init: pissa``, its SVD at start-up counted in the peak RSS,
+not in the timed steps), ``olora`` (``lora_init: olora``), ``neftune`` (``neftune_alpha: 5``).
 
 Shared: the model (``--model``), fp32 on CPU (TRL's default bf16 is turned off), sdpa attention, PEFT LoRA r=8
 (alpha 16, dropout 0) on all seven projections, non-reentrant gradient checkpointing, AdamW at ``--lr``, the same
@@ -181,8 +187,14 @@ def step_timer(meter: Meter, args):
     return Timing()
 
 
+OPTIONS = {"dora": {"lora_variant": "dora"}, "rslora": {"lora_variant": "rslora"}, "pissa": {"lora_init": "pissa"},
+           "olora": {"lora_init": "olora"}, "neftune": {"neftune_alpha": 5.0}}  # fmt: skip
+"""The model options benchmarked as rows of their own: (a) with these ``DiagnosisLoRA`` arguments."""
+
+
 def run_project(args) -> dict:
-    """(a): the real fit path, a Lightning Trainer over DiagnosisDataModule and DiagnosisLoRA."""
+    """(a): the real fit path, a Lightning Trainer over DiagnosisDataModule and DiagnosisLoRA; with ``--variant`` one
+    of :data:`OPTIONS`, the same with that model option."""
     import lightning as L
 
     from healthai.adapter_saver import AdapterSaver
@@ -206,9 +218,8 @@ def run_project(args) -> dict:
     model = DiagnosisLoRA(
         args.model, dtype="float32", lora_r=8, lora_alpha=16, lora_dropout=0.0, gradient_checkpointing=True,
         learning_rate=args.lr, generate_every_n_epochs=0,
-        # Trains only, never decodes: the answer caps of constrained decoding (checked against the labels at fit
-        # start) are not this benchmark's business, and the seed records' reasons hold quotes the caps cannot write.
-        generation=GenerationSettings(constrained=False),
+        # Trains only, never decodes: the JSON constraint is not this benchmark's business.
+        generation=GenerationSettings(constrained=False), **OPTIONS.get(args.variant, {}),
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as root:  # AdapterSaver saves the adapter under default_root_dir, as fit does
         trainer = L.Trainer(
@@ -218,7 +229,7 @@ def run_project(args) -> dict:
         )  # fmt: skip
         dm = datamodule(args)
         trainer.fit(model, datamodule=dm)
-    return meter.result("a", trainer.global_step, args.steps * args.batch_size)
+    return meter.result(args.variant, trainer.global_step, args.steps * args.batch_size)
 
 
 def sampler_order(dm, steps: int, batch_size: int) -> list[int]:
@@ -392,7 +403,7 @@ def run_trl(args) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-VARIANTS = {"a": "run_project", "t": "run_trl", "b": "run_old_recipe"}
+VARIANTS = {"a": "run_project", **{name: "run_project" for name in OPTIONS}, "t": "run_trl", "b": "run_old_recipe"}
 
 
 def run_child(variant: str, args, train_file: Path) -> dict:
@@ -433,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup_steps", type=int, default=1, help="first steps left out of the timing (default: 1)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default="a,t,b",
-                        help="which to run, comma-separated: a project, t TRL, b seed recipe (default: %(default)s)")
+    parser.add_argument("--variants", default="a,dora,rslora,pissa,neftune,t,b",
+                        help="which to run, comma-separated: a project, t TRL, b seed recipe, or (a) with a model "
+                             f"option: {', '.join(OPTIONS)} (default: %(default)s)")
     parser.add_argument("--trl_padding_free", choices=["on", "off"], default="on",
                         help="TRL's padding_free (default: %(default)s; runs on CPU through sdpa)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in every variant (default: torch's)")
@@ -452,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "a" not in variants:
-        parser.error(f"--variants {args.variants}: must include a, and only a, t, b")
+        parser.error(f"--variants {args.variants}: must include a, and only {', '.join(VARIANTS)}")
     if args.steps is None:
         args.steps = max(1, args.n_records // args.batch_size)
     args.warmup_steps = max(0, min(args.warmup_steps, args.steps - 1))
@@ -475,6 +487,7 @@ def report(args, results: dict[str, dict]) -> None:
         "t": f"(t) TRL SFTTrainer: batch {args.batch_size}, group_by_length, "
              + ("padding-free" if args.trl_padding_free == "on" else "padded"),
         "b": f"(b) seed recipe: 1 x accum {args.batch_size}, full-seq loss",
+        **{name: f"(a) + {', '.join(f'{k} {v}' for k, v in option.items())}" for name, option in OPTIONS.items()},
     }  # fmt: skip
     header = (f"{'variant':<60} {'steps':>5} {'real tok':>9} {'padding':>8} {'seconds':>8} {'real tok/s':>10} "
               f"{'peak RSS':>9} {'load':>9}")  # fmt: skip
@@ -505,6 +518,10 @@ def report(args, results: dict[str, dict]) -> None:
         print(f"ratio (a)/(t) TRL: {speed:.1f}x real tokens/s (target >= {TARGET_RATIO:g}x: "
               f"{verdict(speed >= TARGET_RATIO)}); peak RSS {rss:.2f}x (target <= {TARGET_RSS:g}: "
               f"{verdict(rss <= TARGET_RSS)})")  # fmt: skip
+    for name in (n for n in OPTIONS if n in results):
+        r = results[name]
+        speed, rss = r["tokens_per_s"] / a["tokens_per_s"], r["peak_rss_mb"] / a["peak_rss_mb"]
+        print(f"option {name} vs (a) plain LoRA: {speed:.2f}x real tokens/s, peak RSS {rss:.2f}x")
     if "b" in results:
         b = results["b"]
         speed, rss = a["tokens_per_s"] / b["tokens_per_s"], a["peak_rss_mb"] / b["peak_rss_mb"]
