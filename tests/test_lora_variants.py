@@ -260,6 +260,22 @@ def test_the_options_parse_from_the_command_line(extra, expected):
     assert {k: model[k] for k in expected} == expected
 
 
+def test_the_options_parse_from_a_yaml_config(tmp_path):
+    """The same options as a user's config file holds them, packing included, on top of configs/tiny.yaml."""
+    import yaml
+
+    config = tmp_path / "variants.yaml"
+    config.write_text("model:\n  lora_variant: rslora\n  lora_init: olora\n  neftune_alpha: 10\n"
+                      "data:\n  packing: true\n", encoding="utf-8")  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main(["fit", "--config", "configs/tiny.yaml", "--config", str(config), "--print_config"])
+    parsed = yaml.safe_load(out.getvalue())
+    assert {k: parsed["model"][k] for k in ("lora_variant", "lora_init", "neftune_alpha")} == {
+        "lora_variant": "rslora", "lora_init": "olora", "neftune_alpha": 10.0}
+    assert parsed["data"]["packing"] is True
+
+
 def test_an_unknown_variant_is_a_parse_error_naming_the_option():
     from argparse import ArgumentError
     from typing import get_args, get_type_hints
