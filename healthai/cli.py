@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
-from healthai.errors import PositiveInt, check_value
+from healthai.errors import PositiveInt, UserError, check_value
 from healthai.model import DiagnosisLoRA
+from healthai.run_folder import RunFolderRecorder
 from healthai.writer import DiagnosisWriter
 
 
@@ -34,7 +36,7 @@ class HealthAICLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
             # Always on, not an option: a fit that leaves no adapter/ folder has nothing for predict or export.
-            trainer.callbacks.append(AdapterSaver())
+            trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder()])
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -45,9 +47,38 @@ class HealthAICLI(LightningCLI):
 
     def before_fit(self) -> None:
         from healthai.resume import check_last_checkpoint
+        from healthai.run_folder import resume_in_run_folder
 
+        ckpt_path = self.config["fit"].get("ckpt_path")
         # Lightning only warns when `--ckpt_path last` finds no last.ckpt, and trains from scratch.
-        check_last_checkpoint(self.trainer, self.config["fit"].get("ckpt_path"))
+        check_last_checkpoint(self.trainer, ckpt_path)
+        resume_in_run_folder(self.trainer, ckpt_path)
+
+    def fit(self, model: DiagnosisLoRA, **kwargs: Any) -> None:
+        """``trainer.fit``, and around it the run folder's rules (:mod:`healthai.run_folder`): a run refused before
+        its first step leaves no folder; a finished one writes ``predict.yaml`` and says how to predict with it."""
+        from healthai.run_folder import remove_refused_run, run_folder
+
+        folder = run_folder(self.trainer) if self.trainer.is_global_zero else None
+        existed = folder is not None and folder.exists()
+        try:
+            self.trainer.fit(model, **kwargs)
+        except UserError:
+            if self.trainer.global_step == 0:
+                remove_refused_run(folder, existed)
+            raise
+        self._point_at_adapter(folder)
+
+    def _point_at_adapter(self, folder: Optional[Path]) -> None:
+        """The run's adapter and the predict command that uses it, the last lines fit prints (rank zero)."""
+        from healthai.run_folder import write_predict_config
+
+        adapter = folder / "adapter" if folder is not None else None
+        if adapter is None or not (adapter / "adapter_config.json").is_file():
+            return
+        config = write_predict_config(folder, self.config["fit"].as_dict(), adapter)
+        print(f"\nadapter: {adapter}\npredict with it:\n  python -m healthai predict --config {config} "
+              "--data.predict_file RECORDS.jsonl", flush=True)
 
     def before_predict(self) -> None:
         # Rows are streamed to disk by the writer; holding every prediction in memory too would defeat that.

@@ -73,9 +73,11 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
             base_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
             assert step_2.stat().st_size < base_bytes / 20  # no base weight: well under the 78 MB base
             shutil.copy(step_2, ckpts / "last.ckpt")
+            # The resume continues in this run's folder (healthai.run_folder): its adapter is rewritten there.
+            uninterrupted = adapter_weights(tmp_path / "fsdp" / "tiny" / "version_0" / "adapter")
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
-    uninterrupted = adapter_weights(tmp_path / "fsdp" / "tiny" / "version_0" / "adapter")
-    sharded = tmp_path / "fsdp" / "tiny" / "version_1" / "adapter"
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "tiny").iterdir()) == ["version_0"]
+    sharded = tmp_path / "fsdp" / "tiny" / "version_0" / "adapter"
     resumed = adapter_weights(sharded)
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
