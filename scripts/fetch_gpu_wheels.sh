@@ -4,7 +4,7 @@
 #
 #   bash scripts/fetch_gpu_wheels.sh [DEST]      # DEST defaults to .whl
 #
-# then, through the device tool: run `bash scripts/gpu_check.sh` with carry [".whl"] (README, "GPU figures").
+# then, through the device tool: run `bash scripts/gpu_check.sh` with carry [".whl"] (docs/performance.md, "GPU figures").
 #
 # The wheels and their versions are listed in scripts/gpu_wheels.txt. The machine's image (its package list read on
 # 2026-11-17, DEVICE in scripts/gpu_wheels.py) has torch 2.11 + CUDA 13, triton 3.6, lightning 2.6.6, transformers 5.17,

@@ -1,4 +1,4 @@
-"""Every GPU figure of the README in one run, inside a wall-time budget: the Qwen2.5-7B architecture (random bf16
+"""Every GPU figure of docs/performance.md in one run, inside a wall-time budget: the Qwen2.5-7B architecture (random bf16
 weights made on the GPU, no download) fitted through the project's LightningModule at several micro-batch sizes, the
 same with Liger kernels, and predict with the JSON constraint on and off. Writes one JSON report and prints a short
 table. Not a test.

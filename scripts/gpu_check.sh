@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure in one command, on the lent GPU machine (README, "GPU figures"):
+# Every GPU figure in one command, on the lent GPU machine (docs/performance.md, "GPU figures"):
 #
 #   bash scripts/gpu_check.sh [scripts/gpu_check.py options]
 #
