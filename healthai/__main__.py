@@ -1,5 +1,6 @@
-"""Entry point: ``python -m healthai <command> ...`` — a table from command to handler, and the one place that turns
-the user's errors into one line."""
+"""Entry point: ``python -m healthai <command> ...`` — a table from command to handler, the one place that turns
+the user's errors into one line, and where known third-party noise is silenced (:mod:`healthai.quiet`) before a
+command imports its libraries."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import inspect
 import os
 import re
 import sys
+
+from healthai import quiet
+from healthai.quiet import DEBUG_ENV_VAR, VERBOSE_ENV_VAR, VERBOSE_FLAG
 
 LIGHTNING_COMMANDS = ("fit", "validate", "predict")
 """Commands run by LightningCLI (see :mod:`healthai.cli`)."""
@@ -27,9 +31,6 @@ POSITIONAL = {"compare": "systems"}
 """Commands whose bare words (not an option or its value) are the values of one list parameter:
 ``compare --references REF A.jsonl B.jsonl`` is ``compare --references REF --systems [A.jsonl, B.jsonl]``."""
 
-DEBUG_ENV_VAR = "HEALTHAI_DEBUG"
-"""Set to 1 to see the traceback of a user error instead of its one line."""
-
 USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,compare,export,serve}} [--help] ...
 
   fit        LoRA fine-tuning (LightningCLI):      python -m healthai fit --config configs/qwen_lora.yaml
@@ -42,6 +43,8 @@ USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,eva
   serve      the model over HTTP (LitServe): /predict, OpenAI /v1/chat/completions, a page at /
 
 A user error (bad file, bad option) prints one line and exits with status 2; {DEBUG_ENV_VAR}=1 shows its traceback.
+Known third-party noise (Lightning's tips, library deprecation warnings) is kept out of the output; {VERBOSE_FLAG} or
+{DEBUG_ENV_VAR}=1 shows it (healthai/quiet.py lists each message).
 """
 
 
@@ -66,8 +69,14 @@ def user_message(error: BaseException, command: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``python -m healthai COMMAND ...`` (``argv``: the arguments after the program name; in-process callers
+    pass them). A bare ``--verbose`` anywhere belongs to this entry point, not to the command: it lets third-party
+    noise through (:mod:`healthai.quiet`)."""
     argv_given = argv
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = quiet.take_verbose_flag(sys.argv[1:] if argv is None else argv)
+    if argv_given is None:
+        sys.argv[1:] = argv  # LightningCLI parses sys.argv itself, and DDP ranks rerun it: without the flag
+    keep_quiet_unless(verbose)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
@@ -81,6 +90,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"healthai {command}: error: {user_message(e, command)}", file=sys.stderr)
         sys.exit(2)
+
+
+def keep_quiet_unless(verbose: bool) -> None:
+    """Silence known third-party noise (:func:`healthai.quiet.install`) unless ``--verbose`` was given or the
+    environment asks for everything (``HEALTHAI_VERBOSE=1`` or ``HEALTHAI_DEBUG=1``). ``--verbose`` is passed on to
+    the processes the command starts through the environment."""
+    if verbose:
+        os.environ[VERBOSE_ENV_VAR] = "1"
+    quiet.install_unless_verbose()
 
 
 def run(command: str, rest: list[str], from_shell: bool) -> None:
@@ -99,8 +117,9 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
     # exit_on_error=False: a bad flag value raises ArgumentError, reported as one line by main().
     if command in POSITIONAL:
         rest = gather_positionals(rest, POSITIONAL[command])
-    cli_kwargs = dict(args=rest, as_positional=False, prog=f"python -m healthai {command}", exit_on_error=False)
     settings_type = _settings_dataclass(fn)
+    cli_kwargs = dict(args=rest, as_positional=False, prog=f"python -m healthai {command}", exit_on_error=False,
+                      description=summary(settings_type or fn))  # fmt: skip
     if settings_type is None:
         jsonargparse.CLI(fn, **cli_kwargs)
     else:
@@ -128,6 +147,13 @@ def gather_positionals(args: list[str], name: str) -> list[str]:
             words.append(arg)
         i += 1
     return rest + ([f"--{name}={json.dumps(words, ensure_ascii=False)}"] if words else [])
+
+
+def summary(component) -> str | None:
+    """The first paragraph of ``component``'s docstring, on one line: what the command's ``--help`` opens with.
+    jsonargparse would take only the docstring's first line, which cuts a summary that wraps onto a second line."""
+    doc = inspect.getdoc(component)
+    return " ".join(doc.split("\n\n", 1)[0].split()) if doc else None
 
 
 def _settings_dataclass(fn) -> type | None:

@@ -8,6 +8,7 @@ functions with explicit arguments: :meth:`healthai.model.DiagnosisLoRA.configure
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any, Optional
 
 import torch
@@ -82,6 +83,13 @@ def apply_lora(base, adapter: Optional[Adapter], r: int, alpha: int, dropout: fl
         with init_rng():
             return get_peft_model(base, config)
     return get_peft_model(base, config)
+
+
+def is_lora(model) -> bool:
+    """Whether ``model`` is a PEFT model (a LoRA built or applied), without importing peft: a zero-shot validate or
+    predict never needs it, and importing it imports bitsandbytes too (seconds)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def merge_lora(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:

@@ -12,8 +12,19 @@ from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
 from healthai.errors import PositiveInt, UserError, check_value
 from healthai.model import DiagnosisLoRA
+from healthai.model_summary import without_flops
 from healthai.run_folder import RunFolderRecorder
 from healthai.writer import DiagnosisWriter
+
+SUMMARIES = {
+    "fit": "Fine-tune a LoRA adapter of the base model on labelled case records: checkpoints, TensorBoard logs and "
+           "the adapter/ folder that predict, validate, serve and export take are written to the run folder.",
+    "validate": "Validation loss and generated-answer metrics (disease P/R/F1, JSON validity, reason ROUGE-L) of the "
+                "base model or of an adapter on the validation records.",
+    "predict": "Answer case records with the base model or an adapter: batched, JSON-constrained generation streamed "
+               "to a JSONL file, resumed where an interrupted run stopped.",
+}  # fmt: skip
+"""What each command's --help opens with (Lightning would take the first line of Trainer's method's docstring)."""
 
 
 class HealthAICLI(LightningCLI):
@@ -26,7 +37,12 @@ class HealthAICLI(LightningCLI):
         parser.link_arguments("model.adapter_path", "data.adapter_path")
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
+        kwargs["description"] = SUMMARIES.get(subcommand, kwargs.get("description"))
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand != "fit":
+            # Evaluation and greedy decoding draw no random numbers: no seed (nor Lightning's "No seed found"
+            # warning). A sampling predict (--model.generation.do_sample true) is seeded by --seed_everything N.
+            parser.set_defaults(seed_everything=False)
         if subcommand == "predict":
             # `--writer.output_path OUT.jsonl`; LightningCLI appends the callback to the trainer's.
             parser.add_lightning_class_args(DiagnosisWriter, "writer")
@@ -34,6 +50,7 @@ class HealthAICLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks = [without_flops(c) for c in trainer.callbacks]  # a FLOPs column of zeros: model_summary.py
         if self.subcommand == "fit":
             # Always on, not an option: a fit that leaves no adapter/ folder has nothing for predict or export.
             trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder()])

@@ -259,10 +259,11 @@ def evaluate(
     examples: NonNegativeInt = 20,
 ) -> dict[str, Any]:
     """Score predictions against references with the metrics validation logs: disease P/R/F1, JSON validity rate,
-    truncated rate and reason ROUGE-L (:func:`healthai.metrics.answer_metrics`).
+    truncated rate and reason ROUGE-L.
 
-    Records are joined by ``id`` (``10001`` and ``"10001"`` match). Every reference record is scored; one without
-    a prediction counts as an empty prediction (false negatives only) and is listed in ``missing``. For a repeated
+    The metrics are :func:`healthai.metrics.answer_metrics`. Records are joined by ``id`` (``10001`` and
+    ``"10001"`` match). Every reference record is scored; one without a prediction counts as an empty prediction
+    (false negatives only) and is listed in ``missing``. For a repeated
     prediction id the first row is used and the id is listed in ``duplicates``; prediction ids absent from the
     references are listed in ``unknown`` and not scored. ``json_valid_rate`` and ``truncated_rate`` are over the
     prediction rows scored (so a missing record does not lower them; null when no row is scored); a row without

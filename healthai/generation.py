@@ -31,32 +31,36 @@ class GenerationSettings:
     These are the only decoding settings in play: :meth:`transformers_config` turns them into a complete
     ``GenerationConfig``, so nothing is inherited from a checkpoint's ``generation_config.json`` (Qwen2.5-7B-Instruct
     ships ``do_sample``, ``temperature 0.7``, ``top_p 0.8``, ``top_k 20`` and ``repetition_penalty 1.05``).
+
+    The fields are documented in this section rather than by a string under each (as :mod:`healthai.label`'s settings
+    are): every command's ``--help`` reads a class docstring's sections, while strings under fields are read only where
+    jsonargparse parses attribute docstrings, which makes LightningCLI's parser several times slower
+    (:mod:`healthai.__main__`).
+
+    Attributes:
+        max_new_tokens: The answer's token budget: most tokens generated per record, its end-of-turn token included.
+            Constrained, every answer closes within it as valid JSON (parse_status truncated when the budget, not the
+            model, ended it); fit refuses labels longer than it. null: the budget the adapter was trained for (fit
+            saves it), else 1024.
+        do_sample: Sample instead of greedy decoding. Greedy is deterministic and batch-invariant.
+        temperature: Sampling temperature (only with ``do_sample``).
+        top_p: Nucleus sampling mass (only with ``do_sample``).
+        top_k: Sample only among the k most likely tokens (only with ``do_sample``; 0 = no top-k filter).
+        repetition_penalty: Divide the scores of tokens already in the prompt or answer by this (1.0 = none, greedy or
+            not). The model is trained without one, and a penalty discourages copying findings from the case text
+            into ``reason``.
+        constrained: Constrain decoding to the answer's JSON form (xgrammar) and close every answer within
+            max_new_tokens, so every answer parses. false: free decoding; an answer the budget cuts is repaired or
+            fails.
     """
 
     max_new_tokens: Optional[PositiveInt] = None
-    """The answer's token budget: most tokens generated per record, its end-of-turn token included. Constrained, every
-    answer closes within it as valid JSON (parse_status truncated when the budget, not the model, ended it); fit
-    refuses labels longer than it. null: the budget the adapter was trained for (fit saves it), else 1024."""
-
     do_sample: bool = False
-    """Sample instead of greedy decoding. Greedy is deterministic and batch-invariant."""
-
     temperature: float = 0.7
-    """Sampling temperature (only with ``do_sample``)."""
-
     top_p: float = 0.8
-    """Nucleus sampling mass (only with ``do_sample``)."""
-
     top_k: int = 0
-    """Sample only among the k most likely tokens (only with ``do_sample``; 0 = no top-k filter)."""
-
     repetition_penalty: float = 1.0
-    """Divide the scores of tokens already in the prompt or answer by this (1.0 = none, greedy or not). The model is
-    trained without one, and a penalty discourages copying findings from the case text into ``reason``."""
-
     constrained: bool = True
-    """Constrain decoding to the answer's JSON form (xgrammar) and close every answer within max_new_tokens, so every
-    answer parses. false: free decoding; an answer the budget cuts is repaired or fails."""
 
     def __post_init__(self) -> None:
         check_declared(GenerationSettings, vars(self), "generation.")  # the CLI checks these too, naming the option

@@ -9,11 +9,11 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from healthai.adapter import Adapter, resolve_base
-from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, load_base, merge_lora, prepare_for_training
-from healthai.base_model import unmerge_lora
+from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, is_lora, load_base, merge_lora
+from healthai.base_model import prepare_for_training, unmerge_lora
 from healthai.decoding import JsonConstraint, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
 from healthai.generation import AnswerBudget, GenerationSettings, check_answer_budget, check_label_budget
@@ -92,9 +92,9 @@ class DiagnosisLoRA(L.LightningModule):
             generation: Decoding settings for validation generation and predict. Its ``max_new_tokens`` is the
                 answer's token budget: fit refuses labels longer than it and saves it with the adapter; null takes
                 the adapter's (in fit, validate, predict and serve), else 1024.
-            generate_every_n_epochs: In validation, generate answers every this many epochs and log disease
-                precision/recall/F1, JSON validity and reason ROUGE-L (0 = never). A checkpoint callback that
-                monitors one of those metrics needs 1 (checked at start).
+            generate_every_n_epochs: In fit's validations, generate answers every this many epochs and log disease
+                precision/recall/F1, JSON validity and reason ROUGE-L (0 = never). ``validate`` generates whenever
+                it is not 0. A checkpoint callback that monitors one of those metrics needs 1 (checked at start).
             val_every_n_steps: Validate every this many optimizer steps (null = Lightning's
                 ``trainer.val_check_interval``, by default once per epoch). Counted in steps, not in micro-batches
                 per process: the same setting means the same on 1 or 64 GPUs and whatever
@@ -177,20 +177,47 @@ class DiagnosisLoRA(L.LightningModule):
     # -- building the model -------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Load the base, apply LoRA and set up checkpointing, and shard the model under a ``ModelParallelStrategy``
-        (:mod:`healthai.base_model`). Lightning calls this on the target device before a checkpoint is restored (so
-        ``fit --ckpt_path`` finds the adapter's parameters in place)."""
+        """Load the base, apply LoRA (where :meth:`builds_lora`) and set up checkpointing, and shard the model under a
+        ``ModelParallelStrategy`` (:mod:`healthai.base_model`). Lightning calls this on the target device before a
+        checkpoint is restored (so ``fit --ckpt_path`` finds the adapter's parameters in place)."""
         if self.model is not None:
             return
         hp = self.hparams
         self.tokenizer = self._tokenizer()
-        self.model = apply_lora(self._load_base(), self.adapter, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
-                                hp.target_modules, hp.lora_variant, hp.lora_init)  # fmt: skip
-        self._keep_initial_lora()
+        base = self._load_base()
+        if not self.builds_lora():
+            self.model = base  # zero-shot validate or predict: the transformers model alone
+            return
+        self._wrap_in_lora(base)
         # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         precision = str(self.trainer.precision) if mesh is not None else None
-        prepare_for_training(self.model, hp.gradient_checkpointing, mesh, precision, verbose=self.global_rank == 0)
+        # How many weights train is fit's business (rank zero says it); validate, predict and serve train none.
+        verbose = self.global_rank == 0 and self._fitting()
+        prepare_for_training(self.model, hp.gradient_checkpointing, mesh, precision, verbose=verbose)
+
+    def builds_lora(self) -> bool:
+        """Whether :meth:`configure_model` wraps the base in a PEFT LoRA: to apply ``adapter_path``, or to train a new
+        one in fit. validate and predict without an adapter (zero-shot) run the transformers model alone. A new LoRA
+        starts as the identity (its B is zero), so it would only add its layers' calls, and PEFT and bitsandbytes
+        imports of several seconds. (A ``--ckpt_path`` checkpoint still gets its LoRA: :meth:`on_load_checkpoint`.)
+        A module outside a Trainer (tests, benchmarks, serve) and a sharded one are built as fit builds them."""
+        if self.adapter is not None or self._trainer is None or self.device_mesh is not None:
+            return True
+        return self._fitting()
+
+    def _fitting(self) -> bool:
+        """Whether this module runs under ``Trainer.fit`` (its LoRA trains)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+
+    def _wrap_in_lora(self, base) -> None:
+        """``self.model``: ``base`` with ``adapter_path``'s LoRA applied, or with a new one of the LoRA options."""
+        hp = self.hparams
+        self.model = apply_lora(base, self.adapter, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules,
+                                hp.lora_variant, hp.lora_init)  # fmt: skip
+        self._keep_initial_lora()
 
     def _tokenizer(self):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -221,8 +248,9 @@ class DiagnosisLoRA(L.LightningModule):
 
     @property
     def base_model(self):
-        """The transformers model inside the PEFT wrapper (LoRA layers injected in place)."""
-        return self.model.get_base_model()
+        """The transformers model: inside the PEFT wrapper (LoRA layers injected in place), or the model itself where
+        no LoRA was built (:meth:`builds_lora`)."""
+        return self.model.get_base_model() if is_lora(self.model) else self.model
 
     # -- LoRA initialisations that rewrite the base (PiSSA, OLoRA) and NEFTune: healthai.lora_variants ---------------
 
@@ -400,10 +428,17 @@ class DiagnosisLoRA(L.LightningModule):
     def on_validation_start(self) -> None:
         if self.hparams.generate_every_n_epochs > 0:
             self.check_answer_budget()
+        elif not self._fitting():
+            rank_zero_info("validate: model.generate_every_n_epochs 0: no generated answers, so val/loss alone (set it "
+                           "to 1 for disease P/R/F1, JSON validity and reason ROUGE-L)")  # fmt: skip
 
     def _generate_this_epoch(self) -> bool:
+        """Whether this validation generates answers for the answer metrics: in fit, every ``generate_every_n_epochs``
+        epochs (never in the sanity check); in validate, which has no epochs to count, whenever it is not 0."""
         n = self.hparams.generate_every_n_epochs
-        return n > 0 and (self.current_epoch + 1) % n == 0 and not self.trainer.sanity_checking
+        if n == 0 or self.trainer.sanity_checking:
+            return False
+        return not self._fitting() or (self.current_epoch + 1) % n == 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Rows the sampler repeated to keep the processes in step (EvalSampler) run through the model like the others
@@ -487,8 +522,9 @@ class DiagnosisLoRA(L.LightningModule):
     def merge_lora_for_inference(self) -> bool:
         """Fold the LoRA weights into the base weights for generation (see the ``merge_for_inference`` option and
         :func:`healthai.base_model.merge_lora`); returns whether the model is merged now. :meth:`unmerge_lora`
-        restores the trainable layers."""
-        if not self.lora_merge_allowed():
+        restores the trainable layers. A model without a LoRA (zero-shot, :meth:`builds_lora`) has nothing to merge:
+        False, and it generates with the base weights alone, as a merged one does."""
+        if not self.lora_merge_allowed() or not is_lora(self.model):
             return False
         if not self._lora_set_aside:
             self._lora_set_aside = merge_lora(self.model)
@@ -596,6 +632,11 @@ class DiagnosisLoRA(L.LightningModule):
         from healthai.resume import check_all_restored, check_checkpoint_matches, lora_settings
 
         ckpt = self.trainer.ckpt_path
+        if not is_lora(self.model):
+            # A zero-shot validate or predict given --ckpt_path: build the LoRA its weights load into (configure_model,
+            # called before, does not know of the checkpoint). Its options are the checkpoint's hyperparameters, which
+            # LightningCLI reads from it; they are compared with its record below all the same.
+            self._wrap_in_lora(self.model)
         recorded = checkpoint.get(CKPT_KEY) or {}
         check_checkpoint_matches(recorded, self.base_record(), lora_settings(self.model),
                                  dataclasses.asdict(self._prompt()), ckpt, self.hparams.allow_base_mismatch)  # fmt: skip

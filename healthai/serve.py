@@ -311,6 +311,9 @@ class DiagnosisAPI(ls.LitAPI):
         this hook LitServe would apply its own ``LIT_SERVER_API_KEY`` check, a second key.)"""
 
     def setup(self, device: str) -> None:
+        from healthai import quiet
+
+        quiet.install_unless_verbose()  # LitServe's worker is a spawned process: healthai.__main__ never ran in it
         from healthai.model import DiagnosisLoRA
 
         module = DiagnosisLoRA(gradient_checkpointing=False, **self.model_args)
