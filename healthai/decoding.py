@@ -35,9 +35,9 @@ class ParsedAnswer:
     """A model's answer, parsed. ``diseases``/``reason`` are ``None`` when ``status`` is ``failed``.
 
     ``status``: ``ok`` (strict JSON), ``repaired`` (json-repair was needed: unconstrained decoding cut by the
-    budget, or a reply that was not strict JSON), ``truncated`` (strict JSON, but the token budget closed it rather
-    than the model: the open string was ended where it stood, so diagnoses or findings may be missing), ``failed``
-    (no answer could be read).
+    budget, or a reply that was not strict JSON — also when the budget closed it), ``truncated`` (strict JSON, but the
+    token budget closed it rather than the model: the open string was ended where it stood, so diagnoses or findings
+    may be missing), ``failed`` (no answer could be read).
     """
 
     diseases: Optional[str]
@@ -120,15 +120,23 @@ def parse_answer(text: str, truncated: bool = False) -> ParsedAnswer:
     ``truncated``: the constrained decoder reports that the token budget closed this answer
     (:meth:`JsonLogitsProcessor.truncated`); the text is then valid JSON that the model did not finish, and its status
     is ``truncated``. Never guessed from a length: an answer that ends by itself at the budget is ``ok``.
+
+    Whether the text needed repair is decided first: ``repaired`` wins over ``truncated``, so that ``ok`` and
+    ``truncated`` both mean strict JSON (what ``json_valid`` and serve's chat content promise). A constrained answer
+    never needs repair; one that does (text changed after decoding) is then seen as ``repaired``, not hidden among
+    the answers the budget closed.
     """
     try:
         obj, repaired = load_answer_json(text)
         diseases, reason = answer_fields(obj)
     except (ValueError, TypeError, RecursionError) as e:
         return ParsedAnswer(None, None, status="failed", error=str(e), raw=text)
+    if repaired:
+        error = "not strict JSON (read by json-repair), and the token budget closed it" if truncated else None
+        return ParsedAnswer(diseases, reason, status="repaired", error=error, raw=text)
     if truncated:
         return ParsedAnswer(diseases, reason, status="truncated", error="the token budget closed the answer", raw=text)
-    return ParsedAnswer(diseases, reason, status="repaired" if repaired else "ok", raw=text)
+    return ParsedAnswer(diseases, reason, status="ok", raw=text)
 
 
 class JsonConstraint:

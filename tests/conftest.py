@@ -209,3 +209,39 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class FsyncLog:
+    """``os.fsync`` observed: each call's file (device and inode, so a file renamed or removed after is still known)
+    and its size when the fsync returned, in order with the events a test notes (:meth:`note`). What an fsync covered
+    is on disk; what was only written (even flushed) is in the page cache, which a killed process does not lose but a
+    power cut or kernel crash does — so durability is asserted here, not left to a kill test."""
+
+    def __init__(self, monkeypatch):
+        self.events: list[tuple[str, tuple[int, int] | None, int]] = []
+        real = os.fsync
+
+        def fsync(fd):
+            real(fd)
+            stat = os.fstat(fd)
+            self.events.append(("fsync", (stat.st_dev, stat.st_ino), stat.st_size))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    @staticmethod
+    def file_id(path: Path) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def note(self, kind: str, path: Path) -> None:
+        """Note an event (``kind``) with ``path``'s identity and size now (None and 0 where it does not exist)."""
+        file = self.file_id(path)
+        self.events.append((kind, file, os.stat(path).st_size if file is not None else 0))
+
+    def synced(self, file: tuple[int, int] | None, before: int | None = None) -> int:
+        """The most bytes of ``file`` an fsync covered among the first ``before`` events (all by default)."""
+        sizes = [size for kind, f, size in self.events[:before] if kind == "fsync" and f == file]
+        return max(sizes, default=0)

@@ -113,8 +113,26 @@ def test_validation_generation_logs_diagnosis_metrics_to_tensorboard(tmp_path, t
     assert all(0.0 <= v <= 1.0 for _, v in logged["val/json_valid"] + logged["val/truncated"])
 
 
+def training_state(trainer, pl_module) -> dict:
+    """What a resume must restore, as it stands: the LoRA weights, AdamW's state (``exp_avg``, ``exp_avg_sq``,
+    ``step`` of every parameter), the learning rate and the schedule's position."""
+    optimizer = trainer.optimizers[0]
+    clone = lambda v: v.detach().clone() if torch.is_tensor(v) else v  # noqa: E731
+    return {
+        "lora": {k: clone(v) for k, v in pl_module.state_dict().items() if "lora_" in k},
+        "adamw": {i: {k: clone(v) for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()},
+        "lr": [group["lr"] for group in optimizer.param_groups],
+        "schedule_step": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+        "global_step": trainer.global_step,
+    }
+
+
 def test_resume_mid_epoch_continues_with_the_uninterrupted_runs_batches(tmp_path, tiny_model_dir, monkeypatch):
+    """A run cut at step 3 (after last.ckpt) and resumed with ``--ckpt_path last`` is the uninterrupted run: the same
+    batches after the cut, and at the end the same LoRA weights, AdamW state (moments and step counts) and learning
+    rate (fp32 on the CPU: equal to rounding)."""
     batches: dict[str, list] = {"full": [], "resumed": []}
+    ends: dict[str, dict] = {}
     key = {"name": "full"}
 
     class BatchProbe(Callback):
@@ -122,6 +140,9 @@ def test_resume_mid_epoch_continues_with_the_uninterrupted_runs_batches(tmp_path
             if key["name"] == "crash" and trainer.global_step == 3:
                 raise RuntimeError("crash")  # mid-epoch, after last.ckpt was written at step 3
             batches[key["name"]].append((trainer.global_step, batch["input_ids"].sum().item()))
+
+        def on_train_end(self, trainer, pl_module):
+            ends[key["name"]] = training_state(trainer, pl_module)
 
     monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli: cli.trainer.callbacks.append(BatchProbe()), raising=False)
     common = ["--data.batch_size", "2", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
@@ -136,6 +157,20 @@ def test_resume_mid_epoch_continues_with_the_uninterrupted_runs_batches(tmp_path
     fit(tmp_path / "cut", tiny_model_dir, *common, "--ckpt_path", "last", records=16)
     assert [s for s, _ in batches["resumed"]] == [3, 4, 5]
     assert batches["resumed"] == batches["full"][3:6]
+
+    full, resumed = ends["full"], ends["resumed"]
+    assert full["global_step"] == resumed["global_step"] == 6 and full["schedule_step"] == resumed["schedule_step"]
+    assert full["lr"] == pytest.approx(resumed["lr"], rel=1e-6, abs=0)
+    assert full["lora"].keys() == resumed["lora"].keys() and full["adamw"].keys() == resumed["adamw"].keys()
+    assert len(full["adamw"]) == len(full["lora"])  # every LoRA weight has its AdamW state
+    for name in full["lora"]:
+        torch.testing.assert_close(resumed["lora"][name], full["lora"][name], rtol=1e-5, atol=1e-7, msg=name)
+    for i, state in full["adamw"].items():
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}, state.keys()
+        assert float(resumed["adamw"][i]["step"]) == float(state["step"]) == 6.0, i
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(resumed["adamw"][i][moment], state[moment], rtol=1e-5, atol=1e-10,
+                                       msg=f"{moment} of parameter {i}")  # fmt: skip
 
 
 class GradProbe(DiagnosisLoRA):

@@ -47,6 +47,7 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
     # 16 records, 2 ranks x batch 2 = the global batches of one process x batch 4 (the samplers build the same):
     # 4 steps per epoch. A checkpoint every 2 steps; the step-2 one, put back as last.ckpt (what a run killed after
     # step 2 leaves), is resumed with --ckpt_path last: a resume inside an epoch, with the same step count as planned.
+    # Its step-4 checkpoint is compared with the uninterrupted run's: weights, AdamW state, learning rate.
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(16))
     val = write_jsonl(tmp_path / "val.jsonl", labelled_records(4, offset=20))
     # fp32 (32-true) so that the comparison with one process is tight; validation generates (all ranks in step).
@@ -56,7 +57,7 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
     every_2 = ["--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.save_top_k", "-1"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     ckpts = tmp_path / "fsdp" / "ckpt"
-    for run, extra in enumerate((every_2, ["--ckpt_path", "last"])):
+    for run, extra in enumerate((every_2, [*every_2, "--ckpt_path", "last"])):
         args = fit_args(tmp_path, tiny_model_dir, train, val, "fsdp", 2, 4, [*fsdp, *extra])
         if run == 0:  # as a user runs it: one process, whose strategy (Lightning's launcher) starts the second rank
             result = forkserver.run(["-m", "healthai", *args], env=env, timeout=600)  # the second: a fresh interpreter
@@ -72,6 +73,11 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
             assert sorted(optimizer["state"]) == list(range(len(ckpt["state_dict"])))  # positions, as a plain run
             base_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
             assert step_2.stat().st_size < base_bytes / 20  # no base weight: well under the 78 MB base
+            (step_4,) = ckpts.glob("*step=4*.ckpt")
+            uninterrupted_state = torch.load(step_4, map_location="cpu", weights_only=False)
+            for stale in ckpts.glob("*.ckpt"):
+                if stale != step_2:
+                    stale.unlink()  # so that the checkpoints after the resume are the resumed run's own
             shutil.copy(step_2, ckpts / "last.ckpt")
             # The resume continues in this run's folder (healthai.run_folder): its adapter is rewritten there.
             uninterrupted = adapter_weights(tmp_path / "fsdp" / "tiny" / "version_0" / "adapter")
@@ -82,6 +88,20 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.allclose(resumed[key], uninterrupted[key], rtol=1e-6, atol=1e-8), key
+    # Not only the weights: AdamW's state (moments and step count of every LoRA weight) and the schedule at step 4
+    # are the uninterrupted run's (a resume that dropped the optimizer state could still land near its weights).
+    (step_4,) = ckpts.glob("*step=4*.ckpt")  # the resumed run's own (the first run's was removed before it)
+    resumed_state = torch.load(step_4, map_location="cpu", weights_only=False)
+    assert resumed_state["global_step"] == uninterrupted_state["global_step"] == 4
+    assert resumed_state["lr_schedulers"] == uninterrupted_state["lr_schedulers"]
+    (before,), (after,) = uninterrupted_state["optimizer_states"], resumed_state["optimizer_states"]
+    assert [g["lr"] for g in after["param_groups"]] == [g["lr"] for g in before["param_groups"]]
+    assert sorted(after["state"]) == sorted(before["state"]) == list(range(len(resumed_state["state_dict"])))
+    for i, state in before["state"].items():
+        assert float(after["state"][i]["step"]) == float(state["step"]) == 4.0, i
+        for moment in ("exp_avg", "exp_avg_sq"):  # tiny values (the gradients are clipped to 1e-6): relative only
+            torch.testing.assert_close(after["state"][i][moment], state[moment], rtol=1e-5, atol=0,
+                                       msg=f"{moment} of parameter {i}")  # fmt: skip
 
     # The same 4 steps in one plain process (in-process, one thread as the ranks had).
     monkeypatch.chdir(REPO)  # the config's relative paths

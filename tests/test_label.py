@@ -374,6 +374,40 @@ def test_bad_input_lines(tmp_path: Path, server: FakeOpenAIServer) -> None:
         label(LabelSettings(input=str(src), output=str(src), base_url=server.base_url, model="m"))
 
 
+def test_each_label_is_fsynced_before_the_next_reply_and_every_label_before_the_summary(
+    tmp_path: Path, server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kill test above cannot see a missing fsync (a killed process loses nothing of the page cache): observed
+    here. One request at a time, so label k is counted before request k+1 is sent; the server holds request k+1 until
+    the k labels before it are on disk (an fsync covered their lines; 3 s at most), and notes whether they were."""
+    from conftest import FsyncLog
+
+    n = 4
+    write_input(tmp_path / "in.jsonl", ["ok"] * n)
+    out = tmp_path / "out.jsonl"
+    log = FsyncLog(monkeypatch)
+
+    def synced_labels() -> int:
+        return out.read_bytes()[: log.synced(FsyncLog.file_id(out))].count(b"\n")
+
+    seen: list[tuple[int, int]] = []
+    note = server.note
+
+    def holding_note(body: dict, authorization: str):
+        before = len(server.requests)  # labels counted so far (every request here is answered at once, and good)
+        deadline = time.monotonic() + (3 if seen == [(k, k) for k in range(len(seen))] else 0)  # held once at most
+        while synced_labels() < before and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append((before, synced_labels()))
+        return note(body, authorization)
+
+    monkeypatch.setattr(server, "note", holding_note)
+    summary = run(fast_settings(tmp_path, server.base_url, concurrency=1, timeout=10.0))
+    assert seen == [(k, k) for k in range(n)], seen  # label k on disk before the reply to request k+1 was sent
+    assert summary.done == n and len(read_rows(out)) == n
+    assert log.synced(FsyncLog.file_id(out)) == out.stat().st_size  # and all of them before the summary
+
+
 @pytest.mark.slow
 def test_killed_run_is_resumed_without_duplicates(tmp_path: Path) -> None:
     """SIGKILL a real `python -m healthai label` mid-way, cut its last line, rerun: every id exactly once."""

@@ -230,3 +230,45 @@ def test_merge_for_inference_false_keeps_the_lora_layers_and_4_bit_bases_are_nev
     monkeypatch.setitem(lit.hparams, "merge_for_inference", True)
     monkeypatch.setitem(lit.hparams, "quantization", "nf4")
     assert lit.merge_lora_for_inference() is False and not lit.lora_merged()
+
+
+def test_answers_that_end_by_themselves_are_ok_and_strict_json(merge_lit, monkeypatch):
+    """Rows of the random model mostly run into the budget (``truncated``), where strict parsing is never the question.
+    Here the even rows are steered (a logits bias ahead of the JSON constraint, from the 4th step on) to end each open
+    string, so their answers end by themselves well within the budget: they must be ``ok``, and the raw text of every
+    ``ok`` row must be strict JSON (``json.loads`` as it is, nothing repaired) holding the row's fields."""
+    from healthai.batching import pad_batch
+    from healthai.encoding import prompt_ids
+    from healthai.prompts import PromptStyle
+
+    lit = merge_lit
+    quotes = torch.tensor(sorted(i for t, i in lit.tokenizer.get_vocab().items() if t.startswith('"')))
+
+    class EndStrings:
+        def __init__(self):
+            self.step = 0
+
+        def __call__(self, input_ids, scores):
+            if self.step >= 3:
+                scores[::2, quotes] += 100.0  # the grammar keeps only the quote tokens that end the string
+            self.step += 1
+            return scores
+
+    generate = lit.model.generate
+
+    def generate_steered(*args, logits_processor=None, **kwargs):
+        return generate(*args, logits_processor=[EndStrings(), *(logits_processor or [])], **kwargs)
+
+    monkeypatch.setattr(lit.model, "generate", generate_steered)
+    prompts = [prompt_ids(lit.tokenizer, PromptStyle(), r["feature_content"][:80]) for r in seed_records(4, offset=60)]
+    ids = pad_batch(prompts, lit.tokenizer.pad_token_id, "left")
+    mask = pad_batch([[1] * len(p) for p in prompts], 0, "left")
+    answers = lit.generate_answers(ids, mask)
+    assert [a.status for a in answers[::2]] == ["ok", "ok"], [(a.status, a.raw) for a in answers]
+    budget = lit.generation.budget
+    for answer in answers:
+        assert answer.status in ("ok", "truncated"), answer  # constrained: never repaired
+        parsed = json.loads(answer.raw)  # strict: every constrained answer is strict JSON, ok ones included
+        assert parsed == {"diseases": answer.diseases, "reason": answer.reason}, answer.raw
+        if answer.status == "ok":
+            assert answer.raw.endswith("}") and answer.completion_tokens < budget, answer

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_jsonl, seed_records, write_jsonl
+from conftest import REPO, FsyncLog, read_jsonl, seed_records, write_jsonl
 from healthai.cli import cli_main
 from healthai.prompts import PromptStyle
 
@@ -58,12 +58,37 @@ def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir) -> Path:
-    """A folder holding records.jsonl (6 records) and the complete zero-shot run pred.jsonl (+ its meta file)."""
+def finished_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, FsyncLog]:
+    """A folder holding records.jsonl (6 records) and the complete zero-shot run pred.jsonl (+ its meta file), in 2
+    batches (4, 2); with what was fsync'ed when, and when each batch started generating and the shards were merged."""
+    from healthai.model import DiagnosisLoRA
+    from healthai.writer import DiagnosisWriter
+
     folder = tmp_path_factory.mktemp("finished")
     src = write_jsonl(folder / "records.jsonl", short_records(6))
-    cli_main(predict_args(tiny_model_dir, src, folder / "pred.jsonl"))
-    return folder
+    shard = folder / "pred.jsonl.rank0.jsonl"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        log = FsyncLog(monkeypatch)
+        predict_step, merge = DiagnosisLoRA.predict_step, DiagnosisWriter.merge
+
+        def noting_predict_step(self, *args, **kwargs):
+            log.note("generate", shard)
+            return predict_step(self, *args, **kwargs)
+
+        def noting_merge(self, *args, **kwargs):
+            log.note("merge", shard)
+            return merge(self, *args, **kwargs)
+
+        monkeypatch.setattr(DiagnosisLoRA, "predict_step", noting_predict_step)
+        monkeypatch.setattr(DiagnosisWriter, "merge", noting_merge)
+        cli_main(predict_args(tiny_model_dir, src, folder / "pred.jsonl"))
+    return folder, log
+
+
+@pytest.fixture(scope="module")
+def finished(finished_run) -> Path:
+    """The folder of :func:`finished_run`."""
+    return finished_run[0]
 
 
 @pytest.fixture
@@ -88,6 +113,25 @@ def test_a_finished_run_leaves_rows_and_a_meta_file_naming_what_produced_them(fi
     assert meta["generation"]["max_new_tokens"] == 12 and meta["prompt"]["system"] == PromptStyle().system
     assert {"healthai", "torch", "transformers", "peft", "xgrammar"} <= set(meta["packages"])
     assert meta["inference"] == {"lora_merged": True}  # model.merge_for_inference's default
+
+
+def test_every_batch_is_fsynced_before_the_next_is_generated_and_the_merge_before_it_replaces_the_output(
+    finished_run,
+):
+    """A killed process loses nothing of the page cache, so kill tests cannot see a missing fsync: observed here. Each
+    batch's rows are on disk (an fsync covered the whole shard) before the next batch is generated and before the
+    merge; the merged output is fsync'ed (as its temporary file) before it replaces the output."""
+    folder, log = finished_run
+    marks = [(i, kind, file, size) for i, (kind, file, size) in enumerate(log.events) if kind != "fsync"]
+    assert [kind for _, kind, _, _ in marks] == ["generate", "generate", "merge"], log.events
+    (_, _, none, empty), *later = marks
+    assert none is None and empty == 0  # the first batch: no shard yet
+    shard = later[0][2]
+    assert shard is not None and all(file == shard for _, _, file, _ in later)
+    for i, kind, _, size in later:  # the second batch's start, then the merge: the shard as it stands is on disk
+        assert size > 0 and log.synced(shard, before=i) == size, (kind, size, log.events)
+    output = folder / "pred.jsonl"
+    assert log.synced(FsyncLog.file_id(output)) == output.stat().st_size > 0
 
 
 def test_same_ids_with_other_case_text_are_refused_and_overwrite_starts_over(run_dir, tiny_model_dir, capsys):
@@ -121,6 +165,37 @@ def test_other_adapter_or_settings_on_the_same_output_are_refused(run_dir, tiny_
     with pytest.raises(ValueError, match="were written with other settings") as err:
         cli_main(predict_args(tiny_model_dir, run_dir / "records.jsonl", run_dir / "pred.jsonl", *extra))
     assert expected in str(err.value) and "--writer.overwrite true" in str(err.value)
+    assert files(run_dir) == before
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("base", "base model {tiny} [{old}], now {other} [{new}]"),
+    (["--data.prompt.system", "另一个系统提示"], "prompt.system differs"),
+    (["--model.dtype", "bfloat16"], "model.dtype 'float32', now 'bfloat16'"),
+    (["--model.quantization", "nf4"], "model.quantization None, now 'nf4'"),
+], ids=["base", "prompt", "dtype", "quantization"])  # fmt: skip
+def test_a_rerun_onto_another_base_prompt_dtype_or_quantisation_is_refused_in_one_line(
+    run_dir, tiny_model_dir, change, expected, capfd, monkeypatch
+):
+    """Each setting that changes the rows refuses a rerun onto the rows already written: the base (a copy of the small
+    model with one bit of one weight flipped: same name and shapes, another model), the prompt, the dtype, the
+    quantisation. One line, exit status 2, before the model loads, nothing touched."""
+    from healthai.model import DiagnosisLoRA
+    from healthai.provenance import base_fingerprint
+    from test_fit_resume import other_base
+
+    monkeypatch.setattr(DiagnosisLoRA, "configure_model", lambda self: pytest.fail("the model was loaded"))
+    model, extra = tiny_model_dir, change
+    if change == "base":
+        model, extra = other_base(tiny_model_dir, run_dir.parent / "other-base"), []
+        expected = expected.format(tiny=tiny_model_dir, old=base_fingerprint(str(tiny_model_dir)), other=model,
+                                   new=base_fingerprint(str(model)))  # fmt: skip
+    before = files(run_dir)
+    code, err = run_main(predict_args(model, run_dir / "records.jsonl", run_dir / "pred.jsonl", *extra), capfd)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("healthai predict: error: ") and "were written with other settings (" in lines[-1]
+    assert expected in lines[-1] and "--writer.overwrite true" in lines[-1], lines[-1]
     assert files(run_dir) == before
 
 

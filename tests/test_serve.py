@@ -92,16 +92,43 @@ def request(url: str, body=None, key: str | None = KEY, timeout: float = REQUEST
         return status, raw.decode("utf-8", "replace")
 
 
-class Server:
-    """The server process, started by the fixture; :meth:`ready` waits (bounded) until it answers /health."""
+BATCH_PROBE = """\
+import os
 
-    def __init__(self, proc: Forked, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
+if os.environ.get("HEALTHAI_TEST_BATCH_LOG"):
+    from healthai import serve
+
+    _batch = serve.DiagnosisAPI.batch
+
+    def _noting_batch(self, texts):
+        with open(os.environ["HEALTHAI_TEST_BATCH_LOG"], "a", encoding="utf-8") as f:
+            f.write(f"{len(texts)}\\n")
+        return _batch(self, texts)
+
+    serve.DiagnosisAPI.batch = _noting_batch
+"""
+"""A ``sitecustomize`` for the server's processes: LitServe's model worker is a spawned interpreter (it runs site, so
+this), and nothing it answers tells how requests were batched; this notes each batch's size in a file. Only fresh
+interpreters the server starts run it (its model worker); the server's own process, forked by tests/forkserver.py
+after site ran, is unchanged."""
+
+
+class Server:
+    """The server process, started by the fixture; :meth:`ready` waits (bounded) until it answers /health.
+    ``batch_log`` gets one line per batch the model worker decodes: its number of requests (:data:`BATCH_PROBE`)."""
+
+    def __init__(self, proc: Forked, url: str, log: Path, batch_log: Path):
+        self.proc, self.url, self.log, self.batch_log = proc, url, log, batch_log
         self.deadline = time.monotonic() + START_TIMEOUT_S
         self.healthy = False
 
     def log_tail(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")[-4000:]
+
+    def batch_sizes(self) -> list[int]:
+        """The size of every batch the model worker has decoded so far, in order."""
+        text = self.batch_log.read_text(encoding="utf-8") if self.batch_log.exists() else ""
+        return [int(line) for line in text.split()]
 
     def ready(self) -> "Server":
         while not self.healthy:
@@ -122,17 +149,21 @@ def server(tmp_path_factory, tiny_model_dir, adapter, forkserver):
 
     It serves the adapter as a fit ``.ckpt``; the tests compare its answers with predict's from the adapter folder."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+    folder = tmp_path_factory.mktemp("serve")
+    log, batch_log, probe = folder / "server.log", folder / "batches.txt", folder / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(BATCH_PROBE, encoding="utf-8")
     cmd = ["-m", "healthai", "serve", "--model_name_or_path", str(tiny_model_dir),
            "--adapter_path", str(adapter.parent / "adapter.ckpt"), "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--max_batch_size", "8", "--batch_timeout", "0.05", "--max_length", "768",
            "--max_chars", str(MAX_CHARS), "--api_key_env", KEY_ENV, *GENERATION]  # fmt: skip
-    env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": os.pathsep.join([str(probe), str(REPO)]),
+           "HEALTHAI_TEST_BATCH_LOG": str(batch_log)}  # fmt: skip
     # A real process, forked (tests/forkserver.py). Own session: on teardown anything left of it can be found (and
     # killed) by its process group.
     proc = forkserver.start(cmd, env=env, stdout=log, stderr="stdout", new_session=True)
     try:
-        yield Server(proc, f"http://127.0.0.1:{port}", log)
+        yield Server(proc, f"http://127.0.0.1:{port}", log, batch_log)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -177,8 +208,11 @@ def test_concurrent_requests_are_batched_and_answer_as_predict_does(server, tiny
 
     expected = predict_rows(tiny_model_dir, adapter, records, tmp_path)  # while the server loads
     server.ready()
+    before = len(server.batch_sizes())
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(ask, records))
+    batches = server.batch_sizes()[before:]
+    assert sum(batches) == len(records) and max(batches) > 1, batches  # batched: several requests decoded together
     for record, (status, body) in zip(records, answers):
         assert status == 200, body
         assert body["id"] == record["id"]

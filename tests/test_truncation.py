@@ -37,6 +37,19 @@ def test_truncated_comes_from_the_decoder_not_from_a_length():
     assert parse_answer("not json", truncated=True).status == "failed"
 
 
+@pytest.mark.parametrize("truncated", [False, True])
+def test_an_answer_that_needed_repair_is_repaired_whether_or_not_the_budget_closed_it(truncated):
+    """Repair is checked before the budget's flag: ``ok`` and ``truncated`` both promise strict JSON, so text that
+    needed json-repair (the closing brace lost after decoding, say) is ``repaired``, never hidden as ``truncated``."""
+    for text in ('{"diseases": "2型糖尿病", "reason": "x"', '{"diseases": "2型糖尿病", "reason": "x',
+                 '{"diseases": "2型糖尿病", "reason": "x",}'):  # fmt: skip
+        answer = parse_answer(text, truncated=truncated)
+        assert (answer.status, answer.diseases, answer.reason) == ("repaired", "2型糖尿病", "x"), text
+        assert ("budget" in (answer.error or "")) == truncated
+    strict = '{"diseases": "2型糖尿病", "reason": "x"}'
+    assert parse_answer(strict, truncated=truncated).status == ("truncated" if truncated else "ok")
+
+
 def _dataset(*answer_tokens: int) -> EncodedDataset:
     """Examples whose answers (end-of-turn included) take the given numbers of tokens after a 10-token prompt."""
     return EncodedDataset([{"id": i, "input_ids": [0] * (10 + n), "prompt_len": 10}
