@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
+from rapidfuzz.distance import LCSseq
 from torchmetrics import Metric, MetricCollection
 
 from healthai.prompts import join_diseases
+
+if TYPE_CHECKING:
+    from healthai.synonyms import Normalizer
 
 PARSE_STATUSES = ("ok", "repaired", "truncated", "failed")
 """Values of a prediction row's ``parse_status`` (:class:`healthai.decoding.ParsedAnswer`); only ``ok`` counts as
@@ -97,25 +101,24 @@ def match_diseases(pred: DiseasesField, target: DiseasesField) -> DiseaseMatch:
     )
 
 
+def _match_normalized(pred: DiseasesField, target: DiseasesField, normalizer: "Normalizer") -> DiseaseMatch:
+    """:func:`match_diseases` through ``normalizer`` (one to one, exact first)."""
+    from healthai.synonyms import match_normalized
+
+    pred_items, target_items = normalize_diseases(_diseases_text(pred)), normalize_diseases(_diseases_text(target))
+    m = match_normalized(pred_items, target_items, normalizer)
+    return DiseaseMatch(m.matched, m.missed, m.extra)
+
+
 def lcs_length(a: str, b: str) -> int:
     """Length of the longest common subsequence of two strings, character by character.
 
-    Bit-parallel (Hyyrö 2004): one Python big-int word holds a DP column, so the cost is ``len(b)`` big-int steps
-    instead of ``len(a) * len(b)`` interpreted ones — reasons are hundreds of characters and evaluation runs over
-    thousands of them. The tests check it against the plain O(n·m) dynamic programme.
+    rapidfuzz's bit-parallel LCS (``rapidfuzz.distance.LCSseq``, C++): reasons are hundreds of characters and
+    evaluation runs over thousands of them. The tests check it against the plain O(n·m) dynamic programme.
     """
     if not a or not b:
         return 0
-    masks: dict[str, int] = {}
-    for i, ch in enumerate(a):
-        masks[ch] = masks.get(ch, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for ch in b:
-        u = v & masks.get(ch, 0)
-        v = ((v + u) | (v - u)) & full
-    # Each zero bit among the len(a) bits of v is one step of the LCS.
-    return len(a) - bin(v).count("1")
+    return LCSseq.similarity(a, b)
 
 
 def _reason_chars(text: str) -> str:
@@ -200,8 +203,11 @@ class DiseaseF1(AnswerMetric):
     fp: torch.Tensor
     fn: torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, normalizer: Optional["Normalizer"] = None, **kwargs: Any) -> None:
+        """``normalizer``: match names through :func:`healthai.synonyms.match_normalized` (exact matches always
+        count; see docs/evaluate.md), instead of by exact equality only."""
         super().__init__(**kwargs)
+        self.normalizer = normalizer
         for name in ("tp", "fp", "fn"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -211,7 +217,10 @@ class DiseaseF1(AnswerMetric):
             raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
         tp = fp = fn = 0
         for pred, target in zip(preds, targets):
-            m = match_diseases(pred, target)
+            if self.normalizer is None:
+                m = match_diseases(pred, target)
+            else:
+                m = _match_normalized(pred, target, self.normalizer)
             tp, fp, fn = tp + len(m.matched), fp + len(m.extra), fn + len(m.missed)
         self.tp += tp
         self.fp += fp

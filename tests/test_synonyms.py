@@ -1,0 +1,79 @@
+"""Normalised diagnosis matching (#31): synonym table, qualifier rules, one-to-one, exact always counts."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from healthai.errors import InputError
+from healthai.metrics import DiseaseF1, match_diseases, normalize_diseases
+from healthai.synonyms import DEFAULT_RULES, Normalizer, load_synonyms, match_normalized
+
+KEPT_APART = [("1型糖尿病", "2型糖尿病"), ("甲状腺功能亢进症", "甲状腺功能减退症"), ("肺炎", "肺癌"),
+              ("高血压", "低血压"), ("糖尿病", "糖尿病肾病"), ("高血压病", "低血压")]
+
+
+@pytest.mark.parametrize("a,b", KEPT_APART)
+def test_default_rules_keep_other_diseases_apart(a: str, b: str) -> None:
+    n = Normalizer()
+    assert n.canonical(a) != n.canonical(b)
+    assert match_normalized([a], [b], n).matched == []
+
+
+@pytest.mark.parametrize("rule", DEFAULT_RULES, ids=lambda r: r.name)
+def test_each_default_rule_does_its_documented_example(rule) -> None:
+    before, after = rule.example.split(" -> ")
+    assert Normalizer(rules=[rule]).canonical(before) == after
+    assert Normalizer().canonical(before) == Normalizer().canonical(after)
+
+
+def test_synonym_hit_one_to_one_and_glued_lists(tmp_path: Path) -> None:
+    path = tmp_path / "syn.tsv"
+    path.write_text("# table\n慢性肾脏病\t慢性肾病\n\n", encoding="utf-8")
+    n = Normalizer(load_synonyms(path))
+    pred = normalize_diseases("慢性肾病；原发性高血压；高血压(2级)；2型糖尿病伴血糖控制不佳")
+    ref = normalize_diseases("1、慢性肾脏病2、2型糖尿病3、高血压")
+    m = match_normalized(pred, ref, n)
+    # Two predicted names for one 高血压: the first takes it, the second is extra.
+    assert m.normalized_pairs == [("慢性肾病", "慢性肾脏病"), ("原发性高血压", "高血压"),
+                                  ("2型糖尿病伴血糖控制不佳", "2型糖尿病")]
+    assert m.extra == ["高血压(2级)"] and m.missed == []
+    assert match_normalized([], ref, n).missed == ref and match_normalized(pred, [], n).extra == pred
+    assert n.fingerprint() != Normalizer().fingerprint()
+
+
+def test_normalized_f1_never_below_exact_on_random_inputs() -> None:
+    names = ["高血压", "高血压病", "原发性高血压", "低血压", "2型糖尿病", "1型糖尿病", "糖尿病", "糖尿病肾病",
+             "肺炎", "肺癌", "慢性肾病", "慢性肾脏病", "高血压(2级)"]
+    rng = random.Random(0)
+    preds = ["；".join(rng.sample(names, rng.randint(0, 5))) for _ in range(200)]
+    refs = ["；".join(rng.sample(names, rng.randint(0, 5))) for _ in range(200)]
+    exact, norm = DiseaseF1(), DiseaseF1(normalizer=Normalizer({"慢性肾病": "慢性肾脏病"}))
+    for p, r in zip(preds, refs):
+        exact.update([p], [r])
+        norm.update([p], [r])
+        assert len(match_normalized(normalize_diseases(p), normalize_diseases(r), norm.normalizer).matched) >= len(
+            match_diseases(p, r).matched)
+    assert norm.compute()["f1"] > exact.compute()["f1"]
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("bad.tsv", "高血压\n", "bad.tsv:1"),
+    ("two.tsv", "高血压\t高血压病\n低血压\t高血压病\n", "two.tsv:2"),
+    ("bad.json", '{"高血压": "高血压病"}', "bad.json"),
+    ("syntax.json", '{"高血压": [', "syntax.json:1"),
+])
+def test_bad_synonym_file_is_refused_in_one_line(tmp_path: Path, name: str, text: str, needle: str) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        load_synonyms(path)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_json_table(tmp_path: Path) -> None:
+    path = tmp_path / "syn.json"
+    path.write_text('{"慢性肾脏病": ["慢性肾病", "CKD"]}', encoding="utf-8")
+    assert load_synonyms(path) == {"慢性肾脏病": "慢性肾脏病", "慢性肾病": "慢性肾脏病", "CKD": "慢性肾脏病"}
