@@ -20,6 +20,7 @@ from healthai.metrics import (
     normalize_diseases,
     rouge_l_char,
 )
+from healthai.synonyms import Normalizer
 
 # ---------------------------------------------------------------------------------------------- normalize_diseases
 
@@ -190,20 +191,26 @@ REASON_TARGETS = ["患者咳嗽发热", "abcd", "咳嗽", None]
 STATUSES = ["ok", "failed", "repaired", "ok"]
 
 
-def _metrics() -> tuple[DiseaseF1, JsonValidRate, ReasonRougeL]:
-    return DiseaseF1(), JsonValidRate(), ReasonRougeL()
+# The normalised metric's own predictions: a qualifier (原发性) on rank 0's record, a synonym on rank 1's.
+NORM_PREDS = ["原发性高血压；糖尿病", "", "胃炎,胃炎,肠炎", "感冒；发烧"]
 
 
-def _update(metrics: tuple[DiseaseF1, JsonValidRate, ReasonRougeL], lo: int, hi: int) -> None:
-    f1, valid, rouge = metrics
+def _metrics() -> tuple[DiseaseF1, JsonValidRate, ReasonRougeL, DiseaseF1]:
+    return DiseaseF1(), JsonValidRate(), ReasonRougeL(), DiseaseF1(normalizer=Normalizer({"发烧": "发热"}))
+
+
+def _update(metrics: tuple[DiseaseF1, JsonValidRate, ReasonRougeL, DiseaseF1], lo: int, hi: int) -> None:
+    f1, valid, rouge, norm = metrics
     f1.update(PREDS[lo:hi], TARGETS[lo:hi])
+    norm.update(NORM_PREDS[lo:hi], TARGETS[lo:hi])
     valid.update(STATUSES[lo:hi])
     rouge.update(REASON_PREDS[lo:hi], REASON_TARGETS[lo:hi])
 
 
-def _values(metrics: tuple[DiseaseF1, JsonValidRate, ReasonRougeL]) -> dict[str, float]:
-    f1, valid, rouge = metrics
+def _values(metrics: tuple[DiseaseF1, JsonValidRate, ReasonRougeL, DiseaseF1]) -> dict[str, float]:
+    f1, valid, rouge, norm = metrics
     out = {k: v.item() for k, v in f1.compute().items()}
+    out.update({f"{k}_normalized": v.item() for k, v in norm.compute().items()})
     return {**out, "json_valid_rate": valid.compute().item(), "rougeL": rouge.compute().item()}
 
 
@@ -247,6 +254,8 @@ def test_two_process_gloo_sync_equals_single_process(tmp_path: Path) -> None:
     whole = _metrics()
     _update(whole, 0, 4)
     expected = _values(whole)
+    # TP 4 (高血压 by 原发性, 感冒, 胃炎, 发热 by the table), FP 2, FN 2: the normalised rule matched across shards.
+    assert expected["f1_normalized"] == pytest.approx(8 / 12) and expected["f1"] == pytest.approx(6 / 11)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(expected)
 
