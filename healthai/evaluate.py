@@ -26,8 +26,10 @@ from healthai.errors import ConfigError, NonNegativeInt, PositiveInt, UserError,
 from healthai.errors import require_extra
 from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.metrics import PARSE_STATUSES, answer_metrics, match_diseases, rouge_l_char
+from healthai.normalized_report import normalized_section, normalized_table
 from healthai.prompts import join_diseases
 from healthai.records import id_key
+from healthai.synonyms import normalizer_from
 
 RecordId = Union[int, str]
 
@@ -257,6 +259,7 @@ def evaluate(
     top_diagnoses: PositiveInt = DEFAULT_TOP_DIAGNOSES,
     length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),
     examples: NonNegativeInt = 20,
+    synonyms: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Score predictions against references with the metrics validation logs: disease P/R/F1, JSON validity rate,
     truncated rate and reason ROUGE-L.
@@ -292,6 +295,9 @@ def evaluate(
         top_diagnoses: How many of the most frequent reference diagnoses the per-diagnosis breakdown lists.
         length_edges: Case-length bucket edges, in characters, increasing.
         examples: How many example records the HTML report shows (wrong answers first).
+        synonyms: A synonym table (TSV ``canonical<TAB>alias`` or JSON ``{canonical: [aliases]}``, docs/evaluate.md):
+            the report adds ``disease_normalized`` (exact and normalised P/R/F1, the table's fingerprint, every match
+            only the normalisation made). Without it, the default qualifier rules alone.
 
     Returns:
         The report: ``n``, ``n_predictions``, ``n_reasons``, ``disease_precision``, ``disease_recall``,
@@ -306,12 +312,15 @@ def evaluate(
     check_breakdown_options(top_diagnoses, length_edges)
     if html is not None:
         require_extra("matplotlib", extra="report", needed_by="--html")
+    normalizer = normalizer_from(synonyms)  # a bad table stops before any scoring
     scored = score(predictions, references, top_diagnoses=top_diagnoses, length_edges=length_edges)
     result = scored.report
+    result["disease_normalized"] = normalized_section(scored.refs, scored.preds.rows, normalizer)
 
     print(_table(result))
     print()
     print(breakdown_tables(result["breakdown"]))
+    print(normalized_table(result["disease_normalized"]))
     for name in ("missing", "duplicates", "unknown"):
         if result[name]:
             print(f"{name} ids: {_preview(result[name])}")

@@ -77,3 +77,25 @@ def test_json_table(tmp_path: Path) -> None:
     path = tmp_path / "syn.json"
     path.write_text('{"慢性肾脏病": ["慢性肾病", "CKD"]}', encoding="utf-8")
     assert load_synonyms(path) == {"慢性肾脏病": "慢性肾脏病", "慢性肾病": "慢性肾脏病", "CKD": "慢性肾脏病"}
+
+
+def test_evaluate_reports_exact_and_normalised_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from healthai.evaluate import evaluate
+    from tests.test_evaluate import write_jsonl
+
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "diseases": "慢性肾病；高血压病", "reason": "", "parse_status": "ok"},
+                                               {"id": 2, "diseases": "肺癌", "reason": "", "parse_status": "ok"}])
+    refs = write_jsonl(tmp_path / "r.jsonl", [{"id": 1, "diseases": "慢性肾脏病、高血压"}, {"id": 2, "diseases": "肺炎"}])
+    table = tmp_path / "syn.tsv"
+    table.write_text("慢性肾脏病\t慢性肾病\n", encoding="utf-8")
+    result = evaluate(preds, refs, synonyms=table)
+    section = result["disease_normalized"]
+    assert result["disease_f1"] == section["exact"]["f1"] == 0.0
+    assert section["normalized"]["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # 肺癌 is not 肺炎
+    assert [(m["id"], m["predicted"], m["reference"]) for m in section["normalized_matches"]] == [
+        (1, "慢性肾病", "慢性肾脏病"), (1, "高血压病", "高血压")]
+    assert section["fingerprint"] == Normalizer(load_synonyms(table)).fingerprint()
+    assert "normalised match, record 1: 慢性肾病 = 慢性肾脏病" in capsys.readouterr().out
+    table.write_text("慢性肾脏病 慢性肾病\n", encoding="utf-8")
+    with pytest.raises(InputError, match="syn.tsv:1"):
+        evaluate(preds, refs, synonyms=table)
