@@ -174,6 +174,8 @@ class AnswerMetric(Metric):
     """
 
     fields: tuple[str, ...] = ()
+    key_format: str = "{name}_{field}"
+    """How :class:`AnswerMetrics` names each field's value."""
     """The keys of the dict ``compute()`` returns (reported as ``<name>_<key>``), or ``()`` when it returns one
     tensor (reported as ``<name>``)."""
 
@@ -387,7 +389,7 @@ class AnswerMetrics(MetricCollection):
             # names() reads the fields before any compute: a metric must give exactly those.
             if not isinstance(value, dict) or list(value) != list(metric.fields):
                 raise ValueError(f"{type(metric).__name__}.compute() gave {value!r}, not the fields {metric.fields}")
-            out.update({f"{name}_{field}": value[field] for field in metric.fields})
+            out.update({metric.key_format.format(name=name, field=field): value[field] for field in metric.fields})
         return out
 
     def defined(self) -> dict[str, bool]:
@@ -398,9 +400,19 @@ class AnswerMetrics(MetricCollection):
 
 
 def _keys(name: str, metric: AnswerMetric) -> list[str]:
-    return [f"{name}_{field}" for field in metric.fields] if metric.fields else [name]
+    return [metric.key_format.format(name=name, field=field) for field in metric.fields] if metric.fields else [name]
 
 
-def answer_metrics() -> AnswerMetrics:
-    """A fresh collection of :data:`ANSWER_METRICS`, the one validation and ``evaluate`` use."""
-    return AnswerMetrics({name: make() for name, make in ANSWER_METRICS.items()})
+def answer_metrics(normalizer: Optional["Normalizer"] = None) -> AnswerMetrics:
+    """A fresh collection of :data:`ANSWER_METRICS`, the one validation and ``evaluate`` use; with ``normalizer``,
+    also ``disease_normalized`` (keys ``disease_<field>_normalized``: the normalised match beside the exact one)."""
+    metrics: dict[str, AnswerMetric] = {name: make() for name, make in ANSWER_METRICS.items()}
+    if normalizer is not None:
+        metrics["disease_normalized"] = NormalizedDiseaseF1(normalizer)
+    return AnswerMetrics(metrics)
+
+
+class NormalizedDiseaseF1(DiseaseF1):
+    """:class:`DiseaseF1` through a :class:`~healthai.synonyms.Normalizer`, reported as ``disease_<field>_normalized``."""
+
+    key_format = "disease_{field}_normalized"

@@ -56,6 +56,7 @@ class DiagnosisLoRA(L.LightningModule):
         liger_kernel: bool = False,
         allow_base_mismatch: bool = False,
         merge_for_inference: bool = True,
+        synonyms: Optional[str] = None,
     ):
         """
         Args:
@@ -111,6 +112,8 @@ class DiagnosisLoRA(L.LightningModule):
             liger_kernel: Replace the base's RoPE, RMSNorm and SwiGLU with Liger's fused Triton kernels (CUDA only;
                 ``pip install -e '.[gpu]'``); the loss stays the project's answer-only loss. Liger patches
                 transformers' Qwen2 code for the whole process, not only this model.
+            synonyms: A synonym table (docs/evaluate.md): validation also logs ``val/disease_f1_normalized``
+                (and its precision/recall) beside the exact ``val/disease_f1``; null = not logged.
             allow_base_mismatch: Apply ``adapter_path`` even to a base whose fingerprint differs from the one the
                 adapter was trained on (recorded in its ``base.json``); by default that is refused.
             merge_for_inference: In predict and serve, fold the LoRA weights into the base weights (PEFT's
@@ -170,9 +173,11 @@ class DiagnosisLoRA(L.LightningModule):
 
     def _init_metrics(self) -> None:
         from healthai.metrics import answer_metrics
+        from healthai.synonyms import normalizer_from
 
         # The collection evaluate scores with too: a metric added there is logged as val/<name>.
-        self.val_answer_metrics = answer_metrics()
+        synonyms = self.hparams.get("synonyms")
+        self.val_answer_metrics = answer_metrics(normalizer_from(synonyms) if synonyms else None)
 
     # -- building the model -------------------------------------------------------------------------------------------
 

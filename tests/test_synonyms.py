@@ -99,3 +99,15 @@ def test_evaluate_reports_exact_and_normalised_side_by_side(tmp_path: Path, caps
     table.write_text("慢性肾脏病 慢性肾病\n", encoding="utf-8")
     with pytest.raises(InputError, match="syn.tsv:1"):
         evaluate(preds, refs, synonyms=table)
+
+
+def test_answer_metrics_logs_the_normalised_f1_beside_the_exact_one() -> None:
+    from healthai.metrics import answer_metrics
+    from types import SimpleNamespace
+
+    collection = answer_metrics(Normalizer())
+    answer = SimpleNamespace(diseases="原发性高血压；肺癌", reason="", status="ok")
+    collection.update([answer], [{"diseases": "高血压；肺炎", "reason": None}])
+    got = {k: float(v) for k, v in collection.compute().items()}
+    assert got["disease_f1"] == 0.0 and got["disease_f1_normalized"] == pytest.approx(0.5)
+    assert list(got) == collection.names() and "disease_f1_normalized" not in answer_metrics().names()
