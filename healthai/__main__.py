@@ -21,6 +21,7 @@ FUNCTION_COMMANDS = {
     "label": "healthai.label:label",
     "evaluate": "healthai.evaluate:evaluate",
     "compare": "healthai.compare:compare",
+    "synonyms": "healthai.suggest:Synonyms",
     "export": "healthai.export:export",
     "serve": "healthai.serve:serve",
 }
@@ -31,7 +32,7 @@ POSITIONAL = {"compare": "systems"}
 """Commands whose bare words (not an option or its value) are the values of one list parameter:
 ``compare --references REF A.jsonl B.jsonl`` is ``compare --references REF --systems [A.jsonl, B.jsonl]``."""
 
-USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,compare,export,serve}} [--help] ...
+USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,evaluate,compare,synonyms,export,serve}} [--help] ...
 
   fit        LoRA fine-tuning (LightningCLI):      python -m healthai fit --config configs/qwen_lora.yaml
   predict    batched JSON predictions (LightningCLI): python -m healthai predict --config configs/predict.yaml
@@ -39,6 +40,7 @@ USAGE = f"""usage: python -m healthai {{{",".join(LIGHTNING_COMMANDS)},label,eva
   label      teacher labels through an OpenAI-compatible API
   evaluate   disease P/R/F1, JSON validity and reason ROUGE-L of a predictions file, with breakdowns
   compare    predictions files side by side: F1 differences with bootstrap intervals, an HTML report
+  synonyms   synonyms suggest: unmatched diagnosis pairs ranked by similarity, for the synonym table
   export     merge the LoRA adapter into the base model for serving
   serve      the model over HTTP (LitServe): /predict, OpenAI /v1/chat/completions, a page at /
 

@@ -111,3 +111,14 @@ def test_answer_metrics_logs_the_normalised_f1_beside_the_exact_one() -> None:
     got = {k: float(v) for k, v in collection.compute().items()}
     assert got["disease_f1"] == 0.0 and got["disease_f1_normalized"] == pytest.approx(0.5)
     assert list(got) == collection.names() and "disease_f1_normalized" not in answer_metrics().names()
+
+
+def test_synonyms_suggest_ranks_unmatched_pairs_and_skips_matched_ones(tmp_path: Path, capsys) -> None:
+    from healthai.suggest import Synonyms
+    from tests.test_evaluate import write_jsonl
+
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "diseases": "慢性肾病；2型糖尿病；原发性高血压", "reason": ""}])
+    refs = write_jsonl(tmp_path / "r.jsonl", [{"id": 1, "diseases": "慢性肾脏病、1型糖尿病、高血压"}])
+    rows = Synonyms().suggest(preds, refs, limit=2)
+    assert [(p, r) for _, p, r, _ in rows] == [("慢性肾病", "慢性肾脏病"), ("2型糖尿病", "1型糖尿病")]
+    assert "慢性肾病\t慢性肾脏病\t1" in capsys.readouterr().out
