@@ -24,6 +24,8 @@ from healthai.breakdown import DEFAULT_LENGTH_EDGES, DEFAULT_TOP_DIAGNOSES, Reco
 from healthai.errors import ConfigError, NonNegativeInt, OpenUnitInterval, PositiveInt, ResampleCount, UserError
 from healthai.errors import check_declared, check_output, require_extra
 from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score
+from healthai.normalized_report import normalized_records, normalized_section
+from healthai.synonyms import normalizer_from
 
 METHOD = "paired bootstrap over records, percentile interval (scipy.stats.bootstrap)"
 
@@ -184,6 +186,7 @@ def compare(
     top_diagnoses: PositiveInt = DEFAULT_TOP_DIAGNOSES,
     length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),
     examples: NonNegativeInt = 20,
+    synonyms: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Compare predictions files on the same references, side by side, with bootstrap intervals for F1 differences.
 
@@ -207,6 +210,9 @@ def compare(
         top_diagnoses: How many of the most frequent reference diagnoses the per-diagnosis breakdown lists.
         length_edges: Case-length bucket edges, in characters, increasing.
         examples: How many example records the HTML report shows (records the systems disagree on first).
+        synonyms: The synonym table of the normalised match (docs/evaluate.md): each system's report gets
+            ``disease_normalized`` and each pair a ``normalized`` difference with its own bootstrap interval (without
+            it, the default qualifier rules alone).
 
     Returns:
         ``{"references", "systems": {name: evaluate's report}, "pairs": [...]}``; each pair has ``a``, ``b``,
@@ -224,12 +230,19 @@ def compare(
         if not s.path.is_file():
             raise UserError(f"system {s.name!r}: no such predictions file: {s.path}")
 
+    normalizer = normalizer_from(synonyms)
     refs = read_references(Path(references))
     scored = [score(s.path, references, refs, top_diagnoses, length_edges) for s in specs]
-    pairs = [
-        compare_pair(specs[i].name, scored[i].records, specs[j].name, scored[j].records, resamples, seed, confidence)
-        for i, j in combinations(range(len(specs)), 2)
-    ]
+    normalized = [normalized_records(refs, sc.preds.rows, normalizer) for sc in scored]
+    pairs = []
+    for i, j in combinations(range(len(specs)), 2):
+        pair = compare_pair(specs[i].name, scored[i].records, specs[j].name, scored[j].records, resamples, seed,
+                            confidence)  # fmt: skip
+        interval = f1_difference_interval(normalized[i], normalized[j], resamples, seed, confidence)
+        pair["normalized"] = dict(zip(("difference", "ci_low", "ci_high"), interval))
+        pairs.append(pair)
+    for sc in scored:
+        sc.report["disease_normalized"] = normalized_section(refs, sc.preds.rows, normalizer)
     result = {
         "references": str(references),
         "systems": {s.name: sc.report for s, sc in zip(specs, scored)},
@@ -245,6 +258,9 @@ def compare(
                 print(f"{s.name}: {what} ids: {_preview(sc.report[what])}")
     for pair in pairs:
         print(pair_summary(pair))
+        n = pair["normalized"]
+        print(f"  normalised F1 difference (synonyms {normalizer.fingerprint()}): {_signed(n['difference'])} "
+              f"[{_signed(n['ci_low'])}, {_signed(n['ci_high'])}]")
     if report is not None:
         Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

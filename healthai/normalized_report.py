@@ -4,7 +4,7 @@ fingerprint, and every pair only the normalised rule matched (so a person can au
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 from healthai.metrics import DiseaseF1, normalize_diseases
 from healthai.synonyms import Normalizer, match_normalized
@@ -39,3 +39,23 @@ def normalized_table(section: Mapping[str, Any]) -> str:
     for m in section["normalized_matches"]:
         lines.append(f"  normalised match, record {m['id']}: {m['predicted']} = {m['reference']}")
     return "\n".join(lines)
+
+
+class NormalizedRecord(NamedTuple):
+    """One record's normalised match counts, as :func:`healthai.compare.f1_difference_interval` reads them."""
+
+    matched: list[str]
+    extra: list[str]
+    missed: list[str]
+
+
+def normalized_records(refs: Mapping[str, Any], preds: Mapping[str, Any], normalizer: Normalizer
+                       ) -> list[NormalizedRecord]:
+    """Per reference record (in ``refs`` order), its normalised match (a missing prediction is empty)."""
+    out = []
+    for key, ref in refs.items():
+        pred = preds.get(key)
+        m = match_normalized(normalize_diseases(pred.diseases if pred is not None else ""),
+                             normalize_diseases(ref.diseases), normalizer)
+        out.append(NormalizedRecord(m.matched, m.extra, m.missed))
+    return out

@@ -122,3 +122,17 @@ def test_synonyms_suggest_ranks_unmatched_pairs_and_skips_matched_ones(tmp_path:
     rows = Synonyms().suggest(preds, refs, limit=2)
     assert [(p, r) for _, p, r, _ in rows] == [("慢性肾病", "慢性肾脏病"), ("2型糖尿病", "1型糖尿病")]
     assert "慢性肾病\t慢性肾脏病\t1" in capsys.readouterr().out
+
+
+def test_compare_bootstraps_the_normalised_difference_too(tmp_path: Path) -> None:
+    from healthai.compare import compare
+    from tests.test_evaluate import write_jsonl
+
+    refs = write_jsonl(tmp_path / "r.jsonl", [{"id": i, "diseases": "高血压、肺炎"} for i in range(4)])
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": i, "diseases": "高血压；肺炎", "reason": ""} for i in range(4)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "diseases": "高血压病；肺炎", "reason": ""} for i in range(4)])
+    result = compare([f"a={a}", f"b={b}"], refs, resamples=100)
+    (pair,) = result["pairs"]
+    assert pair["difference"] == pytest.approx(-0.5)  # exact: 高血压病 is not 高血压
+    assert pair["normalized"] == {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}  # the same disease
+    assert result["systems"]["b"]["disease_normalized"]["normalized"]["f1"] == 1.0
