@@ -167,6 +167,17 @@ COUNT_LABELS = [("n", "reference records"), ("n_predictions", "records predicted
                 ("duplicates", "duplicate ids"), ("unknown", "unknown ids")]  # fmt: skip
 
 
+def normalized_rows(systems: Sequence[SystemResult]) -> list[list[str]]:
+    """Summary rows of the normalised match (docs/evaluate.md), labelled with the table's fingerprint; none when a
+    report has no ``disease_normalized``."""
+    if not all("disease_normalized" in s.report for s in systems):
+        return []
+    fingerprint = systems[0].report["disease_normalized"]["fingerprint"]
+    return [[f"disease {k} (normalised, synonyms {_e(fingerprint)})",
+             *(format_value(s.report["disease_normalized"]["normalized"][k]) for s in systems)]
+            for k in ("f1", "precision", "recall")]  # fmt: skip
+
+
 def summary_rows() -> list[tuple[str, str]]:
     """``(report key, label)`` of the summary table: disease F1 first, then every other metric of
     :func:`healthai.metrics.answer_metrics` in its order, then the counts."""
@@ -202,6 +213,8 @@ def render_html(
 
     parts.append("<h2>Summary</h2>")
     rows = [[label, *(format_value(s.report[key]) for s in systems)] for key, label in summary_rows()]
+    # The exact disease F1/P/R stay first (the headline); the normalised ones follow them, labelled.
+    rows = rows[:3] + normalized_rows(systems) + rows[3:]
     parts.append(_table(["metric", *map(_e, names)], rows, "num"))
     for s in systems:
         for what in ("missing", "duplicates", "unknown"):

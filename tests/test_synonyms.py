@@ -136,3 +136,12 @@ def test_compare_bootstraps_the_normalised_difference_too(tmp_path: Path) -> Non
     assert pair["difference"] == pytest.approx(-0.5)  # exact: 高血压病 is not 高血压
     assert pair["normalized"] == {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}  # the same disease
     assert result["systems"]["b"]["disease_normalized"]["normalized"]["f1"] == 1.0
+
+
+def test_html_summary_shows_the_normalised_rows_beside_the_exact_ones() -> None:
+    from healthai.report import SystemResult, normalized_rows
+
+    section = {"fingerprint": "abc", "normalized": {"f1": 0.75, "precision": 1.0, "recall": 0.5}}
+    rows = normalized_rows([SystemResult("a", "a.jsonl", {"disease_normalized": section}, [])])
+    assert rows[0][0] == "disease f1 (normalised, synonyms abc)" and "0.75" in rows[0][1]
+    assert normalized_rows([SystemResult("a", "a.jsonl", {}, [])]) == []
