@@ -94,6 +94,8 @@ def test_evaluate_reports_exact_and_normalised_side_by_side(tmp_path: Path, caps
     assert section["normalized"]["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # 肺癌 is not 肺炎
     assert [(m["id"], m["predicted"], m["reference"]) for m in section["normalized_matches"]] == [
         (1, "慢性肾病", "慢性肾脏病"), (1, "高血压病", "高血压")]
+    assert section["per_diagnosis"][0] == {"diagnosis": "慢性肾脏病", "support": 1, "exact_recall": 0.0,
+                                           "normalized_recall": 1.0}
     assert section["fingerprint"] == Normalizer(load_synonyms(table)).fingerprint()
     assert "normalised match, record 1: 慢性肾病 = 慢性肾脏病" in capsys.readouterr().out
     table.write_text("慢性肾脏病 慢性肾病\n", encoding="utf-8")
