@@ -121,6 +121,36 @@ def unmerge_lora(model, set_aside: list[tuple[torch.nn.Module, str, torch.nn.Mod
     model.unmerge_adapter()
 
 
+FloatBuffers = list[tuple[torch.nn.Module, str, torch.Tensor]]
+"""Each non-persistent floating buffer of a model: its module, its name and a copy of its value as built."""
+
+
+def float_buffers(model: torch.nn.Module) -> FloatBuffers:
+    """Copies of ``model``'s non-persistent floating buffers (RoPE's ``inv_freq``: computed in fp32 when the model is
+    built, never saved), taken before anything casts the module. A few kilobytes."""
+    saved = []
+    for module in model.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_floating_point():
+                saved.append((module, name, buffer.detach().clone()))
+    return saved
+
+
+def restore_float_buffers(saved: FloatBuffers) -> int:
+    """Put back each buffer of :func:`float_buffers` whose dtype a whole-module cast changed (Lightning's
+    ``bf16-true``/``16-true`` precision casts every floating tensor, so RoPE's frequencies would be rounded to bf16
+    and predict's answers would drift from validate's and serve's). The saved value, not the cast one cast back: the
+    bits lost are not recovered by casting again. Returns how many were restored (0 where nothing was cast)."""
+    restored = 0
+    for module, name, value in saved:
+        current = module._buffers.get(name)
+        if current is not None and current.dtype != value.dtype:
+            module._buffers[name] = value.to(current.device)
+            restored += 1
+    return restored
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute the base's activations in backward (non-reentrant) under the PEFT ``model``."""
     base = model.get_base_model()  # the transformers model, LoRA layers injected in place

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from healthai.adapter import Adapter, resolve_base
 from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, is_lora, load_base, merge_lora
-from healthai.base_model import prepare_for_training, unmerge_lora
+from healthai.base_model import FloatBuffers, float_buffers, prepare_for_training, restore_float_buffers, unmerge_lora
 from healthai.decoding import JsonConstraint, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
 from healthai.generation import AnswerBudget, GenerationSettings, check_answer_budget, check_label_budget
@@ -149,6 +149,8 @@ class DiagnosisLoRA(L.LightningModule):
         # PiSSA / OLoRA: the adapter's initial weights, to save it for the unmodified base (healthai.lora_variants).
         self._initial_lora: Optional[dict[str, torch.Tensor]] = None
         self._neftune_handle: Optional[torch.utils.hooks.RemovableHandle] = None
+        # RoPE's buffers as built (fp32), put back after a bf16-true / 16-true cast: see keep_buffers_as_built.
+        self._float_buffers: FloatBuffers = []
         self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
         """The adapter applied to the base (:class:`~healthai.adapter.Adapter`), or None."""
         # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
@@ -185,6 +187,7 @@ class DiagnosisLoRA(L.LightningModule):
         hp = self.hparams
         self.tokenizer = self._tokenizer()
         base = self._load_base()
+        self._float_buffers = float_buffers(base)  # before Lightning's precision plugin casts the module
         if not self.builds_lora():
             self.model = base  # zero-shot validate or predict: the transformers model alone
             return
@@ -276,9 +279,20 @@ class DiagnosisLoRA(L.LightningModule):
         rebase(self.model, self._initial_lora, recorded)
         self._initial_lora = recorded
 
+    def keep_buffers_as_built(self) -> None:
+        """bf16 weights with fp32 buffers in every command: Lightning's ``bf16-true`` precision casts the whole module
+        after :meth:`configure_model` (``convert_module`` in the strategy's set-up), RoPE's ``inv_freq`` included, which
+        rounds the rotary angles of long prompts; put the buffers back as built. Called from the first hook after that
+        set-up in fit, validate and predict; nothing to do under ``bf16-mixed`` or ``32-true``."""
+        restore_float_buffers(self._float_buffers)
+
+    def on_test_start(self) -> None:
+        self.keep_buffers_as_built()
+
     def on_fit_start(self) -> None:
         """NEFTune (``neftune_alpha``): noise on the input embeddings, added by a forward hook that acts only while
         the model is in training mode (Lightning puts it in eval mode for validation, as generation does)."""
+        self.keep_buffers_as_built()
         alpha = self.hparams.neftune_alpha
         if alpha and self._neftune_handle is None:
             from healthai.lora_variants import neftune_hook
@@ -426,6 +440,7 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def on_validation_start(self) -> None:
+        self.keep_buffers_as_built()
         if self.hparams.generate_every_n_epochs > 0:
             self.check_answer_budget()
         elif not self._fitting():
@@ -505,6 +520,7 @@ class DiagnosisLoRA(L.LightningModule):
             rank_zero_warn(f"WARNING: {message}")
 
     def on_predict_start(self) -> None:
+        self.keep_buffers_as_built()
         self.check_answer_budget()
         self.merge_lora_for_inference()
 
