@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from healthai.adapter import Adapter, resolve_base
 from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, is_lora, load_base, merge_lora
-from healthai.base_model import FloatBuffers, float_buffers, prepare_for_training, restore_float_buffers, unmerge_lora
+from healthai.base_model import FloatBuffers, SetAside, float_buffers, prepare_for_training, restore_float_buffers
+from healthai.base_model import unmerge_lora
 from healthai.decoding import JsonConstraint, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
 from healthai.generation import AnswerBudget, GenerationSettings, check_answer_budget, check_label_budget
@@ -23,6 +24,7 @@ from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
 from healthai.sharding import gathered_head, synced_generation
+from healthai.val_generation import PendingPrompt, generation_batches, left_padded, pending_from_batch, rank_share
 
 
 class DiagnosisLoRA(L.LightningModule):
@@ -50,6 +52,7 @@ class DiagnosisLoRA(L.LightningModule):
         generate_every_n_epochs: NonNegativeInt = 1,
         val_every_n_steps: Optional[PositiveInt] = None,
         val_generate_limit: NonNegativeInt = 32,
+        val_generate_batch_size: PositiveInt = 16,
         quantization: Optional[Literal["nf4"]] = None,
         random_init: bool = False,
         val_log_samples: int = 8,
@@ -100,7 +103,12 @@ class DiagnosisLoRA(L.LightningModule):
                 per process: the same setting means the same on 1 or 64 GPUs and whatever
                 ``accumulate_grad_batches``, and a validation always falls between two steps. Longer than an epoch:
                 validation runs at each epoch's end instead (with a warning).
-            val_generate_limit: Validation records generated for those metrics (a fixed subset: the first ones).
+            val_generate_limit: Validation records generated for those metrics (a fixed subset: the first ones), in
+                all: split between the processes, so the score does not depend on the GPU count.
+            val_generate_batch_size: Prompts generated together at the end of a validation (with the LoRA merged
+                into the base as predict merges it, and the base weights put back bit for bit afterwards; see
+                ``merge_for_inference``). Larger than the loss batch: decoding is cheap per row, memory is the KV
+                cache of this many rows of prompt + ``max_new_tokens``.
             quantization: ``nf4`` loads the base in 4 bit through bitsandbytes (QLoRA, for 24 GB cards).
             random_init: Build the base from its config with random weights instead of loading them (benchmarks of
                 the architecture; never for real training).
@@ -118,7 +126,8 @@ class DiagnosisLoRA(L.LightningModule):
                 tools do: the same function without the LoRA layers' extra matmuls and calls at every projection
                 (unmerged, they cost ~10-20 % of a decoding step of the small model on CPU, bench_predict.py).
                 Undone when predict ends. Not done for a 4-bit base (merging would round the adapter into the 4-bit
-                weights) nor for a sharded (FSDP) model; never in fit or validation, where the adapter trains. The
+                weights) nor for a sharded (FSDP) model. Validation generation merges too (fit's keeps a CPU copy of
+                the base weights and puts them back bit for bit before training goes on). The
                 merged weights are rounded once in ``dtype``: float32 answers are equal (tested), bf16 ones may
                 differ from unmerged at near ties, as on another GPU. ``false`` keeps the unmerged layers.
         """
@@ -141,8 +150,9 @@ class DiagnosisLoRA(L.LightningModule):
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
         # (parent module, attribute, LoRA layer) of each LoRA layer set aside by merge_lora_for_inference.
-        self._lora_set_aside: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-        self._val_generated = 0
+        self._lora_set_aside: SetAside = []
+        self._lora_originals: list[torch.Tensor] = []  # the base weights before an exact merge (CPU copies)
+        self._val_pending: list[PendingPrompt] = []  # this rank's prompts to generate at the validation's end
         self._batch_start: Optional[float] = None
         self._budget_checked = False
         self._base_record: Optional[dict[str, Any]] = None
@@ -434,7 +444,7 @@ class DiagnosisLoRA(L.LightningModule):
     # -- validation ---------------------------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        self._val_generated = 0
+        self._val_pending = []
         self._val_samples = []
         self._val_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -470,16 +480,11 @@ class DiagnosisLoRA(L.LightningModule):
         loss_sum = self.answer_loss({**batch, "labels": labels}, reduction="sum")
         self._val_loss_sum = self._val_loss_sum.to(loss_sum.device) + loss_sum.detach()
         self._val_tokens = self._val_tokens.to(loss_sum.device) + answer_tokens(labels)
-        if not self._generate_this_epoch() or self._val_generated >= self.hparams.val_generate_limit or not rows:
+        if not self._generate_this_epoch():
             return
-        rows = rows[: self.hparams.val_generate_limit - self._val_generated]
-        self._val_generated += len(rows)
-        answers = self.generate_answers(batch["prompt_ids"][rows], batch["prompt_mask"][rows])
-        refs = [batch["references"][i] for i in rows]
-        self.val_answer_metrics.update(answers, refs)
-        keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
-        for i, ref, answer in list(zip(rows, refs, answers))[:keep]:
-            self._val_samples.append(sample_row(batch["ids"][i], batch["case_texts"][i], ref, answer))
+        # Generated at the epoch's end (healthai.val_generation), this rank's share of the global limit.
+        room = rank_share(self.hparams.val_generate_limit, self.global_rank, self.trainer.world_size)
+        self._val_pending += pending_from_batch(batch, rows[: max(0, room - len(self._val_pending))])
 
     def on_validation_epoch_end(self) -> None:
         totals = torch.stack([self._val_loss_sum, self._val_tokens]).to(self.device)
@@ -489,10 +494,37 @@ class DiagnosisLoRA(L.LightningModule):
         self.log("val/loss", loss_sum / max(tokens, 1.0), prog_bar=True, sync_dist=True)
         if not self._generate_this_epoch():
             return
+        self._generate_pending()
         # compute() adds up every rank's states (a collective), so the logged values need no sync_dist.
         self.log_dict({f"val/{k}": v for k, v in self.val_answer_metrics.compute().items()}, sync_dist=False)
         self.val_answer_metrics.reset()
         self._log_val_samples()
+
+    def _generate_pending(self) -> None:
+        """Generate the prompts :meth:`validation_step` collected, in batches of ``val_generate_batch_size``, with the
+        LoRA merged and set aside as predict does; in fit the base weights are put back bit for bit afterwards."""
+        pending, self._val_pending = self._val_pending, []
+        size = self.hparams.val_generate_batch_size
+        calls = -(-len(pending) // size)
+        if synced_generation(self.model):  # sharded: every rank makes as many generate calls
+            calls = int(self.trainer.strategy.reduce(torch.tensor(calls, device=self.device),
+                                                     reduce_op=torch.distributed.ReduceOp.MAX))  # fmt: skip
+        if calls == 0:
+            return
+        answers = {}
+        merged = self.merge_lora_for_inference(exact=self._fitting())
+        try:
+            for prompts, counted in generation_batches(pending, size, calls):
+                ids, mask = left_padded(prompts, self.tokenizer.pad_token_id, self.device)
+                for prompt, answer in zip(prompts[:counted], self.generate_answers(ids, mask)):
+                    answers[id(prompt)] = answer
+        finally:
+            if merged:
+                self.unmerge_lora()
+        if pending:
+            self.val_answer_metrics.update([answers[id(p)] for p in pending], [p.reference for p in pending])
+        for p in pending[: self.hparams.val_log_samples]:  # the first records, in validation order
+            self._val_samples.append(sample_row(p.record_id, p.case_text, p.reference, answers[id(p)]))
 
     def _log_val_samples(self) -> None:
         """The sample table (see ``val_log_samples``) to TensorBoard: :func:`healthai.samples.log_samples`. Collective:
@@ -535,21 +567,22 @@ class DiagnosisLoRA(L.LightningModule):
         sharded = self.device_mesh is not None  # as configure_model decides to shard
         return hp.merge_for_inference and hp.quantization is None and not sharded
 
-    def merge_lora_for_inference(self) -> bool:
+    def merge_lora_for_inference(self, exact: bool = False) -> bool:
         """Fold the LoRA weights into the base weights for generation (see the ``merge_for_inference`` option and
         :func:`healthai.base_model.merge_lora`); returns whether the model is merged now. :meth:`unmerge_lora`
         restores the trainable layers. A model without a LoRA (zero-shot, :meth:`builds_lora`) has nothing to merge:
-        False, and it generates with the base weights alone, as a merged one does."""
+        False, and it generates with the base weights alone, as a merged one does. ``exact``: the base weights are
+        kept (on the CPU) and put back bit for bit by :meth:`unmerge_lora` (a validation in the middle of fit)."""
         if not self.lora_merge_allowed() or not is_lora(self.model):
             return False
         if not self._lora_set_aside:
-            self._lora_set_aside = merge_lora(self.model)
+            self._lora_set_aside, self._lora_originals = merge_lora(self.model, keep_originals=exact)
         return True
 
     def unmerge_lora(self) -> None:
         """Undo :meth:`merge_lora_for_inference` (the same module may go on training or validating)."""
-        unmerge_lora(self.model, self._lora_set_aside)
-        self._lora_set_aside = []
+        unmerge_lora(self.model, self._lora_set_aside, self._lora_originals)
+        self._lora_set_aside, self._lora_originals = [], []
 
     def lora_merged(self) -> bool:
         """Whether the LoRA weights are merged into the base weights and the LoRA layers out of the forward path."""
