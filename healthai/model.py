@@ -15,6 +15,7 @@ from healthai.adapter import Adapter, resolve_base
 from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, is_lora, load_base, merge_lora
 from healthai.base_model import FloatBuffers, SetAside, float_buffers, prepare_for_training, restore_float_buffers
 from healthai.base_model import unmerge_lora
+from healthai.attention_mask import training_attention_mask
 from healthai.decoding import JsonConstraint, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
 from healthai.generation import AnswerBudget, GenerationSettings, check_answer_budget, check_label_budget
@@ -329,11 +330,11 @@ class DiagnosisLoRA(L.LightningModule):
         base = self.base_model
         base.config.use_cache = False
         # A packed batch (data.packing) brings position ids that restart at each record and no attention mask:
-        # transformers then keeps attention within each record (healthai.batching.PackingCollator).
-        packed = batch.get("position_ids")
+        # transformers then keeps attention within each record (healthai.batching.PackingCollator). A right-padded
+        # batch needs no mask either (healthai.attention_mask), which keeps sdpa on its fused causal kernel.
         hidden = base.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=None if packed is not None else batch["attention_mask"],
-            position_ids=packed,
+            input_ids=batch["input_ids"], attention_mask=training_attention_mask(batch),
+            position_ids=batch.get("position_ids"),
         ).last_hidden_state  # fmt: skip
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
