@@ -26,6 +26,7 @@ from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
 from healthai.sharding import gathered_head, synced_generation
 from healthai.val_generation import PendingPrompt, generation_batches, left_padded, pending_from_batch, rank_share
+from healthai.val_generation import probe_generation_memory, probe_prompt
 
 
 class DiagnosisLoRA(L.LightningModule):
@@ -488,6 +489,8 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_pending += pending_from_batch(batch, rows[: max(0, room - len(self._val_pending))])
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking and self._fitting() and self.hparams.generate_every_n_epochs > 0:
+            self._probe_generation_memory()
         totals = torch.stack([self._val_loss_sum, self._val_tokens]).to(self.device)
         loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         # Already summed over the ranks, so every rank holds the same value (sync_dist averages equal numbers; it only
@@ -500,6 +503,18 @@ class DiagnosisLoRA(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in self.val_answer_metrics.compute().items()}, sync_dist=False)
         self.val_answer_metrics.reset()
         self._log_val_samples()
+
+    def _probe_generation_memory(self) -> None:
+        """Fit's sanity check also meets the first validation generation's memory peak (the longest prompt to
+        generate, plus the budget, at ``val_generate_batch_size``): :func:`healthai.val_generation.probe_prompt`."""
+        val_set = getattr(getattr(self.trainer, "datamodule", None), "val_set", None)
+        if val_set is None:
+            return
+        ids, rows = probe_prompt(val_set.examples, self.hparams.val_generate_limit, self.hparams.val_generate_batch_size,
+                                 self.trainer.world_size, self.generation.budget)  # fmt: skip
+        if rows:
+            self.base_model.config.use_cache = True
+            probe_generation_memory(self.model, ids, rows, self.device)
 
     def _generate_pending(self) -> None:
         """Generate the prompts :meth:`validation_step` collected, in batches of ``val_generate_batch_size``, with the

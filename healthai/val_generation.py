@@ -65,3 +65,28 @@ def generation_batches(prompts: list[PendingPrompt], batch_size: int, calls: int
     filler = chunks[-1] if chunks else [PendingPrompt([0], None, None, "")]
     for k in range(calls):
         yield (chunks[k], len(chunks[k])) if k < len(chunks) else (filler, 0)
+
+
+def probe_prompt(examples: list[dict[str, Any]], limit: int, batch_size: int, world_size: int,
+                 budget: int) -> tuple[list[int], int]:  # fmt: skip
+    """The memory probe of fit's sanity check (#30 item 5): the longest prompt among the first ``limit`` validation
+    records (the ones validation generates), followed by ``budget`` more tokens, and how many rows of it — one
+    generation batch at its largest (``batch_size``, at most rank 0's share). Its forward with the KV cache on holds
+    what the largest generation step will: a cache of prompt + budget tokens for every row. ``([], 0)`` when
+    validation generates nothing."""
+    first = examples[:limit]
+    rows = min(batch_size, rank_share(limit, 0, world_size))
+    if not first or rows == 0:
+        return [], 0
+    longest = max(first, key=lambda e: e["prompt_len"])
+    prompt = list(longest["input_ids"][: longest["prompt_len"]])
+    return prompt + [prompt[-1]] * budget, rows
+
+
+@torch.no_grad()
+def probe_generation_memory(model: torch.nn.Module, ids: list[int], rows: int, device: torch.device) -> None:
+    """One forward of ``rows`` copies of ``ids`` with the KV cache on and logits for the last position only: an out
+    of memory that the first validation's generation would meet is met here, in the first minute of fit."""
+    batch = torch.tensor([ids] * rows, dtype=torch.long, device=device)
+    out = model(input_ids=batch, use_cache=True, logits_to_keep=1)
+    del out

@@ -48,3 +48,14 @@ def test_an_exact_merge_puts_every_bf16_base_weight_back_bit_for_bit(tiny_model_
     assert after.keys() == before.keys()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
     assert not module.lora_merged() and all(not m.merged for m in module.model.modules() if hasattr(m, "merged"))
+
+
+def test_the_sanity_checks_memory_probe_is_the_largest_generation_batch_with_the_longest_prompt():
+    from healthai.val_generation import probe_prompt
+
+    examples = [{"input_ids": list(range(n + 5)), "prompt_len": n} for n in (3, 9, 4, 20)]
+    ids, rows = probe_prompt(examples, limit=3, batch_size=16, world_size=1, budget=7)
+    assert ids == list(range(9)) + [8] * 7 and rows == 3  # record 4 is past the limit: never generated
+    assert probe_prompt(examples, limit=4, batch_size=2, world_size=1, budget=1)[1] == 2  # the batch size caps it
+    assert probe_prompt(examples, limit=4, batch_size=16, world_size=2, budget=1)[1] == 2  # rank 0's share caps it
+    assert probe_prompt(examples, limit=0, batch_size=16, world_size=1, budget=1) == ([], 0)
