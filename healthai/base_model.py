@@ -92,33 +92,79 @@ def is_lora(model) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def merge_lora(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+SetAside = list[tuple[torch.nn.Module, str, torch.nn.Module]]
+"""(parent module, attribute, LoRA layer) of each LoRA layer :func:`merge_lora` took out of the forward path."""
+
+
+def merge_lora(model, keep_originals: bool = False) -> tuple[SetAside, list[torch.Tensor]]:
     """Fold the LoRA weights of ``model`` (a PEFT model) into its base weights and take each LoRA layer out of the
     forward path; returns what :func:`unmerge_lora` needs to put them back.
 
     PEFT's ``merge_adapter``, then each LoRA layer's merged base layer is put in its place (as ``merge_and_unload``
     does, but kept aside so that it can be undone): a merged PEFT layer still costs a Python call per projection and
-    step, ~5 % of a decoding step of the small model at batch 1."""
+    step, ~5 % of a decoding step of the small model at batch 1. ``keep_originals``: copy each base weight to the CPU
+    first, so that :func:`unmerge_lora` puts the very bits back (PEFT's unmerge subtracts the update again, which in
+    bf16 does not give the weights back exactly): what a validation in the middle of fit needs. The copies take host
+    memory, not accelerator memory (the 7B's linear weights: ~13 GB)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, BaseTunerLayer)]
+    originals = [layer.get_base_layer().weight.detach().to("cpu", copy=True) for _, layer in layers] if keep_originals \
+        else []  # fmt: skip
     model.merge_adapter()
     set_aside = []
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, BaseTunerLayer):
-            parent, _, attr = name.rpartition(".")
-            set_aside.append((model.get_submodule(parent), attr, layer))
-            setattr(set_aside[-1][0], attr, layer.get_base_layer())
-    return set_aside
+    for name, layer in layers:
+        parent, _, attr = name.rpartition(".")
+        set_aside.append((model.get_submodule(parent), attr, layer))
+        setattr(set_aside[-1][0], attr, layer.get_base_layer())
+    return set_aside, originals
 
 
-def unmerge_lora(model, set_aside: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
-    """Undo :func:`merge_lora` (nothing when ``set_aside`` is empty). PEFT subtracts the adapter's update again, so
-    in bf16 the base weights come back up to rounding, not bit for bit."""
+def unmerge_lora(model, set_aside: SetAside, originals: Optional[list[torch.Tensor]] = None) -> None:
+    """Undo :func:`merge_lora` (nothing when ``set_aside`` is empty): the LoRA layers back in place, and the base
+    weights copied back from ``originals`` where it kept them (bit for bit), else PEFT's unmerge (exact in fp32 only
+    up to rounding, in bf16 not at all)."""
     if not set_aside:
         return
     for parent, attr, layer in set_aside:
         setattr(parent, attr, layer)
-    model.unmerge_adapter()
+    if not originals:
+        model.unmerge_adapter()
+        return
+    with torch.no_grad():
+        for (_, _, layer), weight in zip(set_aside, originals):
+            layer.get_base_layer().weight.copy_(weight)
+            layer.merged_adapters = []  # PEFT's own record of what is merged: nothing now
+
+
+FloatBuffers = list[tuple[torch.nn.Module, str, torch.Tensor]]
+"""Each non-persistent floating buffer of a model: its module, its name and a copy of its value as built."""
+
+
+def float_buffers(model: torch.nn.Module) -> FloatBuffers:
+    """Copies of ``model``'s non-persistent floating buffers (RoPE's ``inv_freq``: computed in fp32 when the model is
+    built, never saved), taken before anything casts the module. A few kilobytes."""
+    saved = []
+    for module in model.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_floating_point():
+                saved.append((module, name, buffer.detach().clone()))
+    return saved
+
+
+def restore_float_buffers(saved: FloatBuffers) -> int:
+    """Put back each buffer of :func:`float_buffers` whose dtype a whole-module cast changed (Lightning's
+    ``bf16-true``/``16-true`` precision casts every floating tensor, so RoPE's frequencies would be rounded to bf16
+    and predict's answers would drift from validate's and serve's). The saved value, not the cast one cast back: the
+    bits lost are not recovered by casting again. Returns how many were restored (0 where nothing was cast)."""
+    restored = 0
+    for module, name, value in saved:
+        current = module._buffers.get(name)
+        if current is not None and current.dtype != value.dtype:
+            module._buffers[name] = value.to(current.device)
+            restored += 1
+    return restored
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -13,7 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from healthai.adapter import Adapter, resolve_base
 from healthai.base_model import ALL_LINEAR, apply_lora, check_liger_kernel, is_lora, load_base, merge_lora
-from healthai.base_model import prepare_for_training, unmerge_lora
+from healthai.base_model import FloatBuffers, SetAside, float_buffers, prepare_for_training, restore_float_buffers
+from healthai.base_model import unmerge_lora
+from healthai.attention_mask import training_attention_mask
 from healthai.decoding import JsonConstraint, parse_answer
 from healthai.encoding import IGNORE_INDEX, end_of_turn_id
 from healthai.generation import AnswerBudget, GenerationSettings, check_answer_budget, check_label_budget
@@ -23,6 +25,8 @@ from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
 from healthai.sharding import gathered_head, synced_generation
+from healthai.val_generation import PendingPrompt, generation_batches, left_padded, pending_from_batch, rank_share
+from healthai.val_generation import probe_generation_memory, probe_prompt
 
 
 class DiagnosisLoRA(L.LightningModule):
@@ -50,6 +54,7 @@ class DiagnosisLoRA(L.LightningModule):
         generate_every_n_epochs: NonNegativeInt = 1,
         val_every_n_steps: Optional[PositiveInt] = None,
         val_generate_limit: NonNegativeInt = 32,
+        val_generate_batch_size: PositiveInt = 16,
         quantization: Optional[Literal["nf4"]] = None,
         random_init: bool = False,
         val_log_samples: int = 8,
@@ -101,7 +106,12 @@ class DiagnosisLoRA(L.LightningModule):
                 per process: the same setting means the same on 1 or 64 GPUs and whatever
                 ``accumulate_grad_batches``, and a validation always falls between two steps. Longer than an epoch:
                 validation runs at each epoch's end instead (with a warning).
-            val_generate_limit: Validation records generated for those metrics (a fixed subset: the first ones).
+            val_generate_limit: Validation records generated for those metrics (a fixed subset: the first ones), in
+                all: split between the processes, so the score does not depend on the GPU count.
+            val_generate_batch_size: Prompts generated together at the end of a validation (with the LoRA merged
+                into the base as predict merges it, and the base weights put back bit for bit afterwards; see
+                ``merge_for_inference``). Larger than the loss batch: decoding is cheap per row, memory is the KV
+                cache of this many rows of prompt + ``max_new_tokens``.
             quantization: ``nf4`` loads the base in 4 bit through bitsandbytes (QLoRA, for 24 GB cards).
             random_init: Build the base from its config with random weights instead of loading them (benchmarks of
                 the architecture; never for real training).
@@ -121,7 +131,8 @@ class DiagnosisLoRA(L.LightningModule):
                 tools do: the same function without the LoRA layers' extra matmuls and calls at every projection
                 (unmerged, they cost ~10-20 % of a decoding step of the small model on CPU, bench_predict.py).
                 Undone when predict ends. Not done for a 4-bit base (merging would round the adapter into the 4-bit
-                weights) nor for a sharded (FSDP) model; never in fit or validation, where the adapter trains. The
+                weights) nor for a sharded (FSDP) model. Validation generation merges too (fit's keeps a CPU copy of
+                the base weights and puts them back bit for bit before training goes on). The
                 merged weights are rounded once in ``dtype``: float32 answers are equal (tested), bf16 ones may
                 differ from unmerged at near ties, as on another GPU. ``false`` keeps the unmerged layers.
         """
@@ -144,14 +155,17 @@ class DiagnosisLoRA(L.LightningModule):
         self.tokenizer = None
         self._constraint: Optional[JsonConstraint] = None
         # (parent module, attribute, LoRA layer) of each LoRA layer set aside by merge_lora_for_inference.
-        self._lora_set_aside: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-        self._val_generated = 0
+        self._lora_set_aside: SetAside = []
+        self._lora_originals: list[torch.Tensor] = []  # the base weights before an exact merge (CPU copies)
+        self._val_pending: list[PendingPrompt] = []  # this rank's prompts to generate at the validation's end
         self._batch_start: Optional[float] = None
         self._budget_checked = False
         self._base_record: Optional[dict[str, Any]] = None
         # PiSSA / OLoRA: the adapter's initial weights, to save it for the unmodified base (healthai.lora_variants).
         self._initial_lora: Optional[dict[str, torch.Tensor]] = None
         self._neftune_handle: Optional[torch.utils.hooks.RemovableHandle] = None
+        # RoPE's buffers as built (fp32), put back after a bf16-true / 16-true cast: see keep_buffers_as_built.
+        self._float_buffers: FloatBuffers = []
         self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
         """The adapter applied to the base (:class:`~healthai.adapter.Adapter`), or None."""
         # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
@@ -190,6 +204,7 @@ class DiagnosisLoRA(L.LightningModule):
         hp = self.hparams
         self.tokenizer = self._tokenizer()
         base = self._load_base()
+        self._float_buffers = float_buffers(base)  # before Lightning's precision plugin casts the module
         if not self.builds_lora():
             self.model = base  # zero-shot validate or predict: the transformers model alone
             return
@@ -281,9 +296,20 @@ class DiagnosisLoRA(L.LightningModule):
         rebase(self.model, self._initial_lora, recorded)
         self._initial_lora = recorded
 
+    def keep_buffers_as_built(self) -> None:
+        """bf16 weights with fp32 buffers in every command: Lightning's ``bf16-true`` precision casts the whole module
+        after :meth:`configure_model` (``convert_module`` in the strategy's set-up), RoPE's ``inv_freq`` included, which
+        rounds the rotary angles of long prompts; put the buffers back as built. Called from the first hook after that
+        set-up in fit, validate and predict; nothing to do under ``bf16-mixed`` or ``32-true``."""
+        restore_float_buffers(self._float_buffers)
+
+    def on_test_start(self) -> None:
+        self.keep_buffers_as_built()
+
     def on_fit_start(self) -> None:
         """NEFTune (``neftune_alpha``): noise on the input embeddings, added by a forward hook that acts only while
         the model is in training mode (Lightning puts it in eval mode for validation, as generation does)."""
+        self.keep_buffers_as_built()
         alpha = self.hparams.neftune_alpha
         if alpha and self._neftune_handle is None:
             from healthai.lora_variants import neftune_hook
@@ -310,11 +336,11 @@ class DiagnosisLoRA(L.LightningModule):
         base = self.base_model
         base.config.use_cache = False
         # A packed batch (data.packing) brings position ids that restart at each record and no attention mask:
-        # transformers then keeps attention within each record (healthai.batching.PackingCollator).
-        packed = batch.get("position_ids")
+        # transformers then keeps attention within each record (healthai.batching.PackingCollator). A right-padded
+        # batch needs no mask either (healthai.attention_mask), which keeps sdpa on its fused causal kernel.
         hidden = base.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=None if packed is not None else batch["attention_mask"],
-            position_ids=packed,
+            input_ids=batch["input_ids"], attention_mask=training_attention_mask(batch),
+            position_ids=batch.get("position_ids"),
         ).last_hidden_state  # fmt: skip
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
@@ -425,12 +451,13 @@ class DiagnosisLoRA(L.LightningModule):
     # -- validation ---------------------------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        self._val_generated = 0
+        self._val_pending = []
         self._val_samples = []
         self._val_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def on_validation_start(self) -> None:
+        self.keep_buffers_as_built()
         if self.hparams.generate_every_n_epochs > 0:
             self.check_answer_budget()
         elif not self._fitting():
@@ -460,18 +487,15 @@ class DiagnosisLoRA(L.LightningModule):
         loss_sum = self.answer_loss({**batch, "labels": labels}, reduction="sum")
         self._val_loss_sum = self._val_loss_sum.to(loss_sum.device) + loss_sum.detach()
         self._val_tokens = self._val_tokens.to(loss_sum.device) + answer_tokens(labels)
-        if not self._generate_this_epoch() or self._val_generated >= self.hparams.val_generate_limit or not rows:
+        if not self._generate_this_epoch():
             return
-        rows = rows[: self.hparams.val_generate_limit - self._val_generated]
-        self._val_generated += len(rows)
-        answers = self.generate_answers(batch["prompt_ids"][rows], batch["prompt_mask"][rows])
-        refs = [batch["references"][i] for i in rows]
-        self.val_answer_metrics.update(answers, refs)
-        keep = max(0, self.hparams.val_log_samples - len(self._val_samples))
-        for i, ref, answer in list(zip(rows, refs, answers))[:keep]:
-            self._val_samples.append(sample_row(batch["ids"][i], batch["case_texts"][i], ref, answer))
+        # Generated at the epoch's end (healthai.val_generation), this rank's share of the global limit.
+        room = rank_share(self.hparams.val_generate_limit, self.global_rank, self.trainer.world_size)
+        self._val_pending += pending_from_batch(batch, rows[: max(0, room - len(self._val_pending))])
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking and self._fitting() and self.hparams.generate_every_n_epochs > 0:
+            self._probe_generation_memory()
         totals = torch.stack([self._val_loss_sum, self._val_tokens]).to(self.device)
         loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         # Already summed over the ranks, so every rank holds the same value (sync_dist averages equal numbers; it only
@@ -479,10 +503,49 @@ class DiagnosisLoRA(L.LightningModule):
         self.log("val/loss", loss_sum / max(tokens, 1.0), prog_bar=True, sync_dist=True)
         if not self._generate_this_epoch():
             return
+        self._generate_pending()
         # compute() adds up every rank's states (a collective), so the logged values need no sync_dist.
         self.log_dict({f"val/{k}": v for k, v in self.val_answer_metrics.compute().items()}, sync_dist=False)
         self.val_answer_metrics.reset()
         self._log_val_samples()
+
+    def _probe_generation_memory(self) -> None:
+        """Fit's sanity check also meets the first validation generation's memory peak (the longest prompt to
+        generate, plus the budget, at ``val_generate_batch_size``): :func:`healthai.val_generation.probe_prompt`."""
+        val_set = getattr(getattr(self.trainer, "datamodule", None), "val_set", None)
+        if val_set is None:
+            return
+        ids, rows = probe_prompt(val_set.examples, self.hparams.val_generate_limit, self.hparams.val_generate_batch_size,
+                                 self.trainer.world_size, self.generation.budget)  # fmt: skip
+        if rows:
+            self.base_model.config.use_cache = True
+            probe_generation_memory(self.model, ids, rows, self.device)
+
+    def _generate_pending(self) -> None:
+        """Generate the prompts :meth:`validation_step` collected, in batches of ``val_generate_batch_size``, with the
+        LoRA merged and set aside as predict does; in fit the base weights are put back bit for bit afterwards."""
+        pending, self._val_pending = self._val_pending, []
+        size = self.hparams.val_generate_batch_size
+        calls = -(-len(pending) // size)
+        if synced_generation(self.model):  # sharded: every rank makes as many generate calls
+            calls = int(self.trainer.strategy.reduce(torch.tensor(calls, device=self.device),
+                                                     reduce_op=torch.distributed.ReduceOp.MAX))  # fmt: skip
+        if calls == 0:
+            return
+        answers = {}
+        merged = self.merge_lora_for_inference(exact=self._fitting())
+        try:
+            for prompts, counted in generation_batches(pending, size, calls):
+                ids, mask = left_padded(prompts, self.tokenizer.pad_token_id, self.device)
+                for prompt, answer in zip(prompts[:counted], self.generate_answers(ids, mask)):
+                    answers[id(prompt)] = answer
+        finally:
+            if merged:
+                self.unmerge_lora()
+        if pending:
+            self.val_answer_metrics.update([answers[id(p)] for p in pending], [p.reference for p in pending])
+        for p in pending[: self.hparams.val_log_samples]:  # the first records, in validation order
+            self._val_samples.append(sample_row(p.record_id, p.case_text, p.reference, answers[id(p)]))
 
     def _log_val_samples(self) -> None:
         """The sample table (see ``val_log_samples``) to TensorBoard: :func:`healthai.samples.log_samples`. Collective:
@@ -510,6 +573,7 @@ class DiagnosisLoRA(L.LightningModule):
             rank_zero_warn(f"WARNING: {message}")
 
     def on_predict_start(self) -> None:
+        self.keep_buffers_as_built()
         self.check_answer_budget()
         self.merge_lora_for_inference()
 
@@ -524,21 +588,22 @@ class DiagnosisLoRA(L.LightningModule):
         sharded = self.device_mesh is not None  # as configure_model decides to shard
         return hp.merge_for_inference and hp.quantization is None and not sharded
 
-    def merge_lora_for_inference(self) -> bool:
+    def merge_lora_for_inference(self, exact: bool = False) -> bool:
         """Fold the LoRA weights into the base weights for generation (see the ``merge_for_inference`` option and
         :func:`healthai.base_model.merge_lora`); returns whether the model is merged now. :meth:`unmerge_lora`
         restores the trainable layers. A model without a LoRA (zero-shot, :meth:`builds_lora`) has nothing to merge:
-        False, and it generates with the base weights alone, as a merged one does."""
+        False, and it generates with the base weights alone, as a merged one does. ``exact``: the base weights are
+        kept (on the CPU) and put back bit for bit by :meth:`unmerge_lora` (a validation in the middle of fit)."""
         if not self.lora_merge_allowed() or not is_lora(self.model):
             return False
         if not self._lora_set_aside:
-            self._lora_set_aside = merge_lora(self.model)
+            self._lora_set_aside, self._lora_originals = merge_lora(self.model, keep_originals=exact)
         return True
 
     def unmerge_lora(self) -> None:
         """Undo :meth:`merge_lora_for_inference` (the same module may go on training or validating)."""
-        unmerge_lora(self.model, self._lora_set_aside)
-        self._lora_set_aside = []
+        unmerge_lora(self.model, self._lora_set_aside, self._lora_originals)
+        self._lora_set_aside, self._lora_originals = [], []
 
     def lora_merged(self) -> bool:
         """Whether the LoRA weights are merged into the base weights and the LoRA layers out of the forward path."""

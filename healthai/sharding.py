@@ -154,6 +154,14 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
             param.data.copy_(value)
 
 
+def evaluate_under_no_grad(trainer) -> None:
+    """Run ``trainer``'s validate, test and predict loops under ``torch.no_grad`` rather than ``inference_mode``
+    (#30 item 8): FSDP2's unshard may not support inference tensors; Lightning does this for its FSDP1 strategy only
+    (``_no_grad_context``), not for ``ModelParallelStrategy``. Fit's own validation already runs under ``no_grad``."""
+    for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop):
+        loop.inference_mode = False
+
+
 class LoRAFSDPStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` set up for fully sharded LoRA: every process is one data-parallel shard
     (no tensor parallelism), the model is sharded by ``DiagnosisLoRA.configure_model`` (:func:`shard_model`), and a
@@ -168,6 +176,10 @@ class LoRAFSDPStrategy(ModelParallelStrategy):
     def __init__(self, process_group_backend: Optional[str] = None, timeout: Optional[timedelta] = default_pg_timeout):
         super().__init__(save_distributed_checkpoint=False, process_group_backend=process_group_backend,
                          timeout=timeout)  # fmt: skip
+
+    def setup(self, trainer) -> None:
+        evaluate_under_no_grad(trainer)  # standalone validate / predict: FSDP2 under no_grad, not inference_mode
+        super().setup(trainer)
 
     def setup_environment(self) -> None:
         if getattr(self.lightning_module.hparams, "quantization", None):  # before any process group or weights

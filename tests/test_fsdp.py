@@ -142,3 +142,15 @@ def test_fsdp_refuses_a_quantized_base_before_loading_it(tmp_path, tiny_model_di
                   "--model.dtype", "bfloat16", "--model.model_name_or_path", str(tiny_model_dir),
                   "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert not torch.distributed.is_initialized()
+
+
+def test_the_fsdp_strategy_evaluates_under_no_grad_not_inference_mode():
+    # #30 item 8: FSDP2's unshard under inference_mode; Lightning switches to no_grad for FSDP1 only.
+    import lightning as L
+
+    from healthai.sharding import evaluate_under_no_grad
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert trainer.validate_loop.inference_mode and trainer.predict_loop.inference_mode
+    evaluate_under_no_grad(trainer)
+    assert not any(loop.inference_mode for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop))

@@ -118,3 +118,21 @@ def test_answer_loss_equals_transformers_own_loss_on_a_padded_batch(tiny_model_d
         total = lit.answer_loss(batch, reduction="sum")
     assert torch.allclose(got, expected, rtol=1e-5)
     assert torch.allclose(total, expected * answer_tokens(batch["labels"]), rtol=1e-5)
+
+
+def test_a_frozen_fp32_head_is_cast_to_the_autocast_dtype_once_not_per_call():
+    # QLoRA: prepare_model_for_kbit_training leaves the head fp32 while autocast computes in bf16 (#30 item 7).
+    from healthai.loss import cast_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(6, 16, requires_grad=True), torch.randint(0, 50, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = head_cross_entropy(hidden, head, targets)
+        copy = cast_head(head.weight, torch.bfloat16)
+        assert copy.dtype == torch.bfloat16 and cast_head(head.weight, torch.bfloat16) is copy  # cached
+        assert torch.equal(head_cross_entropy(hidden, head, targets), first)
+        with torch.no_grad():
+            head.weight.mul_(2)  # changed in place: cast again
+        assert cast_head(head.weight, torch.bfloat16) is not copy
+        assert torch.equal(cast_head(head.weight, torch.bfloat16), head.weight.to(torch.bfloat16))
