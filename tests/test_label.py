@@ -597,3 +597,14 @@ def test_ctrl_c_stops_with_130(tmp_path: Path, server: FakeOpenAIServer, capsys:
     written = len(read_rows(out))
     assert 2 <= written < n
     assert f"rerun the same command to label the {n - written} left" in capsys.readouterr().out
+
+
+def test_redactor_scrubs_url_encoded_keys_and_any_bearer() -> None:
+    """#29 item 2: a key echoed URL-encoded (``%2F``, ``%2B``) is scrubbed, and ``Bearer …`` whatever the key."""
+    import urllib.parse
+
+    key = "sk-ab/cd+ef=gh ij"
+    redact = Redactor(key)
+    for form in (urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key), key):
+        assert redact(f"GET /v1?api_key={form} 401") == "GET /v1?api_key=*** 401"
+    assert Redactor("EMPTY")("Authorization: Bearer sk-ab7x") == "Authorization: Bearer ***"
