@@ -47,10 +47,11 @@ from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl,
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
 from healthai.records import read_records
-from healthai.redact import Redactor
+from healthai.redact import MIN_SECRET_CHARS, Redactor
 from healthai.teacher import (
     FATAL_STATUSES,
     BadResponseError,
+    MissingApiKeyError,
     PauseGate,
     api_key_from_env,
     attempts_of,
@@ -465,6 +466,11 @@ async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) 
     prints, writes, raises and returns is scrubbed of the key (:class:`~healthai.redact.Redactor`).
     """
     api_key = api_key if api_key is not None else api_key_from_env()
+    if len(api_key) < MIN_SECRET_CHARS:  # too short to scrub without garbling every message: never sent (#29 item 2)
+        raise MissingApiKeyError(
+            f"the API key has {len(api_key)} characters, under {MIN_SECRET_CHARS}: too short to keep out of messages "
+            f"and files safely; for a local server that needs none, use a dummy such as 'no-key-needed'"
+        )
     redactor = Redactor(api_key)
     with redactor.guard():
         summary = await _label_pending(settings, api_key, redactor)

@@ -608,3 +608,13 @@ def test_redactor_scrubs_url_encoded_keys_and_any_bearer() -> None:
     for form in (urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key), key):
         assert redact(f"GET /v1?api_key={form} 401") == "GET /v1?api_key=*** 401"
     assert Redactor("EMPTY")("Authorization: Bearer sk-ab7x") == "Authorization: Bearer ***"
+
+
+def test_short_key_is_refused_before_any_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """#29 item 2: a key under 8 characters cannot be scrubbed safely, so it is never used: one line, no request."""
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-ab7x")
+    write_input(tmp_path / "in.jsonl", ["ok"])
+    with pytest.raises(MissingApiKeyError, match="7 characters, under 8") as caught:
+        run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
+    assert "sk-ab7x" not in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out.jsonl").exists()
