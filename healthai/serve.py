@@ -50,6 +50,7 @@ from litserve.specs.openai import ChatCompletionChunk, ChatCompletionRequest, Ch
 from litserve.specs.openai import OpenAISpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
+from healthai import accesslog
 from healthai.decoding import ParsedAnswer
 from healthai.generation import GenerationSettings
 from healthai.errors import ConfigError, NonNegativeFloat, PositiveInt, UnprivilegedPort, check_declared
@@ -573,4 +574,5 @@ def serve(
     print(f"serve: http://{host}:{port}/  (POST {PREDICT_PATH}, POST /v1/chat/completions, GET /health); "
           f"API key {'required, from $' + api_key_env if api_key else 'off'}", flush=True)  # fmt: skip
     _stop_on_sigterm()
+    accesslog.install()  # no ?api_key=KEY written verbatim (#29 item 2)
     server.run(host=host, port=port, log_level=log_level, generate_client_file=False)

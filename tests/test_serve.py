@@ -538,3 +538,18 @@ def test_predict_payload_answers_400_for_deep_nesting_and_lone_surrogates(body: 
     with pytest.raises(HTTPException) as caught:
         predict_payload(body, 1000)
     assert caught.value.status_code == 400 and "\n" not in caught.value.detail
+
+
+def test_access_log_scrubs_query_string_values() -> None:
+    """#29 item 2: ``?api_key=KEY`` in a request line is not written verbatim to serve's access log."""
+    import logging
+
+    from healthai import accesslog
+
+    accesslog.install()
+    record = logging.LogRecord(accesslog.ACCESS_LOGGER, logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/health?api_key=sk-secret%2Bkey&x=1", "1.1", 401), None)  # fmt: skip
+    for f in logging.getLogger(accesslog.ACCESS_LOGGER).filters:
+        f.filter(record)
+    line = record.getMessage()
+    assert "sk-secret" not in line and '"GET /health?api_key=***&x=*** HTTP/1.1" 401' in line
