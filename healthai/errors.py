@@ -32,7 +32,10 @@ class ConfigError(UserError, ValueError):
 HalfOpenUnitInterval = restricted_number_type(
     "HalfOpenUnitInterval", float, [(">=", 0), ("<", 1)], docstring="float restricted to be ≥0 and <1"
 )
-ResampleCount = restricted_number_type("ResampleCount", int, (">=", 100), docstring="int restricted to be ≥100")
+# The upper bound: a billion resamples ran for hours in silence (#29 item 12); a million already pins a 95% interval.
+ResampleCount = restricted_number_type(
+    "ResampleCount", int, [(">=", 100), ("<=", 1_000_000)], docstring="int restricted to be ≥100 and ≤1000000"
+)
 UnprivilegedPort = restricted_number_type(
     "UnprivilegedPort", int, [(">=", 1024), ("<=", 65535)], docstring="int restricted to be ≥1024 and ≤65535"
 )
