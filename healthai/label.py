@@ -42,7 +42,8 @@ import openai
 from tqdm import tqdm
 
 from healthai.decoding import answer_fields, load_answer_json
-from healthai.errors import NonNegativeInt, PositiveFloat, PositiveInt, check_declared, check_output
+from healthai.errors import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TeacherTemperature
+from healthai.errors import check_declared, check_output
 from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
@@ -122,7 +123,7 @@ class LabelSettings:
     exponential backoff with jitter, honouring Retry-After); other 4xx fail the record at once."""
     timeout: PositiveFloat = 120.0
     """Seconds allowed for one request."""
-    temperature: float = 0.2
+    temperature: TeacherTemperature = 0.2
     """Sampling temperature of the teacher."""
     max_tokens: PositiveInt = 1024
     """Most tokens the teacher may write per reply; a reply cut at this limit counts as failed."""
@@ -141,6 +142,11 @@ class LabelSettings:
 
     def __post_init__(self) -> None:
         check_declared(LabelSettings, vars(self), "--")  # the CLI checks these too; this is for Python callers
+        # Without a scheme the client retried each record for seconds before failing (#29 item 12).
+        if not self.base_url.lower().startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--base_url {self.base_url}: not an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)"
+            )
 
 
 @dataclass(frozen=True)

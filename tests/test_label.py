@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import signal
 import subprocess
@@ -618,3 +619,15 @@ def test_short_key_is_refused_before_any_request(tmp_path: Path, monkeypatch: py
         run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
     assert "sk-ab7x" not in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"temperature": -0.5}, "--temperature"),
+    ({"temperature": 2.5}, "--temperature"),
+    ({"base_url": "127.0.0.1:8000/v1"}, "--base_url 127.0.0.1:8000/v1: not an http:// or https:// URL"),
+])  # fmt: skip
+def test_label_options_out_of_range_are_refused_at_start(tmp_path: Path, overrides: dict, message: str) -> None:
+    """#29 item 12: a temperature out of [0, 2] was sent unchecked, a URL without a scheme retried for seconds."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        fast_settings(tmp_path, overrides.pop("base_url", "http://127.0.0.1:9/v1"), **overrides)
+    assert "\n" not in str(caught.value)
