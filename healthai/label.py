@@ -477,6 +477,9 @@ async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) 
             f"the API key has {len(api_key)} characters, under {MIN_SECRET_CHARS}: too short to keep out of messages "
             f"and files safely; for a local server that needs none, use a dummy such as 'no-key-needed'"
         )
+    if not api_key.isascii():  # an HTTP header cannot carry it: httpx raised a traceback on the first request
+        raise MissingApiKeyError("the API key holds non-ASCII characters (a paste gone wrong?): an HTTP header cannot "
+                                 "carry it; set the key exactly as the provider gave it")  # fmt: skip
     redactor = Redactor(api_key)
     with redactor.guard():
         summary = await _label_pending(settings, api_key, redactor)

@@ -619,6 +619,10 @@ def test_short_key_is_refused_before_any_request(tmp_path: Path, monkeypatch: py
         run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
     assert "sk-ab7x" not in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "out.jsonl").exists()
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-密钥-0123456789")  # #29 item 12: a non-ASCII key was a traceback
+    with pytest.raises(MissingApiKeyError, match="non-ASCII") as caught:
+        run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
+    assert "密钥" not in str(caught.value)
 
 
 @pytest.mark.parametrize("overrides,message", [
