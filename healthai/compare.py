@@ -181,7 +181,7 @@ def compare(
     report: Optional[Path] = None,
     html: Optional[Path] = None,
     resamples: ResampleCount = 10000,
-    seed: int = 0,
+    seed: NonNegativeInt = 0,
     confidence: OpenUnitInterval = 0.95,
     top_diagnoses: PositiveInt = DEFAULT_TOP_DIAGNOSES,
     length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),

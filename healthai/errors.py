@@ -32,12 +32,19 @@ class ConfigError(UserError, ValueError):
 HalfOpenUnitInterval = restricted_number_type(
     "HalfOpenUnitInterval", float, [(">=", 0), ("<", 1)], docstring="float restricted to be ≥0 and <1"
 )
-ResampleCount = restricted_number_type("ResampleCount", int, (">=", 100), docstring="int restricted to be ≥100")
+# The upper bound: a billion resamples ran for hours in silence (#29 item 12); a million already pins a 95% interval.
+ResampleCount = restricted_number_type(
+    "ResampleCount", int, [(">=", 100), ("<=", 1_000_000)], docstring="int restricted to be ≥100 and ≤1000000"
+)
+# OpenAI's range for a chat completion's temperature; an OpenAI-compatible server takes the same.
+TeacherTemperature = restricted_number_type(
+    "TeacherTemperature", float, [(">=", 0), ("<=", 2)], docstring="float restricted to be ≥0 and ≤2"
+)
 UnprivilegedPort = restricted_number_type(
     "UnprivilegedPort", int, [(">=", 1024), ("<=", 65535)], docstring="int restricted to be ≥1024 and ≤65535"
 )
 RESTRICTED_TYPES = (PositiveInt, NonNegativeInt, PositiveFloat, NonNegativeFloat, ClosedUnitInterval,
-                    OpenUnitInterval, HalfOpenUnitInterval, ResampleCount, UnprivilegedPort)  # fmt: skip
+                    OpenUnitInterval, HalfOpenUnitInterval, ResampleCount, TeacherTemperature, UnprivilegedPort)  # fmt: skip
 
 for _kind in RESTRICTED_TYPES:
     # Parsed values come back as plain int / float (checked all the same): a `PositiveInt(4)` in a model's

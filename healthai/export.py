@@ -69,12 +69,16 @@ def first_records(path: Path, n: int) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (pass --records FILE.jsonl)")
     records: list[dict[str, Any]] = []
+    first_line: dict[str, int] = {}  # id (as text: 5 and "5" are one id) -> its line
     for line_no, obj, error in iter_jsonl(path):
         if len(records) == n:
             break
         error = error or check_record(obj, labelled=False)
+        if error is None and str(obj["id"]) in first_line:  # a repeated id compares one record twice (#29 item 12)
+            error = f"id {obj['id']!r} repeats line {first_line[str(obj['id'])]}"
         if error is not None:
             raise BadRecordError(path, line_no, error)
+        first_line[str(obj["id"])] = line_no
         records.append(obj)
     if not records:
         raise ValueError(f"{path}: no records")

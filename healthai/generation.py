@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from healthai.errors import ConfigError, PositiveInt, UserError, check_declared
+from healthai.errors import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UserError
+from healthai.errors import check_declared
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 """The budget when neither the settings nor an adapter give one: room for a reason of several hundred characters
@@ -56,10 +57,10 @@ class GenerationSettings:
 
     max_new_tokens: Optional[PositiveInt] = None
     do_sample: bool = False
-    temperature: float = 0.7
+    temperature: NonNegativeFloat = 0.7  # ranges checked at start, not by a traceback in generate (#29 item 12)
     top_p: float = 0.8
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    top_k: NonNegativeInt = 0
+    repetition_penalty: PositiveFloat = 1.0
     constrained: bool = True
 
     def __post_init__(self) -> None:

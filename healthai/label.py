@@ -42,15 +42,17 @@ import openai
 from tqdm import tqdm
 
 from healthai.decoding import answer_fields, load_answer_json
-from healthai.errors import NonNegativeInt, PositiveFloat, PositiveInt, check_declared, check_output
+from healthai.errors import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TeacherTemperature
+from healthai.errors import check_declared, check_output
 from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
 from healthai.records import read_records
-from healthai.redact import Redactor
+from healthai.redact import MIN_SECRET_CHARS, Redactor
 from healthai.teacher import (
     FATAL_STATUSES,
     BadResponseError,
+    MissingApiKeyError,
     PauseGate,
     api_key_from_env,
     attempts_of,
@@ -121,7 +123,7 @@ class LabelSettings:
     exponential backoff with jitter, honouring Retry-After); other 4xx fail the record at once."""
     timeout: PositiveFloat = 120.0
     """Seconds allowed for one request."""
-    temperature: float = 0.2
+    temperature: TeacherTemperature = 0.2
     """Sampling temperature of the teacher."""
     max_tokens: PositiveInt = 1024
     """Most tokens the teacher may write per reply; a reply cut at this limit counts as failed."""
@@ -140,6 +142,11 @@ class LabelSettings:
 
     def __post_init__(self) -> None:
         check_declared(LabelSettings, vars(self), "--")  # the CLI checks these too; this is for Python callers
+        # Without a scheme the client retried each record for seconds before failing (#29 item 12).
+        if not self.base_url.lower().startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--base_url {self.base_url}: not an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)"
+            )
 
 
 @dataclass(frozen=True)
@@ -465,6 +472,14 @@ async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) 
     prints, writes, raises and returns is scrubbed of the key (:class:`~healthai.redact.Redactor`).
     """
     api_key = api_key if api_key is not None else api_key_from_env()
+    if len(api_key) < MIN_SECRET_CHARS:  # too short to scrub without garbling every message: never sent (#29 item 2)
+        raise MissingApiKeyError(
+            f"the API key has {len(api_key)} characters, under {MIN_SECRET_CHARS}: too short to keep out of messages "
+            f"and files safely; for a local server that needs none, use a dummy such as 'no-key-needed'"
+        )
+    if not api_key.isascii():  # an HTTP header cannot carry it: httpx raised a traceback on the first request
+        raise MissingApiKeyError("the API key holds non-ASCII characters (a paste gone wrong?): an HTTP header cannot "
+                                 "carry it; set the key exactly as the provider gave it")  # fmt: skip
     redactor = Redactor(api_key)
     with redactor.guard():
         summary = await _label_pending(settings, api_key, redactor)

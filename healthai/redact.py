@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import re
 import sys
+import urllib.parse
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
@@ -40,6 +41,10 @@ class Redactor:
 
     def __init__(self, secret: str):
         self._secret = secret if len(secret) >= MIN_SECRET_CHARS else None
+        # The forms a server or a URL echoes the key in (``%2F``, ``%2B``, ``+`` for a space), longest first so a
+        # form that contains another is replaced whole.
+        forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+        self._forms = sorted(forms, key=len, reverse=True)
         n = MIN_FRAGMENT_CHARS
         # Every n-character window of the key (a fragment of n or more characters contains one), looked up only in
         # runs of n or more of the key's own characters: a case record's Chinese text has few such runs.
@@ -47,9 +52,12 @@ class Redactor:
         self._runs = re.compile("[" + "".join(re.escape(c) for c in sorted(set(secret))) + "]{%d,}" % n)
 
     def __call__(self, text: str) -> str:
+        # A Bearer token is scrubbed whatever the key's length (#29 item 2): the header is a secret by its name.
+        text = BEARER_RE.sub("Bearer ***", text)
         if self._secret is None:
             return text
-        text = BEARER_RE.sub("Bearer ***", text.replace(self._secret, "***"))
+        for form in self._forms:
+            text = text.replace(form, "***")
         return self._scrub_fragments(text)
 
     def _scrub_fragments(self, text: str) -> str:

@@ -50,6 +50,7 @@ from litserve.specs.openai import ChatCompletionChunk, ChatCompletionRequest, Ch
 from litserve.specs.openai import OpenAISpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
+from healthai import accesslog
 from healthai.decoding import ParsedAnswer
 from healthai.generation import GenerationSettings
 from healthai.errors import ConfigError, NonNegativeFloat, PositiveInt, UnprivilegedPort, check_declared
@@ -133,12 +134,28 @@ def check_case(text: Any, max_chars: int, field: str = "feature_content") -> str
     return text
 
 
+def _refuse_lone_surrogates(obj: Any) -> None:
+    """400 for a string holding a lone surrogate (``"\\ud800"``): JSON lets it through, UTF-8 cannot encode it, so
+    it would fail later as a 500 (#29 item 10). Only the top level and its direct values are strings we use."""
+    values = obj.values() if isinstance(obj, dict) else [obj]
+    for value in values:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise HTTPException(400, f"the body is not valid JSON text: lone surrogate {e.object[e.start]!r} "
+                                         f"at character {e.start}") from None  # fmt: skip
+
+
 def predict_payload(body: bytes, max_chars: int) -> dict[str, Any]:
     """The validated ``/predict`` body: ``{"feature_content": str}`` plus ``id`` if given (int or string)."""
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPException(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # deeply nested arrays/objects under the size limit (#29 item 10): the client's mistake
+        raise HTTPException(400, "the body is not valid JSON: nested too deeply") from None
+    _refuse_lone_surrogates(obj)
     if not isinstance(obj, dict):
         got = type(obj).__name__
         raise HTTPException(400, f'the body must be a JSON object {{"feature_content": "..."}}, got {got}')
@@ -557,4 +574,5 @@ def serve(
     print(f"serve: http://{host}:{port}/  (POST {PREDICT_PATH}, POST /v1/chat/completions, GET /health); "
           f"API key {'required, from $' + api_key_env if api_key else 'off'}", flush=True)  # fmt: skip
     _stop_on_sigterm()
+    accesslog.install()  # no ?api_key=KEY written verbatim (#29 item 2)
     server.run(host=host, port=port, log_level=log_level, generate_client_file=False)

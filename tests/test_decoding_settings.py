@@ -135,3 +135,15 @@ def test_predict_warns_at_start_up_when_the_budget_is_below_the_adapters_labels(
               "--writer.output_path", str(tmp_path / "q.jsonl")])  # fmt: skip
     meta = json.loads((tmp_path / "q.jsonl.meta.json").read_text(encoding="utf-8"))
     assert meta["generation"]["max_new_tokens"] == 40
+
+
+@pytest.mark.parametrize("option,value", [("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+                                          ("temperature", -0.1), ("top_k", -1)])  # fmt: skip
+def test_generation_options_out_of_range_are_one_line(option, value):
+    """#29 item 12: these were tracebacks inside generate; now a ConfigError (exit 2) naming the option."""
+    from healthai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"generation.{option}") as caught:
+        GenerationSettings(**{option: value})
+    assert "\n" not in str(caught.value)
+    GenerationSettings(temperature=0.0, top_k=0, repetition_penalty=1.05)  # the edges and Qwen's own stay valid

@@ -77,3 +77,17 @@ def test_a_non_empty_folder_needs_overwrite_which_leaves_no_stale_file(pair, tmp
     # Exactly a fresh export's files: the merged weights, config, generation config, tokenizer and prompt.
     assert set(files(out)) == {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                                "tokenizer_config.json", "chat_template.jinja", "prompt.json"}  # fmt: skip
+
+
+def test_parity_records_with_a_repeated_id_are_refused(tmp_path):
+    """#29 item 12: ``--records`` with a repeated id (``5`` and ``"5"`` too) checked one record twice; now refused."""
+    from healthai.export import first_records
+    from healthai.jsonl import BadRecordError
+
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, [{"id": 5, "feature_content": "甲"}, {"id": 6, "feature_content": "乙"},
+                       {"id": "5", "feature_content": "丙"}])  # fmt: skip
+    with pytest.raises(BadRecordError, match="repeats line 1") as caught:
+        first_records(path, 8)
+    assert ":3" in str(caught.value)
+    assert [r["id"] for r in first_records(path, 2)] == [5, 6]  # only the lines needed are read

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -597,3 +598,40 @@ def test_ctrl_c_stops_with_130(tmp_path: Path, server: FakeOpenAIServer, capsys:
     written = len(read_rows(out))
     assert 2 <= written < n
     assert f"rerun the same command to label the {n - written} left" in capsys.readouterr().out
+
+
+def test_redactor_scrubs_url_encoded_keys_and_any_bearer() -> None:
+    """#29 item 2: a key echoed URL-encoded (``%2F``, ``%2B``) is scrubbed, and ``Bearer …`` whatever the key."""
+    import urllib.parse
+
+    key = "sk-ab/cd+ef=gh ij"
+    redact = Redactor(key)
+    for form in (urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key), key):
+        assert redact(f"GET /v1?api_key={form} 401") == "GET /v1?api_key=*** 401"
+    assert Redactor("EMPTY")("Authorization: Bearer sk-ab7x") == "Authorization: Bearer ***"
+
+
+def test_short_key_is_refused_before_any_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """#29 item 2: a key under 8 characters cannot be scrubbed safely, so it is never used: one line, no request."""
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-ab7x")
+    write_input(tmp_path / "in.jsonl", ["ok"])
+    with pytest.raises(MissingApiKeyError, match="7 characters, under 8") as caught:
+        run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
+    assert "sk-ab7x" not in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out.jsonl").exists()
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-密钥-0123456789")  # #29 item 12: a non-ASCII key was a traceback
+    with pytest.raises(MissingApiKeyError, match="non-ASCII") as caught:
+        run(fast_settings(tmp_path, "http://127.0.0.1:9/v1"))
+    assert "密钥" not in str(caught.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"temperature": -0.5}, "--temperature"),
+    ({"temperature": 2.5}, "--temperature"),
+    ({"base_url": "127.0.0.1:8000/v1"}, "--base_url 127.0.0.1:8000/v1: not an http:// or https:// URL"),
+])  # fmt: skip
+def test_label_options_out_of_range_are_refused_at_start(tmp_path: Path, overrides: dict, message: str) -> None:
+    """#29 item 12: a temperature out of [0, 2] was sent unchecked, a URL without a scheme retried for seconds."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        fast_settings(tmp_path, overrides.pop("base_url", "http://127.0.0.1:9/v1"), **overrides)
+    assert "\n" not in str(caught.value)

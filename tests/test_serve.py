@@ -523,3 +523,33 @@ def test_the_model_worker_generates_with_the_lora_merged_unless_told_not_to(tiny
                        MAX_CHARS, 1, 0.0, merge_for_inference=merge)  # fmt: skip
     api.setup("cpu")
     assert api.module.lora_merged() is merge
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 3000 + b"]" * 3000,  # nested 3,000 deep, far under the size limit
+    json.dumps({"feature_content": "\ud800abc"}).encode(),  # a lone surrogate: valid JSON, not encodable text
+])  # fmt: skip
+def test_predict_payload_answers_400_for_deep_nesting_and_lone_surrogates(body: bytes) -> None:
+    """#29 item 10: both were 500s; each is one line and a 400."""
+    from fastapi import HTTPException
+
+    from healthai.serve import predict_payload
+
+    with pytest.raises(HTTPException) as caught:
+        predict_payload(body, 1000)
+    assert caught.value.status_code == 400 and "\n" not in caught.value.detail
+
+
+def test_access_log_scrubs_query_string_values() -> None:
+    """#29 item 2: ``?api_key=KEY`` in a request line is not written verbatim to serve's access log."""
+    import logging
+
+    from healthai import accesslog
+
+    accesslog.install()
+    record = logging.LogRecord(accesslog.ACCESS_LOGGER, logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/health?api_key=sk-secret%2Bkey&x=1", "1.1", 401), None)  # fmt: skip
+    for f in logging.getLogger(accesslog.ACCESS_LOGGER).filters:
+        f.filter(record)
+    line = record.getMessage()
+    assert "sk-secret" not in line and '"GET /health?api_key=***&x=*** HTTP/1.1" 401' in line
