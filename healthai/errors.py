@@ -8,6 +8,7 @@ its traceback. ``HEALTHAI_DEBUG=1`` shows the traceback of user errors too.
 from __future__ import annotations
 
 import collections.abc
+import math
 import re
 import types
 import typing
@@ -46,10 +47,27 @@ UnprivilegedPort = restricted_number_type(
 RESTRICTED_TYPES = (PositiveInt, NonNegativeInt, PositiveFloat, NonNegativeFloat, ClosedUnitInterval,
                     OpenUnitInterval, HalfOpenUnitInterval, ResampleCount, TeacherTemperature, UnprivilegedPort)  # fmt: skip
 
+
+
+def _finite(value: Any) -> Any:
+    """``value`` unchanged unless it is a non-finite number: `inf` passes `v>0`, and a run with an infinite
+    learning rate writes an adapter of NaNs (#29 item 5)."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+    else:
+        number = value
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"{value} is not a finite number")
+    return value
+
+
 for _kind in RESTRICTED_TYPES:
     # Parsed values come back as plain int / float (checked all the same): a `PositiveInt(4)` in a model's
     # hyperparameters would be pickled into checkpoints and written to hparams.yaml as a Python object tag.
-    register_type(_kind, _kind._type, deserializer=lambda value, kind=_kind: kind._type(kind(value)))
+    register_type(_kind, _kind._type, deserializer=lambda value, kind=_kind: kind._type(kind(_finite(value))))
 
 
 def check_declared(owner: Callable[..., Any], values: Mapping[str, Any], prefix: str = "") -> None:
@@ -71,7 +89,7 @@ def check_value(option: str, value: Any, hint: Any) -> None:
     args = typing.get_args(hint)
     if hint in RESTRICTED_TYPES:
         try:
-            hint(value)
+            hint(_finite(value))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{option}: Not of type {hint.__name__}: {e}") from None
     elif typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:

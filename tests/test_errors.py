@@ -335,6 +335,8 @@ def test_help_shows_each_options_range(command, option, declared, capsys) -> Non
      "v<=1"),
     (["predict", "--data.val_fraction", "1"],
      'data.val_fraction: Not of type HalfOpenUnitInterval: 1 does not conform to restriction v>=0 and v<1'),
+    (["fit", "--model.learning_rate", "inf"], 'model.learning_rate: Not of type NonNegativeFloat: inf is not a finite number'),
+    (["fit", "--model.learning_rate", "nan"], 'model.learning_rate: Not of type NonNegativeFloat: nan is not a finite number'),
 ])  # fmt: skip
 def test_a_value_out_of_its_declared_range_is_one_line_naming_the_option(argv, message, capfd, monkeypatch) -> None:
     monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
