@@ -22,28 +22,32 @@ MEMORISED = [
 ``\\n`` as the official examples hold them) and a diagnosis list of 88 characters."""
 
 
-def run_args(tmp_path: Path, name: str) -> list[str]:
+def run_args(tmp_path: Path, name: str, checkpoints: bool = True) -> list[str]:
+    """Keep the run under ``tmp_path``; ``checkpoints=False`` for a config with no checkpoint callback (demo.yaml)."""
     runs = str(tmp_path / name)
-    return ["--trainer.default_root_dir", runs, "--trainer.logger.init_args.save_dir", runs,
-            "--trainer.callbacks.dirpath", f"{runs}/ckpt", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    ckpt = ["--trainer.callbacks.dirpath", f"{runs}/ckpt"] if checkpoints else []
+    return ["--trainer.default_root_dir", runs, "--trainer.logger.init_args.save_dir", runs, *ckpt,
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
 
 
 def adapter_of(tmp_path: Path, name: str) -> Path:
-    (adapter,) = (tmp_path / name).glob("tiny/version_*/adapter")
+    (adapter,) = (tmp_path / name).glob("*/version_*/adapter")
     return adapter
 
 
 @pytest.mark.slow
 def test_a_model_that_learned_answers_with_escapes_writes_them_back_exactly(tmp_path, tiny_model_dir, monkeypatch):
-    """The small model overfits three labels (~20 s); predict with its adapter — the budget it saved, no decoding
-    option given — writes each answer back character for character, parse_status ok."""
+    """The small model overfits three labels with the demo's memorisation settings (configs/demo.yaml: LoRA r 32,
+    constant LR 0.03; 35 steps, 30 are enough here); predict with its adapter — the budget it saved, no decoding
+    option given — writes each answer back character for character, parse_status ok. The records are cut to their
+    first 80 characters: the answers are what is tested, and the step cost falls with the prompt."""
     monkeypatch.chdir(REPO)
-    rows = [{**r, "diseases": d, "reason": x} for r, (d, x) in zip(seed_records(3, offset=10), MEMORISED)]
+    rows = [{**r, "feature_content": r["feature_content"][:80], "diseases": d, "reason": x}
+            for r, (d, x) in zip(seed_records(3, offset=10), MEMORISED)]  # fmt: skip
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    cli_main(["fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-              "--data.train_file", str(data), "--data.val_file", str(data), *run_args(tmp_path, "runs"),
-              "--model.generate_every_n_epochs", "0", "--trainer.max_epochs", "60", "--data.batch_size", "3",
-              "--model.learning_rate", "0.02", "--model.lora_r", "16", "--model.lora_alpha", "32",
+    cli_main(["fit", "--config", "configs/demo.yaml", "--model.model_name_or_path", str(tiny_model_dir),
+              "--data.train_file", str(data), "--data.val_file", str(data), *run_args(tmp_path, "runs", checkpoints=False),
+              "--trainer.max_epochs", "35", "--trainer.limit_val_batches", "0", "--data.batch_size", "3",
               "--data.max_length", "512"])  # fmt: skip
     out = tmp_path / "pred.jsonl"
     cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
