@@ -322,7 +322,7 @@ def evaluate(
         ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``truncated_rate`` (every metric of
         :func:`~healthai.metrics.answer_metrics`), ``parse_status`` (rows scored per status, every one
         of :data:`~healthai.metrics.PARSE_STATUSES`), ``missing``, ``duplicates``, ``unknown``, ``tp``, ``fp``,
-        ``fn``, ``breakdown`` and the two input paths.
+        ``fn``, ``breakdown``, ``disease_normalized``, ``disease_judge`` (with a judge) and the two input paths.
     """
     # Options and output paths are checked before any scoring work, so a mistake costs nothing.
     _check_outputs(predictions, references, report, per_record, html)

@@ -33,13 +33,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from tqdm import tqdm
+
 from healthai.decoding import load_answer_json
 from healthai.errors import ConfigError, check_output
-from healthai.jsonl import DurableAppender, iter_jsonl, recover_jsonl
+from healthai.jsonl import BadRecordError, DurableAppender, iter_jsonl, recover_jsonl
 from healthai.prompts import JUDGE_LIST_NAMES, judge_messages
 from healthai.records import id_key
 from healthai.redact import Redactor
@@ -171,10 +174,23 @@ def read_cache(path: Path) -> dict[str, frozenset[tuple[int, int]]]:
     ``file:line``."""
     recover_jsonl(path, key="key")
     answers = {}
-    for _, row, error in iter_jsonl(path) if path.exists() else ():
+    for line_no, row, error in iter_jsonl(path) if path.exists() else ():
         if error is None:
-            answers[row["key"]] = frozenset((int(i), int(j)) for i, j in row["pairs"])
+            answers[row["key"]] = _cached_pairs(path, line_no, row)
     return answers
+
+
+def _cached_pairs(path: Path, line_no: int, row: dict) -> frozenset[tuple[int, int]]:
+    """One cache row's pairs, checked against its own lists (a hand-edited row must not score a wrong match);
+    :class:`~healthai.jsonl.BadRecordError` naming ``file:line`` otherwise."""
+    a, b, pairs = row.get("a"), row.get("b"), row.get("pairs")
+    ok = isinstance(a, list) and isinstance(b, list) and isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p) and 0 <= p[0] < len(a)
+        and 0 <= p[1] < len(b) for p in pairs)  # fmt: skip
+    if not ok:
+        raise BadRecordError(path, line_no, "not a judge cache row (\"a\", \"b\" and index \"pairs\" within them); "
+                                            "delete the line or the file to ask again")  # fmt: skip
+    return frozenset((i, j) for i, j in pairs)
 
 
 class JudgeRun(TeacherRun):
@@ -215,12 +231,16 @@ class JudgeRun(TeacherRun):
         if outcome is None:
             return
         if isinstance(outcome, Failed):
+            if self.bar is not None:
+                self.bar.update(1)
             self.failures[key] = outcome
             self.note_give_up(outcome)
             self.log(f"judge: record {q.id!r} failed: {outcome.reason}")
             return
         self.note_success()
         self.answers[key] = outcome
+        if self.bar is not None:
+            self.bar.update(1)
         assert self.cache is not None
         self.cache.add({"key": key, "id": q.id, "model": self.model, "a": list(q.a), "b": list(q.b),
                         "pairs": sorted(outcome)})  # fmt: skip
@@ -236,9 +256,12 @@ async def ask_all(settings: JudgeSettings, api_key: str, redactor: Redactor, que
     try:
         settings.cache.parent.mkdir(parents=True, exist_ok=True)
         run.cache = DurableAppender(settings.cache, "a", redactor.writer)
+        # On a terminal only (tqdm's disable=None): a report's output stays free of it.
+        run.bar = tqdm(total=len(pending), unit="q", desc="judge", disable=None, file=sys.stderr)
         try:
             await run_workers(run, pending)
         finally:
+            run.bar.close()
             await run.cache.aclose()
     finally:
         await client.close()

@@ -15,6 +15,7 @@ from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from healthai.__main__ import main  # noqa: E402
 from healthai.evaluate import evaluate  # noqa: E402
+from healthai.jsonl import BadRecordError  # noqa: E402
 from healthai.judge import parse_judge_reply  # noqa: E402
 from healthai.report import SystemResult, judge_rows  # noqa: E402
 
@@ -131,6 +132,15 @@ def test_fatal_answer_stops_the_judge_and_the_key_stays_out(tmp_path: Path, serv
     captured = capsys.readouterr()
     for text in (captured.out, captured.err, *(p.read_text(encoding="utf-8") for p in tmp_path.rglob("*.json*"))):
         assert KEY not in text
+
+
+def test_bad_cache_line_stops_naming_it(tmp_path: Path, server: FakeOpenAIServer) -> None:
+    (tmp_path / "out").mkdir()
+    rows = ['{"key": "k1", "a": ["x"], "b": ["y"], "pairs": [[0, 5]]}', '{"key": "k2", "a": [], "b": [], "pairs": []}']
+    (tmp_path / "out" / "report.judge.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(BadRecordError, match=r"report\.judge\.jsonl:1: not a judge cache row"):
+        run_evaluate(tmp_path, server, PREDICTIONS)
+    assert server.requests == []
 
 
 def test_parse_judge_reply() -> None:
