@@ -1,5 +1,5 @@
-"""A large model as a second opinion on the diagnosis match: ``evaluate --judge_base_url URL --judge_model M``: how it is asked
-(this module) and how its answers are scored (:mod:`healthai.judge_report`).
+"""A large model as a second opinion on the diagnosis match, ``evaluate --judge_base_url URL --judge_model M``: how it
+is asked (this module) and how its answers are scored (:mod:`healthai.judge_report`).
 
 Exact and normalised matching (:mod:`healthai.metrics`, :mod:`healthai.synonyms`) are deterministic and auditable and
 stay the headline; the judge is reported beside them as its own section (``disease_judge``), never in their place.

@@ -144,6 +144,7 @@ def judge_section(refs: Mapping[str, Any], preds: Mapping[str, Any], settings: J
         "asked": run.asked,
         "cache": str(settings.cache),
         "stopped": run.state.aborted,
+        "signal": run.state.signal,
         "matches": tally.matches,
         "failed": tally.failed,
     }  # fmt: skip
@@ -167,9 +168,10 @@ def judge_table(section: Mapping[str, Any]) -> str:
 
 
 def check_judged(section: Optional[Mapping[str, Any]]) -> None:
-    """Exit with status 1 (after the report is written) when any record's judgement failed: the judge's numbers
-    are then incomplete, and a rerun asks the failed questions again."""
+    """Exit (after the report is written) when any record's judgement failed: the judge's numbers are then
+    incomplete, and a rerun asks the failed questions again. Status 1, or 128 + the signal after SIGTERM / SIGINT
+    (the shell's convention, as ``label``)."""
     if section and section["failed"]:
         print(f"judge: {len(section['failed'])} record(s) could not be judged (listed in the report's disease_judge; "
               f"they count by exact matches only); rerun the same command to ask them again", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(128 + section["signal"] if section["signal"] else 1)

@@ -17,6 +17,7 @@ from healthai.__main__ import main  # noqa: E402
 from healthai.evaluate import evaluate  # noqa: E402
 from healthai.jsonl import BadRecordError  # noqa: E402
 from healthai.judge import parse_judge_reply  # noqa: E402
+from healthai.judge_report import check_judged  # noqa: E402
 from healthai.report import SystemResult, judge_rows  # noqa: E402
 
 KEY = "sk-healthai-JUDGELEAK-51e27f3a9c"
@@ -141,6 +142,14 @@ def test_bad_cache_line_stops_naming_it(tmp_path: Path, server: FakeOpenAIServer
     with pytest.raises(BadRecordError, match=r"report\.judge\.jsonl:1: not a judge cache row"):
         run_evaluate(tmp_path, server, PREDICTIONS)
     assert server.requests == []
+
+
+@pytest.mark.parametrize("signal, status", [(None, 1), (15, 143), (2, 130)])
+def test_incomplete_judgement_exit_status(signal, status) -> None:
+    check_judged({"failed": [], "signal": None})  # nothing failed: no exit
+    with pytest.raises(SystemExit) as info:
+        check_judged({"failed": [{"id": 1, "reason": "not asked: interrupted"}], "signal": signal})
+    assert info.value.code == status
 
 
 def test_parse_judge_reply() -> None:
