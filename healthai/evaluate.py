@@ -22,9 +22,12 @@ from healthai.breakdown import (
     format_value,
     score_record,
 )
-from healthai.errors import ConfigError, NonNegativeInt, PositiveInt, UserError, check_declared, check_output
+from healthai.errors import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, UserError, check_declared
+from healthai.errors import check_output
 from healthai.errors import require_extra
 from healthai.jsonl import BadRecordError, iter_jsonl
+from healthai.judge import judge_settings
+from healthai.judge_report import check_judged, judge_section, judge_table
 from healthai.metrics import PARSE_STATUSES, answer_metrics, match_diseases, rouge_l_char
 from healthai.normalized_report import normalized_section, normalized_table
 from healthai.prompts import join_diseases
@@ -260,6 +263,11 @@ def evaluate(
     length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),
     examples: NonNegativeInt = 20,
     synonyms: Optional[Path] = None,
+    judge_base_url: Optional[str] = None,
+    judge_model: Optional[str] = None,
+    judge_concurrency: PositiveInt = 8,
+    judge_max_retries: NonNegativeInt = 5,
+    judge_timeout: PositiveFloat = 120.0,
 ) -> dict[str, Any]:
     """Score predictions against references with the metrics validation logs: disease P/R/F1, JSON validity rate,
     truncated rate and reason ROUGE-L.
@@ -298,13 +306,23 @@ def evaluate(
         synonyms: A synonym table (TSV ``canonical<TAB>alias`` or JSON ``{canonical: [aliases]}``, docs/evaluate.md):
             the report adds ``disease_normalized`` (exact and normalised P/R/F1, the table's fingerprint, every match
             only the normalisation made). Without it, the default qualifier rules alone.
+        judge_base_url: OpenAI-compatible endpoint of a large model asked, per record and in both orders, which
+            predicted names name the same disease as which reference names (docs/evaluate.md): the report adds
+            ``disease_judge`` (judge P/R/F1, the agreement of the two orders), a second opinion beside the headline.
+            Needs ``judge_model`` and ``report`` (answers are cached beside it); the API key is read from
+            $HEALTHAI_API_KEY or $OPENAI_API_KEY, as ``label`` reads it. Exits with status 1 when a record could not
+            be judged.
+        judge_model: The judge model's name, e.g. qwen2.5-72b-instruct.
+        judge_concurrency: Judge requests kept in flight at once.
+        judge_max_retries: Retries per judge request after 408, 409, 429, 5xx, a timeout or a dropped connection.
+        judge_timeout: Seconds allowed for one judge request.
 
     Returns:
         The report: ``n``, ``n_predictions``, ``n_reasons``, ``disease_precision``, ``disease_recall``,
         ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``truncated_rate`` (every metric of
         :func:`~healthai.metrics.answer_metrics`), ``parse_status`` (rows scored per status, every one
         of :data:`~healthai.metrics.PARSE_STATUSES`), ``missing``, ``duplicates``, ``unknown``, ``tp``, ``fp``,
-        ``fn``, ``breakdown`` and the two input paths.
+        ``fn``, ``breakdown``, ``disease_normalized``, ``disease_judge`` (with a judge) and the two input paths.
     """
     # Options and output paths are checked before any scoring work, so a mistake costs nothing.
     _check_outputs(predictions, references, report, per_record, html)
@@ -313,14 +331,21 @@ def evaluate(
     if html is not None:
         require_extra("matplotlib", extra="report", needed_by="--html")
     normalizer = normalizer_from(synonyms)  # a bad table stops before any scoring
+    judge = judge_settings(judge_base_url, judge_model, report, {"--predictions": predictions, "--references":
+                           references, "--per_record": per_record, "--html": html}, judge_concurrency,
+                           judge_max_retries, judge_timeout)  # fmt: skip
     scored = score(predictions, references, top_diagnoses=top_diagnoses, length_edges=length_edges)
     result = scored.report
     result["disease_normalized"] = normalized_section(scored.refs, scored.preds.rows, normalizer)
+    if judge is not None:
+        result["disease_judge"] = judge_section(scored.refs, scored.preds.rows, judge)
 
     print(_table(result))
     print()
     print(breakdown_tables(result["breakdown"]))
     print(normalized_table(result["disease_normalized"]))
+    if judge is not None:
+        print(judge_table(result["disease_judge"]))
     for name in ("missing", "duplicates", "unknown"):
         if result[name]:
             print(f"{name} ids: {_preview(result[name])}")
@@ -337,6 +362,7 @@ def evaluate(
         system = SystemResult(Path(predictions).stem, str(predictions), result, scored.records)
         write_html(Path(html), [system], [], str(references), examples)
         print(f"html report: {html}")
+    check_judged(result.get("disease_judge"))
     return result
 
 

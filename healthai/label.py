@@ -14,7 +14,8 @@ How a run works:
   (rate limits belong to the key, not to one record; an httpx hook holds each request until the pause ends), 401/403/404
   stop the run (bad key, no access, unknown model: every record would fail alike), and so does a streak of records that
   ran out of retries (the server is down or the quota spent). The client and its error handling are
-  :mod:`healthai.teacher`.
+  :mod:`healthai.teacher`; asking, stopping early and the workers are :mod:`healthai.teacher_run` (shared with
+  ``evaluate``'s judge).
 * Each good result is appended to the output file and fsync'ed as it arrives (off the event loop, see
   :class:`~healthai.jsonl.DurableAppender`). Failures go to ``<output>.failures.jsonl`` (this run's only) and are
   not "done": a rerun labels exactly the ids that are not in the output yet — the failed ones and the ones a crash or a
@@ -29,42 +30,26 @@ How a run works:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import openai
 from tqdm import tqdm
 
 from healthai.decoding import answer_fields, load_answer_json
-from healthai.errors import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, TeacherTemperature
+from healthai.errors import NonNegativeInt, PositiveFloat, PositiveInt, TeacherTemperature
 from healthai.errors import check_declared, check_output
 from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
 from healthai.records import read_records
-from healthai.redact import MIN_SECRET_CHARS, Redactor
-from healthai.teacher import (
-    FATAL_STATUSES,
-    BadResponseError,
-    MissingApiKeyError,
-    PauseGate,
-    api_key_from_env,
-    attempts_of,
-    chat_completion,
-    classify_error,
-    make_client,
-    rejects_json_mode,
-)
-
-MIN_GIVE_UP_STREAK = 10
-"""The run stops when this many records in a row (at least twice ``concurrency``) ran out of retries with no success
-in between: the server is down or the quota is spent, and hammering it with every remaining record helps nobody."""
+from healthai.redact import Redactor
+from healthai.teacher import PauseGate, check_base_url, checked_api_key, make_client
+from healthai.teacher_run import Failed, TeacherRun, run_workers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,11 +127,7 @@ class LabelSettings:
 
     def __post_init__(self) -> None:
         check_declared(LabelSettings, vars(self), "--")  # the CLI checks these too; this is for Python callers
-        # Without a scheme the client retried each record for seconds before failing (#29 item 12).
-        if not self.base_url.lower().startswith(("http://", "https://")):
-            raise ConfigError(
-                f"--base_url {self.base_url}: not an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)"
-            )
+        check_base_url("--base_url", self.base_url)
 
 
 @dataclass(frozen=True)
@@ -233,99 +214,42 @@ class Labelled:
     reason: str
 
 
-@dataclass
-class Failed:
-    reason: str
-    attempts: int
-    raw: Optional[str] = None
-    server_trouble: bool = False
-    """Says something about the server rather than the record: out of retries, or not a chat completion at all."""
-
-
-class LabelRun:
+class LabelRun(TeacherRun):
     """One ``healthai label`` run in progress: its settings, teacher client, output and failures files, progress bar
     and :class:`Summary`, and what happens to each record (:meth:`label_record` asks the teacher,
-    :meth:`record_outcome` writes the result).
-
-    The ``concurrency`` workers of :func:`_run_workers` share it; the event loop is single-threaded, so no locks are
-    needed. It also holds what the run learns on the way: JSON mode turned off, the streak of records that ran out
-    of retries, and why it stopped early (:meth:`abort`).
+    :meth:`record_outcome` writes the result). Asking, JSON mode, stopping early and the workers are
+    :class:`~healthai.teacher_run.TeacherRun`'s, shared with ``evaluate``'s judge.
     """
 
     def __init__(
         self, settings: LabelSettings, prompt: PromptStyle, client: openai.AsyncOpenAI, redactor: Redactor,
         summary: Summary,
     ):  # fmt: skip
+        super().__init__(
+            client, redactor, summary, command="label", model=settings.model, temperature=settings.temperature,
+            max_tokens=settings.max_tokens, json_mode=settings.json_mode, timeout=settings.timeout,
+            concurrency=settings.concurrency, options="--base_url, --model",
+        )  # fmt: skip
         self.settings = settings
-        self.client = client
-        self.redactor = redactor
         self.summary = summary
         self.prompt = prompt
-        self.json_mode = settings.json_mode
         self.out: Optional[DurableAppender] = None
         self.failures: Optional[DurableAppender] = None
-        self.bar: Optional[tqdm] = None
-        self.give_up_streak = 0
-        self.give_up_limit = max(MIN_GIVE_UP_STREAK, 2 * settings.concurrency)
 
     # -- the API -----------------------------------------------------------------------------------------------------
 
     async def label_record(self, record: Case) -> Labelled | Failed | None:
         """Label one record. None means the run was stopped before it started."""
-        while True:
-            if self.summary.aborted:
-                return None
-            json_mode = self.json_mode
-            try:
-                content, finish_reason = await chat_completion(
-                    self.client, self.redactor, model=self.settings.model, messages=self.prompt.messages(record.text),
-                    temperature=self.settings.temperature, max_tokens=self.settings.max_tokens, json_mode=json_mode,
-                )  # fmt: skip
-            except openai.APIError as exc:
-                failure = classify_error(exc, self.settings.timeout, self.redactor)
-                # Checked against this request's json_mode, not the shared flag: with N requests in flight, N may
-                # come back refused, and each must retry even though the first one already switched it off.
-                if json_mode and rejects_json_mode(failure):
-                    self.disable_json_mode(failure.reason)
-                    continue
-                attempts = attempts_of(exc)
-                if failure.status in FATAL_STATUSES:
-                    self.abort(f"{failure.reason} (check --base_url, --model and the API key)")
-                    return Failed(failure.reason, attempts)
-                if failure.server_trouble and attempts > 1:
-                    why = f"gave up after {attempts} attempts; last error: {failure.reason}"
-                    return Failed(why, attempts, server_trouble=True)
-                return Failed(failure.reason, attempts, server_trouble=failure.server_trouble)
-            except BadResponseError as exc:
-                return Failed(str(exc), 1, server_trouble=True)
-            return _outcome_from_reply(content, finish_reason, self.settings.max_tokens)
+        reply = await self.ask(self.prompt.messages(record.text))
+        if reply is None or isinstance(reply, Failed):
+            return reply
+        content, finish_reason = reply
+        return _outcome_from_reply(content, finish_reason, self.settings.max_tokens)
 
-    def disable_json_mode(self, reason: str) -> None:
-        """The server refused ``response_format``: carry on without it for the rest of the run (the prompt still asks
-        for JSON, and the parser copes with fences and chatter)."""
-        if not self.json_mode:
-            return  # another request in flight already switched it off (and said so)
-        self.json_mode = False
-        self.log(f"label: the server rejected JSON mode ({reason}); continuing without response_format")
-
-    def abort(self, reason: str) -> None:
-        if not self.summary.aborted:
-            self.summary.aborted = reason
-            self.log(f"label: stopping: {reason}")
-
-    def stop_on_signal(self, signum: int) -> None:
-        """SIGTERM / SIGINT: record why; the caller cancels the workers (in-flight requests are dropped)."""
-        if self.summary.signal is None:
-            self.summary.signal = signum
-            self.abort(f"interrupted by {signal.Signals(signum).name}")
+    async def handle(self, item: Case) -> None:
+        self.record_outcome(item, await self.label_record(item))
 
     # -- output --------------------------------------------------------------------------------------------------------
-
-    def log(self, message: str) -> None:
-        if self.bar is not None and not self.bar.disable:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
 
     def record_outcome(self, record: Case, outcome: Labelled | Failed | None) -> None:
         """Write one finished record: a good row to the output, a failure to the failures file."""
@@ -337,21 +261,12 @@ class LabelRun:
             row.update(diseases=outcome.diseases, reason=outcome.reason)
             self.out.add(row)
             self.summary.done += 1
-            self.give_up_streak = 0
+            self.note_success()
         else:
             self.write_failure(record, outcome)
             self.note_give_up(outcome)
         if self.bar is not None:
             self.bar.update(1)
-
-    def note_give_up(self, failure: Failed) -> None:
-        """Stop the run after a streak of records that ran out of retries (see :data:`MIN_GIVE_UP_STREAK`)."""
-        if not failure.server_trouble:
-            return  # a bad reply or a 4xx says nothing about the server's health
-        self.give_up_streak += 1
-        if self.give_up_streak >= self.give_up_limit:
-            streak = self.give_up_streak
-            self.abort(f"{streak} records in a row ran out of retries; the server looks down or over quota")
 
     def write_failure(self, record: Case, failure: Failed) -> None:
         if self.failures is None:  # created on the first failure, so a clean run leaves no failures file
@@ -413,56 +328,6 @@ def _pending_records(settings: LabelSettings, rejects: Rejects) -> tuple[list[Ca
     return pending, len(records), len(records) - len(pending)
 
 
-async def _worker(run: LabelRun, queue: Iterator[Case]) -> None:
-    # All workers pull from one iterator; the loop is single-threaded, so next() is never called concurrently.
-    for record in queue:
-        if run.summary.aborted:
-            return
-        run.record_outcome(record, await run.label_record(record))
-
-
-@contextlib.contextmanager
-def _on_stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
-    """Call ``handler(signum)`` on SIGTERM / SIGINT inside the block (main thread only; elsewhere signals keep their
-    default handling)."""
-    loop = asyncio.get_running_loop()
-    installed = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(signum, handler, signum)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals (Windows)
-            pass
-    try:
-        yield
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
-
-
-async def _run_workers(run: LabelRun, pending: list[Case]) -> None:
-    """``concurrency`` workers over one queue, until done, a fatal error or a stop signal. If one worker dies of a
-    bug, the others are stopped before the files close."""
-    queue = iter(pending)
-    workers = [asyncio.ensure_future(_worker(run, queue)) for _ in range(min(run.settings.concurrency, len(pending)))]
-
-    def stop(signum: int) -> None:
-        run.stop_on_signal(signum)
-        for worker in workers:  # drop the requests in flight: they are not in the output, so a rerun redoes them
-            worker.cancel()
-
-    try:
-        with _on_stop_signals(stop):
-            results = await asyncio.gather(*workers, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
-    finally:
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-
-
 async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) -> Summary:
     """Label every input record that is not in the output yet and return what happened.
 
@@ -471,15 +336,7 @@ async def run_labelling(settings: LabelSettings, api_key: Optional[str] = None) 
     :class:`~healthai.jsonl.BadRecordError` before any request is made when the run cannot start. Everything the run
     prints, writes, raises and returns is scrubbed of the key (:class:`~healthai.redact.Redactor`).
     """
-    api_key = api_key if api_key is not None else api_key_from_env()
-    if len(api_key) < MIN_SECRET_CHARS:  # too short to scrub without garbling every message: never sent (#29 item 2)
-        raise MissingApiKeyError(
-            f"the API key has {len(api_key)} characters, under {MIN_SECRET_CHARS}: too short to keep out of messages "
-            f"and files safely; for a local server that needs none, use a dummy such as 'no-key-needed'"
-        )
-    if not api_key.isascii():  # an HTTP header cannot carry it: httpx raised a traceback on the first request
-        raise MissingApiKeyError("the API key holds non-ASCII characters (a paste gone wrong?): an HTTP header cannot "
-                                 "carry it; set the key exactly as the provider gave it")  # fmt: skip
+    api_key = checked_api_key(api_key)
     redactor = Redactor(api_key)
     with redactor.guard():
         summary = await _label_pending(settings, api_key, redactor)
@@ -512,7 +369,7 @@ async def _label_pending(settings: LabelSettings, api_key: str, redactor: Redact
         Path(settings.output).parent.mkdir(parents=True, exist_ok=True)
         run.out = DurableAppender(settings.output, "a", redactor.writer)
         run.bar = tqdm(total=len(to_label), unit="rec", desc="label", disable=not settings.progress, file=sys.stderr)
-        await _run_workers(run, to_label)
+        await run_workers(run, to_label)
     finally:
         try:
             await run.aclose()

@@ -103,3 +103,28 @@ class PromptStyle:
             return cls(**data)
         except ValueError as e:  # a user_template without {case}
             raise ValueError(f"{where}: {e}") from None
+
+
+JUDGE_SYSTEM = (
+    "你是一名经验丰富的临床医生，负责核对诊断名称。用户给出两个诊断名称列表A和B。请找出A中与B中指同一种疾病的名称对"
+    "（同义词、简称、是否写出分级或“原发性”等不改变疾病本身的写法）。不同的疾病不能配对：例如1型糖尿病与2型糖尿病、"
+    "甲状腺功能亢进症与甲状腺功能减退症、肺炎与肺癌、糖尿病与糖尿病肾病都是不同的疾病。每个名称最多出现在一对中。"
+    '只输出一个JSON对象，不要输出其他内容，格式为：{"pairs": [["A1", "B2"]]}；没有相同的疾病时输出 {"pairs": []}'
+)
+"""The judge's instructions (``evaluate --judge_base_url``): which names of list A name the same disease as which
+names of list B, answered by the labels the lists are shown with."""
+
+JUDGE_LIST_NAMES = ("A", "B")
+"""The labels of the judge's two lists; a name is shown (and answered) as ``A1``, ``B2``, ..."""
+
+
+def judge_messages(list_a: Sequence[str], list_b: Sequence[str]) -> list[dict[str, str]]:
+    """Chat messages asking the judge which names of ``list_a`` name the same disease as which names of ``list_b``.
+
+    Each name is on a line of its own behind its label (``A1. 高血压病``): the judge answers with labels, never by
+    copying a name (which it could alter), so every answer maps back to exactly one name."""
+    lines = []
+    for letter, names in zip(JUDGE_LIST_NAMES, (list_a, list_b)):
+        lines.append(f"列表{letter}：")
+        lines += [f"{letter}{i}. {name}" for i, name in enumerate(names, 1)]
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]

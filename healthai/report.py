@@ -178,6 +178,21 @@ def normalized_rows(systems: Sequence[SystemResult]) -> list[list[str]]:
             for k in ("f1", "precision", "recall")]  # fmt: skip
 
 
+def judge_rows(systems: Sequence[SystemResult]) -> list[list[str]]:
+    """Summary rows of the judge's second opinion (docs/evaluate.md), labelled with the judge model, and the
+    agreement of its two orders; none when a report has no ``disease_judge``."""
+    if not all("disease_judge" in s.report for s in systems):
+        return []
+    model = systems[0].report["disease_judge"]["model"]
+    rows = [[f"disease {k} (judge {_e(model)}, second opinion)",
+             *(format_value(s.report["disease_judge"][k]) for s in systems)] for k in ("f1", "precision", "recall")]
+    rows.append([f"judge agreement of the two orders ({_e(model)})",
+                 *(format_value(s.report["disease_judge"]["agreement"]) for s in systems)])
+    rows.append(["records the judge could not judge (exact only)",
+                 *(format_value(len(s.report["disease_judge"]["failed"])) for s in systems)])
+    return rows  # fmt: skip
+
+
 def summary_rows() -> list[tuple[str, str]]:
     """``(report key, label)`` of the summary table: disease F1 first, then every other metric of
     :func:`healthai.metrics.answer_metrics` in its order, then the counts."""
@@ -214,7 +229,7 @@ def render_html(
     parts.append("<h2>Summary</h2>")
     rows = [[label, *(format_value(s.report[key]) for s in systems)] for key, label in summary_rows()]
     # The exact disease F1/P/R stay first (the headline); the normalised ones follow them, labelled.
-    rows = rows[:3] + normalized_rows(systems) + rows[3:]
+    rows = rows[:3] + normalized_rows(systems) + judge_rows(systems) + rows[3:]
     parts.append(_table(["metric", *map(_e, names)], rows, "num"))
     for s in systems:
         for what in ("missing", "duplicates", "unknown"):

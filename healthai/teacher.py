@@ -24,8 +24,8 @@ from typing import Any, Optional
 import openai
 from openai.types.chat import ChatCompletion
 
-from healthai.errors import UserError
-from healthai.redact import Redactor
+from healthai.errors import ConfigError, UserError
+from healthai.redact import MIN_SECRET_CHARS, Redactor
 
 API_KEY_ENV_VARS = ("HEALTHAI_API_KEY", "OPENAI_API_KEY")
 """Where the key is looked for, in this order. It is never a command-line flag."""
@@ -62,6 +62,29 @@ def api_key_from_env() -> str:
         f"no API key: set {API_KEY_ENV_VARS[0]} (or {API_KEY_ENV_VARS[1]}) in the environment; "
         "for a local server that needs none (vLLM, Ollama) any dummy value will do"
     )
+
+
+def checked_api_key(api_key: Optional[str] = None) -> str:
+    """``api_key`` (default: :func:`api_key_from_env`) once it is safe to send and to scrub: every command that talks
+    to a teacher (``label``, ``evaluate``'s judge) takes its key through here, so none can send a key it cannot keep
+    out of its messages and files."""
+    api_key = api_key if api_key is not None else api_key_from_env()
+    if len(api_key) < MIN_SECRET_CHARS:  # too short to scrub without garbling every message: never sent (#29 item 2)
+        raise MissingApiKeyError(
+            f"the API key has {len(api_key)} characters, under {MIN_SECRET_CHARS}: too short to keep out of messages "
+            f"and files safely; for a local server that needs none, use a dummy such as 'no-key-needed'"
+        )
+    if not api_key.isascii():  # an HTTP header cannot carry it: httpx raised a traceback on the first request
+        raise MissingApiKeyError("the API key holds non-ASCII characters (a paste gone wrong?): an HTTP header cannot "
+                                 "carry it; set the key exactly as the provider gave it")  # fmt: skip
+    return api_key
+
+
+def check_base_url(option: str, url: str) -> None:
+    """Refuse a base URL without a scheme (:class:`ConfigError` naming ``option``): the client retried each request
+    for seconds before failing (#29 item 12)."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"{option} {url}: not an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,11 @@ user message has been seen, so every fault is hit deterministically whatever ord
 ``key_cut``           401 quoting the key's first 60 characters only (a server that cut its own message mid-key)
 ====================  ===============================================================================================
 
+A judge request (``evaluate --judge_base_url``: lists ``A1. name`` / ``B1. name`` as
+:func:`healthai.prompts.judge_messages` writes them) that no fault marker spoils is answered ``{"pairs": [...]}`` from
+:attr:`FakeOpenAIServer.judge_same` (names that are one disease) and :attr:`~FakeOpenAIServer.judge_one_way` (pairs
+it names in one order only, a judge that disagrees with itself).
+
 Setting :attr:`FakeOpenAIServer.healed` makes every later request succeed (the "fixed upstream, rerun" scenario);
 :attr:`reject_response_format` makes requests carrying ``response_format`` fail with 400 like servers without JSON mode.
 """
@@ -43,6 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 FAULT_RE = re.compile(r"\[\[fault:([a-z0-9_]+)\]\]")
+JUDGE_LINE_RE = re.compile(r"^([AB])(\d+)\. (.*)$", re.M)
 
 GOOD_ANSWER = {"diseases": "2型糖尿病；高血压", "reason": "1. 血糖升高多年；\n2. 有高血压病病史。"}
 
@@ -75,6 +81,10 @@ class FakeOpenAIServer:
     """The ``Retry-After`` header value of a ``429``."""
     healed: bool = False
     reject_response_format: bool = False
+    judge_same: list[frozenset[str]] = field(default_factory=list)
+    """Groups of names the fake judge calls one disease."""
+    judge_one_way: set[tuple[str, str]] = field(default_factory=set)
+    """``(a, b)``: the fake judge pairs ``a`` with ``b`` only when ``a`` is in list A."""
     requests: list[SeenRequest] = field(default_factory=list)
     _attempts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -130,6 +140,17 @@ class FakeOpenAIServer:
             )
             self.requests.append(seen)
         return seen
+
+    def judge_answer(self, user_text: str) -> Optional[str]:
+        """The answer to a judge request, or None when ``user_text`` is not one."""
+        lines = JUDGE_LINE_RE.findall(user_text)
+        if not lines:
+            return None
+        a = [(f"A{i}", name) for letter, i, name in lines if letter == "A"]
+        b = [(f"B{i}", name) for letter, i, name in lines if letter == "B"]
+        pairs = [[la, lb] for la, x in a for lb, y in b
+                 if (x, y) in self.judge_one_way or any(x in g and y in g for g in self.judge_same)]
+        return json.dumps({"pairs": pairs})
 
     def attempts_for(self, fault: str) -> list[SeenRequest]:
         with self._lock:
@@ -217,6 +238,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(401, f"Incorrect API key provided: {key[:60]}")
         elif fault == "html":
             self._send(200, b"<html><body>gateway login</body></html>", "text/html")
+        elif (judged := fake.judge_answer(seen.user_text)) is not None:
+            self._completion(judged, body)
         else:
             self._completion(good_content(), body)
 
