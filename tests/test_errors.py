@@ -602,3 +602,27 @@ def test_devices_0_is_one_line_naming_the_option(inputs, tmp_path, capfd, monkey
                                                "or more, -1 (all), a list of device indices such as [0, 1], or auto")
     assert "Traceback" not in err
 
+
+@pytest.mark.parametrize("case", ["cuda without a GPU", "port in use"])
+def test_serve_refuses_before_announcing_its_address(case, inputs, capfd, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    monkeypatch.setattr("litserve.LitServer.run", lambda *a, **k: pytest.fail("the server started"))
+    monkeypatch.setattr("healthai.serve._stop_on_sigterm", lambda: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a GPU machine runs this test as a CPU one
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        device = "cuda" if case == "cuda without a GPU" else "cpu"
+        argv = ["serve", "--model_name_or_path", str(inputs["model"]), "--device", device, "--port", str(port)]
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+    out, err = capfd.readouterr()
+    message = {"cuda without a GPU": "--device cuda: no CUDA GPU is visible on this machine; use --device cpu --dtype "
+                                     "float32 (or --device auto, which picks a GPU when there is one)",
+               "port in use": f"--port {port}: already in use on 127.0.0.1 (another server, or an earlier serve still "
+                              "running); stop it or choose another --port"}[case]  # fmt: skip
+    assert (info.value.code, err) == (2, f"healthai serve: error: {message}\n")
+    assert "serve: http" not in out
