@@ -464,6 +464,15 @@ def test_an_unwritable_output_is_refused_before_any_work(command, code, cause, i
     assert sorted(folder.iterdir()) == []  # nothing created
 
 
+def test_fit_without_a_logger_checks_its_default_root_dir(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    argv, _ = command_line("fit", "good", inputs, tmp_path)  # --trainer.logger false, default_root_dir tmp_path
+    refuse_writes_in(tmp_path, 30, monkeypatch)
+    code, err = run_in_process(argv, capfd)
+    assert (code, err.splitlines()[-1]) == (2, f"healthai fit: error: trainer.default_root_dir {tmp_path}: cannot "
+                                               f"write in {tmp_path} (read-only file system)"), err  # fmt: skip
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 folder; the case above covers it")
 def test_a_real_read_only_folder_is_refused(inputs, tmp_path, capfd, monkeypatch):
     monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
