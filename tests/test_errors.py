@@ -507,6 +507,18 @@ def test_a_full_disk_is_one_line_naming_the_file(command, where, inputs, tmp_pat
     assert "Traceback" not in err
 
 
+def test_an_unreadable_input_is_one_line_naming_it(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    refs = inputs["good"]
+
+    def denied(path, *args, **kwargs):  # chmod 000 does not stop root: the system's answer, as a user would get it
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("healthai.jsonl.open", denied, raising=False)  # the module's name is found before the builtin
+    code, err = run_in_process(["evaluate", "--predictions", str(refs), "--references", str(refs)], capfd)
+    assert (code, err) == (2, f"healthai evaluate: error: {refs}: permission denied\n")
+
+
 # -- inputs that are not files, and files that are not JSON Lines (#29 items 9, 14) ------------------------------------
 
 
