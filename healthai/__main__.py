@@ -84,14 +84,43 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command not in LIGHTNING_COMMANDS and command not in FUNCTION_COMMANDS:
-        sys.exit(f"unknown command {command!r}\n\n{USAGE}")
+        print(f"healthai: error: {unknown_command(command)}", file=sys.stderr)
+        sys.exit(2)
+    debug = os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0")
     try:
         run(command, rest, argv_given is None)
     except user_error_types() as e:
-        if os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0"):
+        if debug:
             raise
         print(f"healthai {command}: error: {user_message(e, command)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        # Disk full, read-only, permission denied, immutable, a link loop: the user's or the machine's to fix, said
+        # here once for every command (healthai/paths.py); any other OSError is a bug and keeps its traceback.
+        from healthai.paths import os_error_line
+
+        line = os_error_line(e)
+        if line is None or debug:
+            raise
+        print(f"healthai {command}: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl+C before a command installs its own handling (label's start-up, an import): the shell's 128 + SIGINT,
+        # no traceback. Commands that handle it themselves (label's run, predict, fit) say how to resume.
+        if debug:
+            raise
+        print(f"healthai {command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def unknown_command(command: str) -> str:
+    """The line for a command that is not one: the closest command name when there is one (a typo, ``fti``)."""
+    import difflib
+
+    commands = [*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS]
+    close = difflib.get_close_matches(command, commands, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown command {command!r}{hint} (commands: {', '.join(commands)})"
 
 
 def keep_quiet_unless(verbose: bool) -> None:

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
-from healthai.errors import PositiveInt, UserError, check_value
+from healthai.errors import ConfigError, PositiveInt, UserError, check_value
 from healthai.model import DiagnosisLoRA
 from healthai.model_summary import without_flops
 from healthai.run_folder import RunFolderRecorder
@@ -61,6 +61,7 @@ class HealthAICLI(LightningCLI):
         # loaded; its type is not ours to declare, so the same check is made here.
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_value("trainer.accumulate_grad_batches", config.trainer.accumulate_grad_batches, PositiveInt)
+        check_devices(config.trainer.devices)
 
     def before_fit(self) -> None:
         from healthai.resume import check_last_checkpoint
@@ -70,6 +71,7 @@ class HealthAICLI(LightningCLI):
         # Lightning only warns when `--ckpt_path last` finds no last.ckpt, and trains from scratch.
         check_last_checkpoint(self.trainer, ckpt_path)
         resume_in_run_folder(self.trainer, ckpt_path)
+        check_fit_outputs(self.trainer)
 
     def fit(self, model: DiagnosisLoRA, **kwargs: Any) -> None:
         """``trainer.fit``, and around it the run folder's rules (:mod:`healthai.run_folder`): a run refused before
@@ -100,6 +102,37 @@ class HealthAICLI(LightningCLI):
     def before_predict(self) -> None:
         # Rows are streamed to disk by the writer; holding every prediction in memory too would defeat that.
         self.trainer.predict_loop.return_predictions = False
+
+
+def check_devices(devices: Any) -> None:
+    """Refuse ``trainer.devices`` 0 or a negative count in one line: Lightning's signature takes any int and its
+    refusal was a traceback (#29 item 12)."""
+    count = devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        count = int(devices)
+    if isinstance(count, int) and not isinstance(count, bool) and count < 1 and count != -1:
+        raise ConfigError(f"trainer.devices {devices}: give a number of devices of 1 or more, -1 (all), a list of "
+                          "device indices such as [0, 1], or auto")  # fmt: skip
+
+
+def check_fit_outputs(trainer: Trainer) -> None:
+    """Refuse, before the base model loads, a run folder or checkpoint folder that the system will not let fit write
+    (read-only, permission denied, immutable: #29 item 8); each is named with the option it comes from."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from healthai.paths import check_writable
+    from healthai.run_folder import run_folder
+
+    if not trainer.is_global_zero:
+        return
+    folder = run_folder(trainer)
+    if folder is not None:
+        check_writable("trainer.logger (the run folder)", folder, folder=True)
+    else:  # without a logger, checkpoints without a dirpath go here; with one, into the run folder
+        check_writable("trainer.default_root_dir", trainer.default_root_dir, folder=True)
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            check_writable("ModelCheckpoint dirpath", callback.dirpath, folder=True)
 
 
 def cli_main(args: Optional[list[str]] = None) -> HealthAICLI:

@@ -25,6 +25,7 @@ from healthai.errors import ConfigError, NonNegativeInt, OpenUnitInterval, Posit
 from healthai.errors import check_declared, check_output, require_extra
 from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score
 from healthai.normalized_report import normalized_records, normalized_section
+from healthai.paths import check_input_file, check_writable, naming
 from healthai.synonyms import normalizer_from
 
 METHOD = "paired bootstrap over records, percentile interval (scipy.stats.bootstrap)"
@@ -60,11 +61,13 @@ def parse_systems(specs: Sequence[str]) -> list[SystemSpec]:
 
 def check_outputs_are_not_inputs(inputs: dict[str, Path], outputs: dict[str, Optional[Path]]) -> None:
     """The one output rule (:func:`healthai.errors.check_output`) for each output: never an input, never an earlier
-    output, never a folder. Keys are how the user named each path (an option, or a system's name)."""
+    output, never a folder, never where the system refuses to write (#29 item 8). Keys are how the user named each
+    path (an option, or a system's name)."""
     earlier: dict[str, Any] = dict(inputs)
     for option, out in outputs.items():
         if out is not None:
             check_output(option, out, earlier)
+            check_writable(option, out)
             earlier[option] = out
 
 
@@ -227,8 +230,9 @@ def compare(
     if html is not None:
         require_extra("matplotlib", extra="report", needed_by="--html")
     for s in specs:
-        if not s.path.is_file():
+        if not s.path.exists() and not s.path.is_symlink():
             raise UserError(f"system {s.name!r}: no such predictions file: {s.path}")
+        check_input_file(s.path)  # a folder, a FIFO, /dev/null or a link loop, said as what it is (#29 item 9)
 
     normalizer = normalizer_from(synonyms)
     refs = read_references(Path(references))
@@ -262,12 +266,14 @@ def compare(
         print(f"  normalised F1 difference (synonyms {normalizer.fingerprint()}): {_signed(n['difference'])} "
               f"[{_signed(n['ci_low'])}, {_signed(n['ci_high'])}]")
     if report is not None:
-        Path(report).parent.mkdir(parents=True, exist_ok=True)
-        Path(report).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        with naming(report):  # a full disk says which file (#29 item 8)
+            Path(report).parent.mkdir(parents=True, exist_ok=True)
+            Path(report).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if html is not None:
         from healthai.report import SystemResult, write_html
 
         results = [SystemResult(s.name, str(s.path), sc.report, sc.records) for s, sc in zip(specs, scored)]
-        write_html(Path(html), results, pairs, str(references), examples)
+        with naming(html):
+            write_html(Path(html), results, pairs, str(references), examples)
         print(f"html report: {html}")
     return result

@@ -8,6 +8,7 @@ its traceback. ``HEALTHAI_DEBUG=1`` shows the traceback of user errors too.
 from __future__ import annotations
 
 import collections.abc
+import errno
 import math
 import re
 import types
@@ -142,9 +143,20 @@ class InputError(UserError, ValueError):
     The message names the file and the option."""
 
 
+def _resolved(option: str, path: Path) -> Path:
+    """``path`` with its links resolved; a loop of symbolic links (Python 3.11 raises RuntimeError, later ones
+    OSError) is an :class:`InputError` naming ``option`` (#29 item 9: it was a traceback in label and evaluate)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise
+        raise InputError(f"{option} {path}: a loop of symbolic links, not a file") from None
+
+
 def _same(a: Path, b: Path) -> bool:
     """``a`` and ``b`` are one file or folder: the same path once links are resolved, or the same inode (a hard
-    link, another mount of the same disk)."""
+    link, another mount of the same disk). Both must resolve (:func:`_resolved` was called on each)."""
     if a.resolve() == b.resolve():
         return True
     try:
@@ -163,12 +175,14 @@ def check_output(option: str, path: str | Path, inputs: dict[str, Any], folder: 
     folder.
     """
     out = Path(path)
-    target = out.resolve()
+    target = _resolved(option, out)
     for input_option, value in inputs.items():
         if value is None:
             continue
         given = Path(value)
-        inside = folder and target in given.resolve().parents
+        inside = folder and target in _resolved(input_option, given).parents
+        if not folder:
+            _resolved(input_option, given)  # a link loop is named before _same meets it
         if inside or _same(out, given):
             kind = "folder" if folder else "path"
             raise InputError(f"{option} {path} would overwrite {input_option} {value}; choose another {kind}")

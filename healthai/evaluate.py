@@ -30,6 +30,7 @@ from healthai.judge import judge_settings
 from healthai.judge_report import check_judged, judge_section, judge_table
 from healthai.metrics import PARSE_STATUSES, answer_metrics, match_diseases, rouge_l_char
 from healthai.normalized_report import normalized_section, normalized_table
+from healthai.paths import check_writable, naming
 from healthai.prompts import join_diseases
 from healthai.records import id_key
 from healthai.synonyms import normalizer_from
@@ -353,14 +354,17 @@ def evaluate(
     if truncated:
         print(f"truncated ids (the token budget closed the answer; diagnoses may be missing): {_preview(truncated)}")
     if report is not None:
-        _write_json(Path(report), result)
+        with naming(report):  # a full disk says which file (#29 item 8)
+            _write_json(Path(report), result)
     if per_record is not None:
-        _write_jsonl(Path(per_record), _per_record_rows(scored.refs, scored.preds.rows))
+        with naming(per_record):
+            _write_jsonl(Path(per_record), _per_record_rows(scored.refs, scored.preds.rows))
     if html is not None:
         from healthai.report import SystemResult, write_html
 
         system = SystemResult(Path(predictions).stem, str(predictions), result, scored.records)
-        write_html(Path(html), [system], [], str(references), examples)
+        with naming(html):
+            write_html(Path(html), [system], [], str(references), examples)
         print(f"html report: {html}")
     check_judged(result.get("disease_judge"))
     return result
@@ -412,11 +416,13 @@ def score(
 
 def _check_outputs(predictions: Path, references: Path, report: Optional[Path], per_record: Optional[Path],
                    html: Optional[Path]) -> None:
-    """Before anything is read: no output may replace an input or an earlier output, nor be a folder."""
+    """Before anything is read: no output may replace an input or an earlier output, nor be a folder, nor be where
+    the system refuses to write (read-only, permission denied: #29 item 8)."""
     earlier: dict[str, Any] = {"--predictions": predictions, "--references": references}
     for option, out in (("--report", report), ("--per_record", per_record), ("--html", html)):
         if out is not None:
             check_output(option, out, earlier)
+            check_writable(option, out)
             earlier[option] = out
 
 

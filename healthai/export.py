@@ -23,6 +23,7 @@ from healthai.generation import GenerationSettings, resolve_budget
 from healthai.encoding import end_of_turn_id, fit_case_text
 from healthai.errors import NonNegativeFloat, PositiveInt, UserError, check_declared, check_model_source, check_output
 from healthai.jsonl import BadRecordError, iter_jsonl
+from healthai.paths import check_writable, naming
 from healthai.prompts import PromptStyle
 from healthai.records import check_record
 
@@ -66,7 +67,7 @@ def first_records(path: Path, n: int) -> list[dict[str, Any]]:
     Only the lines needed are read, so a bad line far down a large file does not stop an export; a bad line among
     the first ones does (naming ``file:line``), since a silent skip would make the check cover fewer records.
     """
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"{path}: no such file (pass --records FILE.jsonl)")
     records: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}  # id (as text: 5 and "5" are one id) -> its line
@@ -263,6 +264,8 @@ def export(
         check_out_folder(out, overwrite, {"--adapter": lora.path, "--base": base_name, "--records": records_file})
     except ValueError as e:
         raise UserError(str(e)) from None
+    # Before the tokenizer and the models load: an unwritable --out was found after 27 s of merging (#29 item 8).
+    check_writable("--out", out, folder=True)
 
     # The adapter's tokenizer (saved by fit, the one it was trained with), else the base's.
     tokenizer = AutoTokenizer.from_pretrained(lora.tokenizer_source(base_name))
@@ -270,8 +273,9 @@ def export(
 
     if overwrite:
         clear_folder(out)
-    effect, diff = _merge_save_compare(lora, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
-                                       generation)  # fmt: skip
+    with naming(out):  # a disk that fills while the merged model is saved says where (#29 item 8)
+        effect, diff = _merge_save_compare(lora, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
+                                           generation)  # fmt: skip
     tokens = sum(ids.shape[1] for ids in inputs)
     print(f"parity: max |logits(base + adapter) - logits(merged)| = {diff:.3g} over {len(inputs)} records "
           f"({tokens} tokens), tolerance {tolerance:g}; the adapter itself moves logits by up to {effect:.3g}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Literal
 
 from healthai.errors import UserError
+from healthai.paths import check_input_file, not_json_lines
 
 OnBadRecord = Literal["error", "skip"]
 
@@ -34,10 +35,13 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
 
     Lines are decoded one by one so that a non-UTF-8 byte (a GBK file, say) is reported at its own line. A UTF-8 byte
     order mark at the start of the file (Excel and Windows tools write one) is skipped. A missing file raises
-    :class:`FileNotFoundError` naming it.
+    :class:`FileNotFoundError` naming it; a folder, FIFO, device or link loop says what it is
+    (:func:`~healthai.paths.check_input_file`). A file that is not JSON Lines at all (CSV, a JSON array) raises
+    :class:`BadRecordError` at its first line saying what it looks like, whether or not bad lines are skipped: every
+    line of it would be "malformed".
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    check_input_file(path)
+    first = True
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1 and raw.startswith(UTF8_BOM):
@@ -50,15 +54,29 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                 continue
             if not text.strip():
                 continue
+            reason = None
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                yield line_no, None, f"malformed JSON ({e.msg} at column {e.colno})"
+                obj, reason = None, f"malformed JSON ({e.msg} at column {e.colno})"
+            if first and not isinstance(obj, dict):
+                _refuse_other_format(path, line_no, text)
+            first = False
+            if reason is not None:
+                yield line_no, None, reason
                 continue
             if not isinstance(obj, dict):
                 yield line_no, None, f"expected a JSON object, got {type(obj).__name__}"
                 continue
             yield line_no, obj, None
+
+
+def _refuse_other_format(path: str | Path, line_no: int, first_line: str) -> None:
+    """Raise :class:`BadRecordError` when the file's first line shows it is another format (#29 item 14)."""
+    what = not_json_lines(first_line)
+    if what is not None:
+        raise BadRecordError(path, line_no, f"expected JSON Lines (one JSON object per line), but the file looks "
+                                            f"like {what}")  # fmt: skip
 
 
 class Rejects:

@@ -44,6 +44,7 @@ from healthai.decoding import answer_fields, load_answer_json
 from healthai.errors import NonNegativeInt, PositiveFloat, PositiveInt, TeacherTemperature
 from healthai.errors import check_declared, check_output
 from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
+from healthai.paths import check_writable, naming
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
 from healthai.records import read_records
@@ -316,6 +317,7 @@ def check_outputs(settings: LabelSettings) -> None:
     (:class:`~healthai.errors.InputError`)."""
     inputs = {"--input": settings.input}
     check_output("--output", settings.output, inputs)
+    check_writable("--output", settings.output)  # read-only, permission denied: before any request (#29 item 8)
     for derived in (failures_path_for(settings.output), rejects_path_for(settings.output)):
         check_output(f"--output's {derived.name.split('.')[-2]} file", derived, inputs)
 
@@ -365,16 +367,18 @@ async def _label_pending(settings: LabelSettings, api_key: str, redactor: Redact
         settings.base_url, api_key, timeout=settings.timeout, max_retries=settings.max_retries, gate=gate
     )
     run = LabelRun(settings, prompt, client, redactor, summary)
-    try:
-        Path(settings.output).parent.mkdir(parents=True, exist_ok=True)
-        run.out = DurableAppender(settings.output, "a", redactor.writer)
-        run.bar = tqdm(total=len(to_label), unit="rec", desc="label", disable=not settings.progress, file=sys.stderr)
-        await run_workers(run, to_label)
-    finally:
+    with naming(settings.output):  # a disk that fills mid-run says which file (#29 item 8)
         try:
-            await run.aclose()
+            Path(settings.output).parent.mkdir(parents=True, exist_ok=True)
+            run.out = DurableAppender(settings.output, "a", redactor.writer)
+            run.bar = tqdm(total=len(to_label), unit="rec", desc="label", disable=not settings.progress,
+                           file=sys.stderr)  # fmt: skip
+            await run_workers(run, to_label)
         finally:
-            await client.close()
+            try:
+                await run.aclose()
+            finally:
+                await client.close()
     summary.not_attempted = len(pending) - summary.done - summary.failed
     summary.elapsed_s = time.monotonic() - started
     return summary

@@ -57,6 +57,7 @@ from healthai.errors import ConfigError, NonNegativeFloat, PositiveInt, Unprivil
 from healthai.errors import check_model_source
 from healthai.prompts import DEFAULT_USER_TEMPLATE, PromptStyle
 from healthai.records import check_record
+from healthai.serve_checks import check_device, check_port
 
 log = logging.getLogger(__name__)
 
@@ -554,6 +555,8 @@ def serve(
     if api_key is None and not is_loopback(host) and not insecure_no_api_key:
         raise ConfigError(f"--host {host} is reachable from the network and no API key is set: put one in "
                           f"${api_key_env}, or pass --insecure_no_api_key true to serve without one")  # fmt: skip
+    check_device(device)  # before the address is announced: it was printed, then a traceback (#29 item 14)
+    check_port(host, port)
     prompt = check_startup(model_name_or_path, adapter_path, generation, max_length, allow_base_mismatch)
     api = DiagnosisAPI(
         model_name_or_path, adapter_path, dtype, attn_implementation, generation, prompt, max_length, max_chars,

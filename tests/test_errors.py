@@ -390,3 +390,260 @@ def test_parsed_values_are_plain_numbers() -> None:
     data = parser.instantiate(parser.parse_args(["--data.batch_size", "3", "--data.val_fraction", "0.5"])).data
     assert type(data.hparams["batch_size"]) is int and type(data.hparams["val_fraction"]) is float
     assert yaml.safe_load(yaml.safe_dump(dict(data.hparams)))["batch_size"] == 3  # safe_dump refuses Python objects
+
+
+# -- the system's refusals: read-only, permission denied, immutable, disk full (#29 item 8) ---------------------------
+
+# An output each command writes, and its option as the error names it. Run as root (chmod does not stop root) the
+# read-only case is the system's answer monkeypatched in; a real read-only folder is checked where it can be.
+OUTPUT_COMMANDS = {
+    "label": "--output", "evaluate": "--report", "compare": "--report", "export": "--out",
+    "fit": "trainer.logger (the run folder)",
+}  # fmt: skip
+
+
+def output_argv(command: str, inputs: dict[str, Path], out_dir: Path) -> tuple[list[str], Path]:
+    """The argv of ``command`` writing into ``out_dir``, and the output path its error must name."""
+    good = str(inputs["good"])
+    if command == "label":
+        out = out_dir / "labels.jsonl"
+        return ["label", "--input", good, "--output", str(out), "--base_url", "http://127.0.0.1:9/v1", "--model",
+                "m", "--progress", "false"], out  # fmt: skip
+    if command == "evaluate":
+        out = out_dir / "report.json"
+        return ["evaluate", "--predictions", good, "--references", good, "--report", str(out)], out
+    if command == "compare":
+        out = out_dir / "report.json"
+        return ["compare", "--references", good, f"a={good}", f"b={good}", "--report", str(out)], out
+    if command == "export":
+        out = out_dir / "merged"
+        return ["export", "--adapter", str(inputs["adapter"]), "--out", str(out), "--records", good], out
+    argv, _ = command_line("fit", "good", inputs, out_dir)
+    return argv + ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir",
+                   str(out_dir), "--trainer.logger.name", "run"], out_dir / "run" / "version_0"  # fmt: skip
+
+
+def refuse_writes_in(folder: Path, code: int, monkeypatch) -> None:
+    """Make the system refuse, with ``code``, every file created in ``folder`` (as a read-only mount would)."""
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == folder.resolve():
+            raise OSError(code, os.strerror(code), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr("healthai.paths.tempfile.TemporaryFile", temporary_file)
+
+
+READ_ONLY, DENIED = (30, "read-only file system"), (13, "permission denied")
+IMMUTABLE = (1, "operation not permitted (an immutable or append-only file or folder?)")
+
+
+@pytest.mark.parametrize("command, code, cause", [
+    *[(command, *READ_ONLY) for command in OUTPUT_COMMANDS], ("evaluate", *DENIED), ("label", *IMMUTABLE),
+])  # fmt: skip
+def test_an_unwritable_output_is_refused_before_any_work(command, code, cause, inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    argv, out = output_argv(command, inputs, folder)
+    refuse_writes_in(folder, code, monkeypatch)
+    # Nothing heavy may start: no model load (export merged for 27 s before it found out), no request, no scoring.
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    for module in ("healthai.compare", "healthai.evaluate"):  # compare's own name first: it imports evaluate's
+        monkeypatch.setattr(f"{module}.score", lambda *a, **k: pytest.fail("scored"))
+    monkeypatch.setattr("healthai.label._run_workers", lambda *a, **k: pytest.fail("labelled"))
+    code_, err = run_in_process(argv, capfd)
+    option = OUTPUT_COMMANDS[command]
+    assert (code_, err.splitlines()[-1]) == (2, f"healthai {command}: error: {option} {out}: cannot write in {folder} "
+                                                f"({cause})"), err  # fmt: skip
+    assert "Traceback" not in err
+    assert sorted(folder.iterdir()) == []  # nothing created
+
+
+def test_fit_without_a_logger_checks_its_default_root_dir(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    argv, _ = command_line("fit", "good", inputs, tmp_path)  # --trainer.logger false, default_root_dir tmp_path
+    refuse_writes_in(tmp_path, 30, monkeypatch)
+    code, err = run_in_process(argv, capfd)
+    assert (code, err.splitlines()[-1]) == (2, f"healthai fit: error: trainer.default_root_dir {tmp_path}: cannot "
+                                               f"write in {tmp_path} (read-only file system)"), err  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 folder; the case above covers it")
+def test_a_real_read_only_folder_is_refused(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        argv, out = output_argv("evaluate", inputs, folder)
+        code, err = run_in_process(argv, capfd)
+    finally:
+        folder.chmod(0o755)
+    assert (code, err) == (2, f"healthai evaluate: error: --report {out}: cannot write in {folder} (permission "
+                              "denied)\n")  # fmt: skip
+
+
+def disk_full(*args, **kwargs):
+    """A write on a full disk: the system names no file."""
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("command, where", [
+    ("evaluate", "healthai.evaluate._write_json"), ("compare", "pathlib.Path.write_text"),
+    ("export", "healthai.export._merge_save_compare"), ("label", "healthai.label._run_workers"),
+])  # fmt: skip
+def test_a_full_disk_is_one_line_naming_the_file(command, where, inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    argv, out = output_argv(command, inputs, tmp_path)
+    monkeypatch.setattr(where, disk_full)
+    code, err = run_in_process(argv, capfd)
+    assert (code, err.splitlines()[-1]) == (2, f"healthai {command}: error: {out}: no space left on the device"), err
+    assert "Traceback" not in err
+
+
+def test_an_unreadable_input_is_one_line_naming_it(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    refs = inputs["good"]
+
+    def denied(path, *args, **kwargs):  # chmod 000 does not stop root: the system's answer, as a user would get it
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("healthai.jsonl.open", denied, raising=False)  # the module's name is found before the builtin
+    code, err = run_in_process(["evaluate", "--predictions", str(refs), "--references", str(refs)], capfd)
+    assert (code, err) == (2, f"healthai evaluate: error: {refs}: permission denied\n")
+
+
+# -- inputs that are not files, and files that are not JSON Lines (#29 items 9, 14) ------------------------------------
+
+
+def odd_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """``case → (path, what the error says after the path)``."""
+    folder = tmp / "a_folder"
+    folder.mkdir()
+    fifo = tmp / "a_fifo"
+    os.mkfifo(fifo)
+    loop_a, loop_b = tmp / "loop_a", tmp / "loop_b"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    dangling = tmp / "dangling"
+    dangling.symlink_to(tmp / "gone.jsonl")
+    rows = labelled_records(2)
+    array = tmp / "array.json"
+    array.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    csv_file = tmp / "records.csv"
+    csv_file.write_text("id,feature_content,diseases,reason\n1,头痛,高血压,r\n", encoding="utf-8")
+    jsonl = "expected JSON Lines (one JSON object per line), but the file looks like"
+    return {
+        "folder": (folder, ": a folder, not a file of records"),
+        "FIFO": (fifo, ": a named pipe (FIFO), not a file of records"),
+        "/dev/null": (Path("/dev/null"), ": a character device (such as /dev/null), not a file of records"),
+        "symlink loop": (loop_a, ": a loop of symbolic links, not a file"),
+        "dangling link": (dangling, f": a symbolic link to {tmp / 'gone.jsonl'}, which does not exist"),
+        "JSON array": (array, f":1: {jsonl} a JSON array"),
+        "CSV": (csv_file, f":1: {jsonl} CSV (first line: 'id,feature_content,diseases,reason')"),
+    }
+
+
+def odd_input_argv(command: str, path: Path, inputs: dict[str, Path], tmp: Path) -> list[str]:
+    """The argv reading ``path`` as ``command``'s records."""
+    good = str(inputs["good"])
+    if command == "label":
+        return ["label", "--input", str(path), "--output", str(tmp / "out.jsonl"), "--base_url",
+                "http://127.0.0.1:9/v1", "--model", "m", "--on_bad_record", "skip"]  # fmt: skip
+    if command == "evaluate":
+        return ["evaluate", "--predictions", good, "--references", str(path)]
+    if command == "compare":
+        return ["compare", "--references", good, f"a={good}", f"b={path}"]
+    return ["export", "--adapter", str(inputs["adapter"]), "--out", str(tmp / "m"), "--records", str(path)]
+
+
+@pytest.mark.parametrize("command", ["label", "evaluate", "compare", "export"])
+@pytest.mark.parametrize("case", ["folder", "FIFO", "/dev/null", "symlink loop", "dangling link", "JSON array", "CSV"])
+def test_an_input_that_is_not_a_records_file_says_what_it_is(command, case, inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    path, what = odd_inputs(tmp_path)[case]
+    argv = odd_input_argv(command, path, inputs, tmp_path)
+    code, err = run_in_process(argv, capfd)
+    # label names its option before a link loop: the output rule resolves --input first (healthai/errors.py).
+    named = f"--input {path}" if (command, case) == ("label", "symlink loop") else str(path)
+    assert (code, err.splitlines()[-1]) == (2, f"healthai {command}: error: {named}{what}"), err
+    assert "Traceback" not in err
+
+
+def test_fit_reads_training_records_through_the_same_check(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    path, what = odd_inputs(tmp_path)["CSV"]
+    code, err = run_in_process(fit_argv(inputs, tmp_path, "--data.train_file", str(path)), capfd)
+    assert (code, err.splitlines()[-1]) == (2, f"healthai fit: error: {path}{what}"), err
+
+
+# -- the command line itself (#29 items 12, 14) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typed, line", [
+    ("fti", "healthai: error: unknown command 'fti'; did you mean fit? (commands: fit, validate, predict, label, "
+            "evaluate, compare, synonyms, export, serve)"),
+    ("evalute", "healthai: error: unknown command 'evalute'; did you mean evaluate? (commands: fit, validate, "
+                "predict, label, evaluate, compare, synonyms, export, serve)"),
+    ("zzz", "healthai: error: unknown command 'zzz' (commands: fit, validate, predict, label, evaluate, compare, "
+            "synonyms, export, serve)"),
+])  # fmt: skip
+def test_a_mistyped_command_is_status_2_with_the_nearest_name(typed, line, capfd):
+    assert run_in_process([typed, "--help"], capfd) == (2, line + "\n")
+
+
+def test_ctrl_c_during_label_start_up_is_status_130_without_a_traceback(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Reading the input is start-up: the run's own SIGINT handling (summary, resume line) is not installed yet.
+    monkeypatch.setattr("healthai.label.read_cases", interrupted)
+    argv, _ = output_argv("label", inputs, tmp_path)
+    try:
+        result = run_in_process(argv, capfd)
+    except KeyboardInterrupt:  # what the shell showed as a traceback; caught here so pytest itself is not stopped
+        pytest.fail("KeyboardInterrupt escaped the entry point")
+    assert result == (130, "healthai label: interrupted\n")
+
+
+def test_devices_0_is_one_line_naming_the_option(inputs, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    code, err = run_in_process(fit_argv(inputs, tmp_path, "--trainer.devices", "0"), capfd)
+    assert (code, err.splitlines()[-1]) == (2, "healthai fit: error: trainer.devices 0: give a number of devices of 1 "
+                                               "or more, -1 (all), a list of device indices such as [0, 1], or auto")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["cuda without a GPU", "port in use"])
+def test_serve_refuses_before_announcing_its_address(case, inputs, capfd, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    monkeypatch.setattr("litserve.LitServer.run", lambda *a, **k: pytest.fail("the server started"))
+    monkeypatch.setattr("healthai.serve._stop_on_sigterm", lambda: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a GPU machine runs this test as a CPU one
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        device = "cuda" if case == "cuda without a GPU" else "cpu"
+        argv = ["serve", "--model_name_or_path", str(inputs["model"]), "--device", device, "--port", str(port)]
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+    out, err = capfd.readouterr()
+    message = {"cuda without a GPU": "--device cuda: no CUDA GPU is visible on this machine; use --device cpu --dtype "
+                                     "float32 (or --device auto, which picks a GPU when there is one)",
+               "port in use": f"--port {port}: already in use on 127.0.0.1 (another server, or an earlier serve still "
+                              "running); stop it or choose another --port"}[case]  # fmt: skip
+    assert (info.value.code, err) == (2, f"healthai serve: error: {message}\n")
+    assert "serve: http" not in out
