@@ -169,7 +169,7 @@ class DiagnosisLoRA(L.LightningModule):
         self._float_buffers: FloatBuffers = []
         self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
         """The adapter applied to the base (:class:`~healthai.adapter.Adapter`), or None."""
-        # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
+        # Decoding settings are also replaced at run time (a benchmark may shorten them): they stay an attribute.
         # A null budget is the adapter's (what its labels were checked against), else the default.
         self.generation = resolve_budget(generation, self.adapter.budget if self.adapter is not None else None)
         self.answer_budget: Optional[AnswerBudget] = None
