@@ -21,8 +21,8 @@ of realistic length (``scripts/bench_train.py``'s): fit's batches are padded as 
   step, parse statuses of the written rows, peak memory, the buffers' dtype.
 * ``fsdp``: ``fit`` with ``configs/qwen_lora_fsdp.yaml`` on this one device (world size 1), ``--fsdp_steps`` steps
   without generation: the units and shards it made, the LoRA and buffer dtypes, tokens/s, peak memory, the
-  checkpoint (LoRA weights and optimizer state only). The weights are made on the GPU (``configure_model`` runs in
-  the strategy's device context). ``--no_fsdp`` leaves it out.
+  checkpoint (LoRA weights and optimizer state only). The random weights are made on the GPU (:func:`built_on`), and
+  the build time is reported. ``--no_fsdp`` leaves it out.
 
 ``scripts/bench_predict.py`` (the constraint's per-token cost against plain transformers) and
 ``scripts/bench_train.py`` (against TRL) compare with other tools; this script measures the commands themselves.
@@ -221,6 +221,28 @@ def stage_clock(owner: type, seconds: dict[str, float]) -> Iterator[dict]:
                 setattr(owner, name, value)
 
 
+@contextlib.contextmanager
+def built_on(owner: type, device, seen: dict) -> Iterator[dict]:
+    """For the block, ``owner.configure_model`` runs with ``device`` as torch's default device, so that random weights
+    are created there: Lightning's ``ModelParallelStrategy`` (FSDP) builds the model without its device's context, on
+    the CPU, which for a 7B costs minutes of a short device budget. ``seen`` gets the build time and the device of a
+    parameter after it."""
+    real = owner.__dict__["configure_model"]
+
+    def configure_model(self) -> None:
+        t = time.perf_counter()
+        with device:
+            real(self)
+        synchronize()
+        seen.update(build_s=time.perf_counter() - t, param_device=next(self.parameters()).device.type)
+
+    owner.configure_model = configure_model
+    try:
+        yield seen
+    finally:
+        owner.configure_model = real
+
+
 def run_command(argv: list[str], cwd: Path):
     """``python -m healthai *argv`` in this process (relative paths under ``cwd``); returns the CLI object and the
     command's peak GPU memory (None on CPU)."""
@@ -323,15 +345,20 @@ def fsdp_item(args, paths: dict, model_dir: Path, work: Path) -> dict:
             "--trainer.max_epochs", "-1", "--model.generate_every_n_epochs", "0", "--trainer.num_sanity_val_steps",
             "0", "--model.generation.max_new_tokens", str(args.answer_budget), "--trainer.enable_progress_bar",
             "false"]  # fmt: skip
+    from healthai.model import DiagnosisLoRA
+
+    build = {}
+    device = torch.device("cuda", torch.cuda.current_device()) if args.mode == "gpu" else torch.device("cpu")
     t = time.perf_counter()
-    cli, peak = run_command(argv, work / "fsdp")
+    with built_on(DiagnosisLoRA, device, build):
+        cli, peak = run_command(argv, work / "fsdp")
     wall = time.perf_counter() - t
     params = list(cli.model.model.parameters())
     ckpt_path = Path(cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else {}
     state = ckpt.get("state_dict", {})
     lora = {str(p.dtype) for n, p in cli.model.model.named_parameters() if "lora_" in n}
-    return {"status": "ok", "wall_s": wall, "units": sum(map(is_sharded, cli.model.model.modules())),
+    return {"status": "ok", "wall_s": wall, **build, "units": sum(map(is_sharded, cli.model.model.modules())),
             "params": len(params), "sharded_params": sum(isinstance(p, DTensor) for p in params),
             "lora_dtypes": sorted(lora), "inv_freq_dtypes": buffer_dtypes(cli.model),
             "tokens_per_s": float(cli.trainer.callback_metrics.get("train/tokens_per_sec", float("nan"))),

@@ -75,6 +75,7 @@ def test_cpu_smoke_drives_fit_predict_and_fsdp_through_the_commands_and_writes_t
     # and RoPE buffer under bf16-mixed, a checkpoint of the 28 LoRA tensors and their optimizer state only.
     fsdp = report["fsdp"]
     assert fsdp["status"] == "ok" and fsdp["units"] == 4 and fsdp["sharded_params"] == fsdp["params"]
+    assert fsdp["param_device"] == "cpu" and fsdp["build_s"] > 0  # built in the device's context (on a GPU: cuda)
     assert fsdp["lora_dtypes"] == fsdp["inv_freq_dtypes"] == ["torch.float32"]
     assert fsdp["checkpoint_tensors"] == fsdp["checkpoint_optimizer_states"] == 28
     assert fsdp["checkpoint_base_tensors"] == 0 and fsdp["checkpoint_mb"] < 1
