@@ -156,6 +156,7 @@ def test_the_fsdp_strategy_evaluates_under_no_grad_not_inference_mode():
     assert not any(loop.inference_mode for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop))
 
 
+@pytest.mark.slow
 def test_sharded_generation_gathers_once_per_call_and_answers_as_the_unsharded_model(tmp_path, tiny_model_dir,
                                                                                      forkserver):  # fmt: skip
     # #30 item 3: 2 gloo ranks (tests/fsdp_generate.py), each generating its own prompts (of different lengths) with a
