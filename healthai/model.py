@@ -24,6 +24,7 @@ from healthai.errors import ClosedUnitInterval, ConfigError, HalfOpenUnitInterva
 from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
+from healthai.fsdp_generation import gathered_for_generation
 from healthai.sharding import gathered_head, synced_generation
 from healthai.val_generation import PendingPrompt, generation_batches, left_padded, pending_from_batch, rank_share
 from healthai.val_generation import probe_generation_memory, probe_prompt
@@ -168,7 +169,7 @@ class DiagnosisLoRA(L.LightningModule):
         self._float_buffers: FloatBuffers = []
         self.adapter = Adapter.open(adapter_path) if adapter_path is not None else None
         """The adapter applied to the base (:class:`~healthai.adapter.Adapter`), or None."""
-        # Decoding settings are also replaced at run time (scripts/gpu_check.py shortens them): they stay an attribute.
+        # Decoding settings are also replaced at run time (a benchmark may shorten them): they stay an attribute.
         # A null budget is the adapter's (what its labels were checked against), else the default.
         self.generation = resolve_budget(generation, self.adapter.budget if self.adapter is not None else None)
         self.answer_budget: Optional[AnswerBudget] = None
@@ -625,15 +626,16 @@ class DiagnosisLoRA(L.LightningModule):
         # every decoding parameter is the project's.
         base.generation_config = copy.deepcopy(config)
         processor = self.constraint().logits_processor(g.budget) if g.constrained else None
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=[processor] if processor is not None else None,
-            # Sharded, every decoding step gathers each layer from all ranks: a rank whose answers are done must go on
-            # stepping until every rank's are (transformers recognises FSDP1 and DeepSpeed, not FSDP2).
-            synced_gpus=synced_generation(self.model),
-        )
+        # Sharded (FSDP2), the layers are gathered once for the call, not at every decoding step, and the steps hold
+        # no collective: no rank has to keep stepping for the others (healthai.fsdp_generation).
+        with gathered_for_generation(self.model) as gathered:
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=[processor] if processor is not None else None,
+                synced_gpus=False if gathered else synced_generation(self.model),
+            )
         new = out[:, input_ids.shape[1] :].tolist()
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         truncated = processor.truncated() if processor is not None else [False] * len(texts)

@@ -58,8 +58,8 @@ def left_padded(prompts: list[PendingPrompt], pad_id: int, device: torch.device)
 
 def generation_batches(prompts: list[PendingPrompt], batch_size: int, calls: int) -> Iterator[tuple[list, int]]:
     """``calls`` batches of up to ``batch_size`` prompts, longest first (less padding per batch), each with how many of
-    its rows count. Ranks that must stay in step (a sharded model gathers its layers at every decoding step) all make
-    ``calls`` calls: a rank out of prompts repeats its last batch (or a one-token prompt) and counts none of it."""
+    its rows count. Ranks that must stay in step (a sharded model gathers its layers at each call's prompt forward,
+    :mod:`healthai.fsdp_generation`) all make ``calls`` calls: a rank out of prompts repeats its last batch (or a one-token prompt) and counts none of it."""
     ordered = sorted(prompts, key=lambda p: len(p.prompt_ids), reverse=True)
     chunks = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     filler = chunks[-1] if chunks else [PendingPrompt([0], None, None, "")]
@@ -72,7 +72,8 @@ def probe_prompt(examples: list[dict[str, Any]], limit: int, batch_size: int, wo
     """The memory probe of fit's sanity check (#30 item 5): the longest prompt among the first ``limit`` validation
     records (the ones validation generates), followed by ``budget`` more tokens, and how many rows of it — one
     generation batch at its largest (``batch_size``, at most rank 0's share). Its forward with the KV cache on holds
-    what the largest generation step will: a cache of prompt + budget tokens for every row. ``([], 0)`` when
+    what the largest generation step will: a cache of prompt + budget tokens for every row (sharded, next to the
+    whole gathered model: :func:`probe_generation_memory` gathers it as generation does). ``([], 0)`` when
     validation generates nothing."""
     first = examples[:limit]
     rows = min(batch_size, rank_share(limit, 0, world_size))
@@ -87,6 +88,9 @@ def probe_prompt(examples: list[dict[str, Any]], limit: int, batch_size: int, wo
 def probe_generation_memory(model: torch.nn.Module, ids: list[int], rows: int, device: torch.device) -> None:
     """One forward of ``rows`` copies of ``ids`` with the KV cache on and logits for the last position only: an out
     of memory that the first validation's generation would meet is met here, in the first minute of fit."""
+    from healthai.fsdp_generation import gathered_for_generation
+
     batch = torch.tensor([ids] * rows, dtype=torch.long, device=device)
-    out = model(input_ids=batch, use_cache=True, logits_to_keep=1)
-    del out
+    with gathered_for_generation(model):  # sharded: every layer stays gathered, as during generation
+        out = model(input_ids=batch, use_cache=True, logits_to_keep=1)
+        del out

@@ -203,3 +203,26 @@ def test_fsdp_overlay_shards_a_model_config_and_keeps_its_settings(config):
     assert both["trainer"]["precision"] == "bf16-mixed" and both["trainer"]["devices"] == -1
     assert both["model"] == alone["model"] and both["data"] == alone["data"]
     assert both["trainer"]["gradient_clip_val"] == alone["trainer"]["gradient_clip_val"] == 1.0
+
+
+def test_the_predict_configs_batch_is_the_80_gb_row_of_the_computed_kv_cache_table():
+    # #30 item 6: docs/predict.md's card table, recomputed here from the published 7B architecture (QWEN25): bf16
+    # weights, per row the KV cache of max_length + budget tokens and the prefill's one-layer transient, 1 GB of CUDA
+    # context, rounded down to a multiple of 16. The predict configs use the 80 GB row.
+    layers, h, i, heads, kv_heads, _, _ = QWEN25["7B"]
+    weights = estimate_memory().ARCHS["7B"].params() * 2  # counted from the architecture (checked against QWEN25)
+    kv_token = layers * kv_heads * (h // heads) * 2 * 2
+    assert kv_token == 57_344
+    text = (REPO / "docs" / "predict.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) GB \| \*\*(\d+)\*\* \| ([\d.]+) GB \| ([\d.]+) GB \| ([\d.]+) GB \|$", text, re.M)
+    assert [int(card) for card, *_ in rows] == [24, 40, 48, 80, 141]
+    for config in ("configs/predict.yaml", "configs/baseline.yaml"):
+        data, model = resolved(config, "predict")["data"], resolved(config, "predict")["model"]
+        budget = model["generation"]["max_new_tokens"] or 1024  # null: the adapter's, 1024 zero-shot
+        kv_row, prefill_row = kv_token * (data["max_length"] + budget), data["max_length"] * (4 * h + 3 * i) * 2
+        for card, batch, kv, prefill, total in rows:
+            fits = int((int(card) * 1e9 - 1e9 - weights) // (kv_row + prefill_row)) // 16 * 16
+            assert int(batch) == fits, card
+            assert (kv, prefill) == (f"{fits * kv_row / 1e9:.1f}", f"{fits * prefill_row / 1e9:.1f}"), card
+            assert total == f"{(weights + fits * (kv_row + prefill_row)) / 1e9:.1f}", card
+        assert data["eval_batch_size"] == int(dict((c, b) for c, b, *_ in rows)["80"]) == 128, config

