@@ -455,7 +455,7 @@ def test_an_unwritable_output_is_refused_before_any_work(command, code, cause, i
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     for module in ("healthai.compare", "healthai.evaluate"):  # compare's own name first: it imports evaluate's
         monkeypatch.setattr(f"{module}.score", lambda *a, **k: pytest.fail("scored"))
-    monkeypatch.setattr("healthai.label._run_workers", lambda *a, **k: pytest.fail("labelled"))
+    monkeypatch.setattr("healthai.label.run_workers", lambda *a, **k: pytest.fail("labelled"))
     code_, err = run_in_process(argv, capfd)
     option = OUTPUT_COMMANDS[command]
     assert (code_, err.splitlines()[-1]) == (2, f"healthai {command}: error: {option} {out}: cannot write in {folder} "
@@ -495,7 +495,7 @@ def disk_full(*args, **kwargs):
 
 @pytest.mark.parametrize("command, where", [
     ("evaluate", "healthai.evaluate._write_json"), ("compare", "pathlib.Path.write_text"),
-    ("export", "healthai.export._merge_save_compare"), ("label", "healthai.label._run_workers"),
+    ("export", "healthai.export._merge_save_compare"), ("label", "healthai.label.run_workers"),
 ])  # fmt: skip
 def test_a_full_disk_is_one_line_naming_the_file(command, where, inputs, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("HEALTHAI_API_KEY", "sk-test-0123456789")
