@@ -148,7 +148,7 @@ def pair_summary(pair: dict[str, Any]) -> str:
     )
 
 
-COUNT_KEYS = ("n", "n_predictions", "missing", "duplicates", "unknown")
+COUNT_KEYS = ("n", "n_predictions", "missing", "unknown")
 """The report's counts shown under the metrics (every metric of :func:`healthai.metrics.answer_metrics`)."""
 
 
@@ -187,6 +187,7 @@ def compare(
     length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),
     examples: NonNegativeInt = 20,
     synonyms: Optional[Path] = None,
+    allow_empty_references: bool = False,
 ) -> dict[str, Any]:
     """Compare predictions files on the same references, side by side, with bootstrap intervals for F1 differences.
 
@@ -213,6 +214,8 @@ def compare(
         synonyms: The synonym table of the normalised match (docs/evaluate.md): each system's report gets
             ``disease_normalized`` and each pair a ``normalized`` difference with its own bootstrap interval (without
             it, the default qualifier rules alone).
+        allow_empty_references: Score a reference whose ``diseases`` is empty as "no diagnosis" instead of stopping
+            at its line, as for evaluate.
 
     Returns:
         ``{"references", "systems": {name: evaluate's report}, "pairs": [...]}``; each pair has ``a``, ``b``,
@@ -231,7 +234,7 @@ def compare(
             raise UserError(f"system {s.name!r}: no such predictions file: {s.path}")
 
     normalizer = normalizer_from(synonyms)
-    refs = read_references(Path(references))
+    refs = read_references(Path(references), allow_empty=allow_empty_references)
     scored = [score(s.path, references, refs, top_diagnoses, length_edges) for s in specs]
     normalized = [normalized_records(refs, sc.preds.rows, normalizer) for sc in scored]
     pairs = []
@@ -253,7 +256,7 @@ def compare(
     print(side_by_side(names, [sc.report for sc in scored]))
     print()
     for s, sc in zip(specs, scored):
-        for what in ("missing", "duplicates", "unknown"):
+        for what in ("missing", "unknown"):
             if sc.report[what]:
                 print(f"{s.name}: {what} ids: {_preview(sc.report[what])}")
     for pair in pairs:

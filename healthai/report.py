@@ -164,7 +164,7 @@ METRIC_LABELS = {"disease_f1": "disease F1", "disease_precision": "disease preci
                  "truncated_rate": "truncated (budget closed)", "reason_rougeL": "reason ROUGE-L"}  # fmt: skip
 """How the summary names a report metric; one not listed (a new metric) is shown under its report key."""
 COUNT_LABELS = [("n", "reference records"), ("n_predictions", "records predicted"), ("missing", "missing"),
-                ("duplicates", "duplicate ids"), ("unknown", "unknown ids")]  # fmt: skip
+                ("unknown", "unknown ids")]  # fmt: skip
 
 
 def normalized_rows(systems: Sequence[SystemResult]) -> list[list[str]]:
@@ -217,7 +217,7 @@ def render_html(
     rows = rows[:3] + normalized_rows(systems) + rows[3:]
     parts.append(_table(["metric", *map(_e, names)], rows, "num"))
     for s in systems:
-        for what in ("missing", "duplicates", "unknown"):
+        for what in ("missing", "unknown"):
             if s.report[what]:
                 ids = ", ".join(map(str, s.report[what][:20])) + (" …" if len(s.report[what]) > 20 else "")
                 parts.append(f'<p class="note">{_e(s.name)}: {what} ids: {_e(ids)}</p>')
