@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from healthai.errors import UserError, check_output, one_line
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
+from healthai.output_lock import OutputLock, lock_on_rank_zero
 from healthai.provenance import base_fingerprint, package_versions, sha256_file
 from healthai.records import id_key
 from healthai.resume import ResumeRefused
@@ -74,6 +75,7 @@ class DiagnosisWriter(BasePredictionWriter):
         self._stop_signal: Optional[int] = None
         self._old_sigint = None
         self._run: Optional[dict[str, Any]] = None
+        self._lock: Optional[OutputLock] = None
 
     # -- paths --------------------------------------------------------------------------------------------------------
 
@@ -100,6 +102,8 @@ class DiagnosisWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         self._check_writable()
         self._refuse_input_as_output(datamodule.predict_file)
+        # One process group per output (#29 item 3): before the overwrite removes anything or any output is read.
+        self._lock = lock_on_rank_zero(trainer, self.output_path, "--writer.output_path")
         if self.overwrite and trainer.is_global_zero:
             self.remove_outputs()
         trainer.strategy.barrier("healthai-writer-overwrite")
@@ -284,9 +288,17 @@ class DiagnosisWriter(BasePredictionWriter):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._close()  # what was written stays on disk (fsync'ed) for the rerun
+        self._release_lock()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._close()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        """The next run may have the output (after the merge: teardown, or the exception that ends the run)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _close(self) -> None:
         if self._old_sigint is not None:

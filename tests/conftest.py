@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -204,6 +205,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def output_locked_by_another_process(output: Path, option: str = "--output"):
+    """A second process (a plain interpreter, not a fork: a real other pid) holding ``output``'s lock
+    (:class:`healthai.output_lock.OutputLock`) until the block ends; yields its pid."""
+    code = ("import sys; from healthai.output_lock import OutputLock; "
+            "OutputLock(sys.argv[1], sys.argv[2]).acquire(); print('held', flush=True); sys.stdin.read()")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(output), option], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def read_jsonl(path: Path) -> list[dict]:
