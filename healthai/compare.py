@@ -11,7 +11,6 @@ same difference, e.g. two identical files, where BCa's acceleration is 0/0).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from itertools import combinations
@@ -23,7 +22,7 @@ import numpy as np
 from healthai.breakdown import DEFAULT_LENGTH_EDGES, DEFAULT_TOP_DIAGNOSES, RecordScore, format_table
 from healthai.errors import ConfigError, NonNegativeInt, OpenUnitInterval, PositiveInt, ResampleCount, UserError
 from healthai.errors import check_declared, check_output, require_extra
-from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score
+from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score, write_json
 from healthai.normalized_report import normalized_records, normalized_section
 from healthai.synonyms import normalizer_from
 
@@ -265,8 +264,7 @@ def compare(
         print(f"  normalised F1 difference (synonyms {normalizer.fingerprint()}): {_signed(n['difference'])} "
               f"[{_signed(n['ci_low'])}, {_signed(n['ci_high'])}]")
     if report is not None:
-        Path(report).parent.mkdir(parents=True, exist_ok=True)
-        Path(report).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        write_json(Path(report), result)
     if html is not None:
         from healthai.report import SystemResult, write_html
 

@@ -22,6 +22,7 @@ from healthai.breakdown import (
     format_value,
     score_record,
 )
+from healthai.atomic import atomic_open, write_text
 from healthai.errors import ConfigError, NonNegativeInt, PositiveInt, check_declared, check_output
 from healthai.errors import require_extra
 from healthai.metrics import PARSE_STATUSES, answer_metrics, match_diseases, rouge_l_char
@@ -192,7 +193,7 @@ def evaluate(
     if truncated:
         print(f"truncated ids (the token budget closed the answer; diagnoses may be missing): {_preview(truncated)}")
     if report is not None:
-        _write_json(Path(report), result)
+        write_json(Path(report), result)
     if per_record is not None:
         _write_jsonl(Path(per_record), _per_record_rows(scored.refs, scored.preds.rows))
     if html is not None:
@@ -258,13 +259,12 @@ def _check_outputs(predictions: Path, references: Path, report: Optional[Path], 
             earlier[option] = out
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically: a full disk leaves the previous report, not a torn one."""
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -286,7 +286,7 @@ def render_html(
 def write_html(
     path: Path, systems: Sequence[SystemResult], pairs: Sequence[dict[str, Any]], references: str, examples: int
 ) -> None:
-    """Write the report page to ``path`` (folders created)."""
-    page = render_html(systems, pairs, references, examples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    """Write the report page to ``path`` (folders created), atomically: a failed write leaves the previous page."""
+    from healthai.atomic import write_text
+
+    write_text(path, render_html(systems, pairs, references, examples))

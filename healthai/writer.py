@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from healthai.atomic import atomic_open, write_text
 from healthai.errors import UserError, check_output, one_line
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
 from healthai.output_lock import OutputLock, lock_on_rank_zero
@@ -228,11 +229,8 @@ class DiagnosisWriter(BasePredictionWriter):
         return notes
 
     def _write_meta(self, run: dict[str, Any]) -> None:
-        """Write the meta file atomically (a temporary file per process, then a rename)."""
-        self.meta_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.meta_path.with_name(f".{self.meta_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(run, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.meta_path)
+        """Write the meta file atomically (a temporary file per process, fsync'ed, then a rename)."""
+        write_text(self.meta_path, json.dumps(run, ensure_ascii=False, indent=2) + "\n")
 
     # -- writing ------------------------------------------------------------------------------------------------------
 
@@ -324,12 +322,9 @@ class DiagnosisWriter(BasePredictionWriter):
                 if error is not None:
                     raise BadRecordError(path, line_no, error)
                 rows.setdefault(id_key(row["id"]), row)  # an id is written once; keep the first if a rerun raced
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_path.with_name(f".{self.output_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(self.output_path, "w") as f:
             ordered = sorted(rows, key=lambda i: order.get(i, len(order)))
             append_rows(f, ({**rows[i], "id": given.get(i, rows[i]["id"])} for i in ordered))
-        os.replace(tmp, self.output_path)
         for path in shards:
             path.unlink()
         return len(rows)
