@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from healthai.errors import UserError
 from healthai.jsonl import BadRecordError, iter_jsonl
@@ -92,6 +92,18 @@ class _SeenIds:
         self.first[key] = (line_no, rid)
 
 
+def _keyed_rows(path: Path, what: str) -> Iterator[tuple[int, dict, RecordId, str]]:
+    """``(line_no, row, id, id key)`` of each row of ``path``; a bad line or a repeated id raises
+    :class:`BadRecordError` (``what``: ``"reference"`` or ``"prediction"``, as the error says it)."""
+    seen = _SeenIds(path, what)
+    for line_no, row, error in iter_jsonl(path):
+        if error is not None:
+            raise BadRecordError(path, line_no, error)
+        rid, key = _key(path, line_no, row)
+        seen.add(line_no, rid, key)
+        yield line_no, row, rid, key
+
+
 def _diseases(path: Path, line_no: int, value: Any) -> str:
     """A ``diseases`` value as one string; a list of names is joined with ``；``."""
     if isinstance(value, str):
@@ -123,12 +135,7 @@ def read_references(path: Path, allow_empty: bool = False) -> dict[str, Referenc
     diagnosis" only when ``allow_empty`` says that is what it means.
     """
     refs: dict[str, Reference] = {}
-    seen = _SeenIds(path, "reference")
-    for line_no, row, error in iter_jsonl(path):
-        if error is not None:
-            raise BadRecordError(path, line_no, error)
-        rid, key = _key(path, line_no, row)
-        seen.add(line_no, rid, key)
+    for line_no, row, rid, key in _keyed_rows(path, "reference"):
         if "diseases" not in row:
             raise BadRecordError(path, line_no, "reference row has no 'diseases'")
         diseases = _diseases(path, line_no, row["diseases"])
@@ -159,12 +166,7 @@ def read_predictions(path: Path) -> Predictions:
     A missing or null ``diseases`` is an empty prediction (a failed parse may leave it so), not an error.
     """
     rows: dict[str, Prediction] = {}
-    seen = _SeenIds(path, "prediction")
-    for line_no, row, error in iter_jsonl(path):
-        if error is not None:
-            raise BadRecordError(path, line_no, error)
-        rid, key = _key(path, line_no, row)
-        seen.add(line_no, rid, key)
+    for line_no, row, rid, key in _keyed_rows(path, "prediction"):
         diseases = row.get("diseases")
         rows[key] = Prediction(
             rid,
