@@ -310,9 +310,11 @@ def resolve_base(name_or_path: Optional[str], option: str, recorded: Optional[di
 # -- the model card ---------------------------------------------------------------------------------------------------
 
 
-def write_model_card(directory: str | Path, card: dict[str, Any]) -> Path:
-    """Write ``README.md``: what this adapter is, how it was trained and on what, and how to use it."""
-    directory = Path(directory)
+def write_model_card(directory: str | Path, card: dict[str, Any], named: Optional[str | Path] = None) -> Path:
+    """Write ``README.md`` into ``directory``: what this adapter is, how it was trained and on what, and how to use it.
+    ``named``: the folder the commands it shows should name, when ``directory`` is a temporary one renamed to it."""
+    path = Path(directory) / "README.md"
+    directory = Path(named) if named is not None else Path(directory)
     base = card["base"]
     lines = [
         f"# {card['title']}",
@@ -344,7 +346,6 @@ def write_model_card(directory: str | Path, card: dict[str, Any]) -> Path:
         lines += [f"| {d['split']} | `{d['file']}` | {d['records']} | `{d['sha256']}` |" for d in card["data"]]
         lines.append("")
     lines += ["## Prompt", "", "```json", json.dumps(card["prompt"], ensure_ascii=False, indent=2), "```", ""]
-    path = directory / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

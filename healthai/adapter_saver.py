@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from healthai.atomic import atomic_folder
+
 
 class AdapterSaver(Callback):
     """Write the trained LoRA adapter (best and last) with its tokenizer, prompt, base record and model card."""
@@ -79,9 +81,19 @@ def save_adapter(module, directory: str | Path, state_dict: Optional[dict[str, t
     """Write ``module``'s PEFT adapter (a :class:`~healthai.model.DiagnosisLoRA`; from ``state_dict`` if given, e.g.
     gathered under FSDP), the tokenizer, the prompt settings, the answer budget (``answer_budget.json``), the base it
     was trained on (``base.json``) and a model card (``README.md``, with ``trainer``'s settings and data when given) to ``directory``."""
+    final = Path(directory)
+    # A temporary folder renamed over adapter/ at the end (#29 item 6): a full disk or a kill mid-save leaves the
+    # previous adapter whole (or none), never one whose weights and base.json belong to different saves.
+    with atomic_folder(final) as directory:
+        _write_adapter(module, directory, final, state_dict, card, trainer)
+    return final
+
+
+def _write_adapter(module, directory: Path, final: Path, state_dict: Optional[dict[str, torch.Tensor]],
+                   card: Optional[dict[str, Any]], trainer: Optional[L.Trainer]) -> None:  # fmt: skip
+    """The files of :func:`save_adapter`, written into ``directory`` (the temporary folder of ``final``)."""
     from healthai.adapter import BASE_FILE, write_model_card
 
-    directory = Path(directory)
     module.model.save_pretrained(directory, state_dict=state_dict)
     initial = getattr(module, "_initial_lora", None)
     if initial is not None:  # PiSSA / OLoRA: saved as the plain LoRA of the unmodified base (healthai.lora_variants)
@@ -96,11 +108,10 @@ def save_adapter(module, directory: str | Path, state_dict: Optional[dict[str, t
     base = module.base_record()
     (directory / BASE_FILE).write_text(json.dumps(base, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     card = dict(card or {})
-    card.setdefault("title", f"HealthAI LoRA adapter ({directory.name})")
+    card.setdefault("title", f"HealthAI LoRA adapter ({final.name})")
     card.setdefault("which", "as saved")
     facts = card_facts(module, trainer)
-    write_model_card(directory, {**facts, **card, "base": base, "prompt": dataclasses.asdict(prompt)})
-    return directory
+    write_model_card(directory, {**facts, **card, "base": base, "prompt": dataclasses.asdict(prompt)}, named=final)
 
 
 def card_facts(module, trainer: Optional[L.Trainer] = None) -> dict[str, Any]:

@@ -31,6 +31,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions ``path`` gets: those of the file it replaces, else what ``open`` would give (0666 less the
+    umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on a clean exit it is fsync'ed and renamed to ``path``.
@@ -43,6 +54,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes it 0600: a report or checkpoint others could read stays so
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()

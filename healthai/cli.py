@@ -9,6 +9,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from healthai.adapter_saver import AdapterSaver
+from healthai.checkpoint_io import make_checkpoints_atomic
 from healthai.data import DiagnosisDataModule
 from healthai.errors import ConfigError, PositiveInt, UserError, check_value
 from healthai.model import DiagnosisLoRA
@@ -54,6 +55,7 @@ class HealthAICLI(LightningCLI):
         if self.subcommand == "fit":
             # Always on, not an option: a fit that leaves no adapter/ folder has nothing for predict or export.
             trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder()])
+            make_checkpoints_atomic(trainer)  # a full disk mid-save must not tear last.ckpt (#29 item 6)
         return trainer
 
     def before_instantiate_classes(self) -> None:

@@ -11,7 +11,6 @@ same difference, e.g. two identical files, where BCa's acceleration is 0/0).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from itertools import combinations
@@ -23,7 +22,7 @@ import numpy as np
 from healthai.breakdown import DEFAULT_LENGTH_EDGES, DEFAULT_TOP_DIAGNOSES, RecordScore, format_table
 from healthai.errors import ConfigError, NonNegativeInt, OpenUnitInterval, PositiveInt, ResampleCount, UserError
 from healthai.errors import check_declared, check_output, require_extra
-from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score
+from healthai.evaluate import _preview, check_breakdown_options, metric_keys, read_references, score, write_json
 from healthai.normalized_report import normalized_records, normalized_section
 from healthai.paths import check_input_file, check_writable, naming
 from healthai.synonyms import normalizer_from
@@ -151,7 +150,7 @@ def pair_summary(pair: dict[str, Any]) -> str:
     )
 
 
-COUNT_KEYS = ("n", "n_predictions", "missing", "duplicates", "unknown")
+COUNT_KEYS = ("n", "n_predictions", "missing", "unknown")
 """The report's counts shown under the metrics (every metric of :func:`healthai.metrics.answer_metrics`)."""
 
 
@@ -190,6 +189,7 @@ def compare(
     length_edges: list[PositiveInt] = list(DEFAULT_LENGTH_EDGES),
     examples: NonNegativeInt = 20,
     synonyms: Optional[Path] = None,
+    allow_empty_references: bool = False,
 ) -> dict[str, Any]:
     """Compare predictions files on the same references, side by side, with bootstrap intervals for F1 differences.
 
@@ -216,6 +216,8 @@ def compare(
         synonyms: The synonym table of the normalised match (docs/evaluate.md): each system's report gets
             ``disease_normalized`` and each pair a ``normalized`` difference with its own bootstrap interval (without
             it, the default qualifier rules alone).
+        allow_empty_references: Score a reference whose ``diseases`` is empty as "no diagnosis" instead of stopping
+            at its line, as for evaluate.
 
     Returns:
         ``{"references", "systems": {name: evaluate's report}, "pairs": [...]}``; each pair has ``a``, ``b``,
@@ -235,7 +237,7 @@ def compare(
         check_input_file(s.path)  # a folder, a FIFO, /dev/null or a link loop, said as what it is (#29 item 9)
 
     normalizer = normalizer_from(synonyms)
-    refs = read_references(Path(references))
+    refs = read_references(Path(references), allow_empty=allow_empty_references)
     scored = [score(s.path, references, refs, top_diagnoses, length_edges) for s in specs]
     normalized = [normalized_records(refs, sc.preds.rows, normalizer) for sc in scored]
     pairs = []
@@ -257,7 +259,7 @@ def compare(
     print(side_by_side(names, [sc.report for sc in scored]))
     print()
     for s, sc in zip(specs, scored):
-        for what in ("missing", "duplicates", "unknown"):
+        for what in ("missing", "unknown"):
             if sc.report[what]:
                 print(f"{s.name}: {what} ids: {_preview(sc.report[what])}")
     for pair in pairs:
@@ -267,8 +269,7 @@ def compare(
               f"[{_signed(n['ci_low'])}, {_signed(n['ci_high'])}]")
     if report is not None:
         with naming(report):  # a full disk says which file (#29 item 8)
-            Path(report).parent.mkdir(parents=True, exist_ok=True)
-            Path(report).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            write_json(Path(report), result)
     if html is not None:
         from healthai.report import SystemResult, write_html
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 from healthai.breakdown import (
     DEFAULT_LENGTH_EDGES,
@@ -22,157 +22,17 @@ from healthai.breakdown import (
     format_value,
     score_record,
 )
-from healthai.errors import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, UserError, check_declared
-from healthai.errors import check_output
+from healthai.atomic import atomic_open, write_text
+from healthai.errors import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, check_declared, check_output
 from healthai.errors import require_extra
-from healthai.jsonl import BadRecordError, iter_jsonl
 from healthai.judge import judge_settings
 from healthai.judge_report import check_judged, judge_section, judge_table
 from healthai.metrics import PARSE_STATUSES, answer_metrics, match_diseases, rouge_l_char
 from healthai.normalized_report import normalized_section, normalized_table
 from healthai.paths import check_writable, naming
-from healthai.prompts import join_diseases
-from healthai.records import id_key
+from healthai.scored_files import Prediction, Predictions, RecordId, Reference, check_overlap
+from healthai.scored_files import read_predictions, read_references
 from healthai.synonyms import normalizer_from
-
-RecordId = Union[int, str]
-
-
-@dataclass
-class Reference:
-    """One reference record: its id, ``diseases`` (a list already joined with ``；``) and optional reason."""
-
-    id: RecordId
-    diseases: str
-    reason: Optional[str]
-    case_text: Optional[str] = None
-    """``feature_content`` when the row has one (labelled files do): the case-length breakdown and the report's
-    examples read it."""
-
-
-@dataclass
-class Prediction:
-    """One prediction row, reduced to what scoring needs."""
-
-    id: RecordId
-    diseases: str
-    reason: Optional[str]
-    parse_status: str
-    case_text: Optional[str] = None
-    """``feature_content`` when the row has one (predict writes it)."""
-
-    @property
-    def status(self) -> str:
-        """``parse_status``, under the name the metrics read (:class:`healthai.metrics.Answer`)."""
-        return self.parse_status
-
-
-@dataclass
-class Predictions:
-    """The prediction rows by id (first occurrence wins) and the ids seen more than once, in file order."""
-
-    rows: dict[str, Prediction]
-    duplicates: list[RecordId]
-
-
-def _key(path: Path, line_no: int, row: dict) -> tuple[RecordId, str]:
-    """The row's ``id`` and the key it is joined on: ``10001`` and ``"10001"`` are the same record, as in every stage
-    (:func:`healthai.records.id_key`)."""
-    if "id" not in row:
-        raise BadRecordError(path, line_no, "row has no 'id'")
-    rid = row["id"]
-    # bool is an int subclass, and a float id (1.0 vs 1) would join unpredictably: accept only int and str.
-    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
-        raise BadRecordError(path, line_no, f"'id' must be an integer or a string, got {rid!r}")
-    return rid, id_key(rid)
-
-
-def _diseases(path: Path, line_no: int, value: Any) -> str:
-    """A ``diseases`` value as one string; a list of names is joined with ``；``."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return join_diseases(value)
-    raise BadRecordError(path, line_no, f"'diseases' must be a string or a list of strings, got {value!r}")
-
-
-def _reason(path: Path, line_no: int, value: Any) -> Optional[str]:
-    """A ``reason`` value: a string, or ``None`` when absent or null."""
-    if value is None or isinstance(value, str):
-        return value
-    raise BadRecordError(path, line_no, f"'reason' must be a string or null, got {value!r}")
-
-
-def _case_text(row: dict) -> Optional[str]:
-    """The row's ``feature_content`` if it is a string (evaluate only measures it; it is not scored)."""
-    text = row.get("feature_content")
-    return text if isinstance(text, str) else None
-
-
-def read_references(path: Path) -> dict[str, Reference]:
-    """Reference records by id key, in file order; a bad line or a repeated id raises :class:`BadRecordError`, a file
-    without records :class:`~healthai.errors.UserError`.
-
-    A list-valued ``diseases`` is joined with ``；``; ``reason`` may be absent or null.
-    """
-    refs: dict[str, Reference] = {}
-    first_line: dict[str, int] = {}
-    for line_no, row, error in iter_jsonl(path):
-        if error is not None:
-            raise BadRecordError(path, line_no, error)
-        rid, key = _key(path, line_no, row)
-        if key in refs:
-            # Two answers for one record: no way to tell which one is right, so refuse to score.
-            raise BadRecordError(path, line_no, f"duplicate reference id {rid!r} (first at line {first_line[key]})")
-        if "diseases" not in row:
-            raise BadRecordError(path, line_no, "reference row has no 'diseases'")
-        refs[key] = Reference(
-            rid, _diseases(path, line_no, row["diseases"]), _reason(path, line_no, row.get("reason")), _case_text(row)
-        )
-        first_line[key] = line_no
-    if not refs:
-        # Every score would be 0 or undefined; a wrong --references must not pass for a result.
-        raise UserError(f"{path}: no reference records; nothing to score against")
-    return refs
-
-
-def _parse_status(path: Path, line_no: int, row: dict) -> str:
-    """The row's ``parse_status``; rows without one (the official submission format) are ``ok`` iff ``diseases``
-    is a string, as a string is what a well-formed answer holds."""
-    if "parse_status" not in row:
-        return "ok" if isinstance(row.get("diseases"), str) else "failed"
-    status = row["parse_status"]
-    if status not in PARSE_STATUSES:
-        raise BadRecordError(path, line_no, f"'parse_status' must be one of {PARSE_STATUSES}, got {status!r}")
-    return status
-
-
-def read_predictions(path: Path) -> Predictions:
-    """Prediction rows by id string; for a repeated id the first row is kept and the id is listed in ``duplicates``.
-
-    A missing or null ``diseases`` is an empty prediction (a failed parse may leave it so), not an error.
-    """
-    rows: dict[str, Prediction] = {}
-    duplicates: list[RecordId] = []
-    for line_no, row, error in iter_jsonl(path):
-        if error is not None:
-            raise BadRecordError(path, line_no, error)
-        rid, key = _key(path, line_no, row)
-        status = _parse_status(path, line_no, row)
-        diseases = row.get("diseases")
-        pred = Prediction(
-            rid,
-            "" if diseases is None else _diseases(path, line_no, diseases),
-            _reason(path, line_no, row.get("reason")),
-            status,
-            _case_text(row),
-        )
-        if key in rows:
-            if rid not in duplicates:
-                duplicates.append(rid)
-            continue
-        rows[key] = pred
-    return Predictions(rows, duplicates)
 
 
 def _per_record_rows(refs: dict[str, Reference], preds: dict[str, Prediction]) -> list[dict[str, Any]]:
@@ -198,7 +58,7 @@ def _per_record_rows(refs: dict[str, Reference], preds: dict[str, Prediction]) -
 
 def _table(report: dict[str, Any]) -> str:
     """The report as two aligned plain-text columns."""
-    keys = [*metric_keys(), "n", "n_predictions", "n_reasons", "missing", "duplicates", "unknown"]
+    keys = [*metric_keys(), "n", "n_predictions", "n_reasons", "missing", "unknown"]
     rows = [(k, report[k]) for k in keys] + [(f"parse_status {s}", n) for s, n in report["parse_status"].items()]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
@@ -269,22 +129,23 @@ def evaluate(
     judge_concurrency: PositiveInt = 8,
     judge_max_retries: NonNegativeInt = 5,
     judge_timeout: PositiveFloat = 120.0,
+    allow_empty_references: bool = False,
 ) -> dict[str, Any]:
     """Score predictions against references with the metrics validation logs: disease P/R/F1, JSON validity rate,
     truncated rate and reason ROUGE-L.
 
     The metrics are :func:`healthai.metrics.answer_metrics`. Records are joined by ``id`` (``10001`` and
     ``"10001"`` match). Every reference record is scored; one without a prediction counts as an empty prediction
-    (false negatives only) and is listed in ``missing``. For a repeated
-    prediction id the first row is used and the id is listed in ``duplicates``; prediction ids absent from the
+    (false negatives only) and is listed in ``missing``; prediction ids absent from the
     references are listed in ``unknown`` and not scored. ``json_valid_rate`` and ``truncated_rate`` are over the
     prediction rows scored (so a missing record does not lower them; null when no row is scored); a row without
     ``parse_status`` (the official submission format) counts as valid when its ``diseases`` is a string.
     ``reason_rougeL`` averages over references that have a reason and is null when none has. ``parse_status`` counts
     the scored rows by status: ``truncated`` rows (the token budget closed the answer, diagnoses may be missing) are
-    scored as they are, and are not valid JSON for ``json_valid_rate``. A malformed line, a bad field or a repeated
-    reference id stops with ``file:line``; a references file without records is an error, and so is an output that
-    is a folder or would replace an input (``--report`` equal to ``--predictions``, say).
+    scored as they are, and are not valid JSON for ``json_valid_rate``. A malformed line, a bad field, a repeated
+    id in either file (naming both lines) or an empty reference ``diseases`` stops with ``file:line``; a references
+    file without records, two files with no id in common, and an output that is a folder or would replace an input
+    (``--report`` equal to ``--predictions``, say) are errors too.
 
     The report also breaks disease P/R/F1 down (``breakdown``): per diagnosis for the ``top_diagnoses`` reference
     diagnoses found in most records (support, P/R/F1), per ``parse_status`` (records without a prediction are
@@ -317,13 +178,15 @@ def evaluate(
         judge_concurrency: Judge requests kept in flight at once.
         judge_max_retries: Retries per judge request after 408, 409, 429, 5xx, a timeout or a dropped connection.
         judge_timeout: Seconds allowed for one judge request.
+        allow_empty_references: Score a reference whose ``diseases`` is empty as "no diagnosis" (every predicted
+            name a false positive) instead of stopping at its line.
 
     Returns:
         The report: ``n``, ``n_predictions``, ``n_reasons``, ``disease_precision``, ``disease_recall``,
         ``disease_f1``, ``json_valid_rate``, ``reason_rougeL``, ``truncated_rate`` (every metric of
         :func:`~healthai.metrics.answer_metrics`), ``parse_status`` (rows scored per status, every one
-        of :data:`~healthai.metrics.PARSE_STATUSES`), ``missing``, ``duplicates``, ``unknown``, ``tp``, ``fp``,
-        ``fn``, ``breakdown``, ``disease_normalized``, ``disease_judge`` (with a judge) and the two input paths.
+        of :data:`~healthai.metrics.PARSE_STATUSES`), ``missing``, ``unknown``, ``tp``, ``fp``, ``fn``,
+        ``breakdown``, ``disease_normalized``, ``disease_judge`` (with a judge) and the two input paths.
     """
     # Options and output paths are checked before any scoring work, so a mistake costs nothing.
     _check_outputs(predictions, references, report, per_record, html)
@@ -335,7 +198,8 @@ def evaluate(
     judge = judge_settings(judge_base_url, judge_model, report, {"--predictions": predictions, "--references":
                            references, "--per_record": per_record, "--html": html}, judge_concurrency,
                            judge_max_retries, judge_timeout)  # fmt: skip
-    scored = score(predictions, references, top_diagnoses=top_diagnoses, length_edges=length_edges)
+    refs = read_references(Path(references), allow_empty=allow_empty_references)
+    scored = score(predictions, references, refs, top_diagnoses=top_diagnoses, length_edges=length_edges)
     result = scored.report
     result["disease_normalized"] = normalized_section(scored.refs, scored.preds.rows, normalizer)
     if judge is not None:
@@ -347,7 +211,7 @@ def evaluate(
     print(normalized_table(result["disease_normalized"]))
     if judge is not None:
         print(judge_table(result["disease_judge"]))
-    for name in ("missing", "duplicates", "unknown"):
+    for name in ("missing", "unknown"):
         if result[name]:
             print(f"{name} ids: {_preview(result[name])}")
     truncated = [p.id for k, p in scored.preds.rows.items() if k in scored.refs and p.parse_status == "truncated"]
@@ -355,7 +219,7 @@ def evaluate(
         print(f"truncated ids (the token budget closed the answer; diagnoses may be missing): {_preview(truncated)}")
     if report is not None:
         with naming(report):  # a full disk says which file (#29 item 8)
-            _write_json(Path(report), result)
+            write_json(Path(report), result)
     if per_record is not None:
         with naming(per_record):
             _write_jsonl(Path(per_record), _per_record_rows(scored.refs, scored.preds.rows))
@@ -381,6 +245,7 @@ def score(
     the references already read from ``references`` (compare reads them once for every system)."""
     refs = read_references(Path(references)) if refs is None else refs
     preds = read_predictions(Path(predictions))
+    check_overlap(Path(predictions), Path(references), preds, refs)
     scored = {key: preds.rows[key] for key in refs if key in preds.rows}
     missing = [ref.id for key, ref in refs.items() if key not in preds.rows]
     unknown = [p.id for key, p in preds.rows.items() if key not in refs]
@@ -406,7 +271,6 @@ def score(
         "fp": int(disease.fp),
         "fn": int(disease.fn),
         "missing": missing,
-        "duplicates": preds.duplicates,
         "unknown": unknown,
     }
     records = record_scores(refs, preds.rows)
@@ -426,13 +290,12 @@ def _check_outputs(predictions: Path, references: Path, report: Optional[Path], 
             earlier[option] = out
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically: a full disk leaves the previous report, not a torn one."""
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

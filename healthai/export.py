@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from healthai.adapter import Adapter
+from healthai.atomic import atomic_folder
 from healthai.generation import GenerationSettings, resolve_budget
 from healthai.encoding import end_of_turn_id, fit_case_text
 from healthai.errors import NonNegativeFloat, PositiveInt, UserError, check_declared, check_model_source, check_output
@@ -163,19 +164,6 @@ def check_out_folder(out: Path, overwrite: bool, inputs: dict[str, Any]) -> None
                          "another folder")  # fmt: skip
 
 
-def clear_folder(folder: Path) -> None:
-    """Delete everything inside ``folder`` (kept itself): files of an earlier export must not mix with the new one."""
-    import shutil
-
-    if not folder.is_dir():
-        return
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 def release_memory() -> None:
     """Return freed model memory before loading the next model, so peak memory stays at about one model."""
     gc.collect()
@@ -233,8 +221,8 @@ def export(
             greedy, no repetition penalty, and max_new_tokens the answer budget fit saved with the adapter).
         allow_base_mismatch: Merge even into a base whose fingerprint differs from the one the adapter was trained
             on.
-        overwrite: Replace a non-empty --out folder: its contents are deleted first, so no file of an earlier
-            export (an old model.safetensors.index.json, other shards) is left next to the new one. Never allowed
+        overwrite: Replace a non-empty --out folder whole, once the new export passed its parity check, so no file
+            of an earlier export (an old model.safetensors.index.json, other shards) is left next to the new one. Never allowed
             for the base model's or the adapter's folder, or a folder holding them.
 
     Returns:
@@ -271,21 +259,22 @@ def export(
     tokenizer = AutoTokenizer.from_pretrained(lora.tokenizer_source(base_name))
     inputs = parity_inputs(tokenizer, prompt, parity_set, parity_max_tokens)
 
-    if overwrite:
-        clear_folder(out)
-    with naming(out):  # a disk that fills while the merged model is saved says where (#29 item 8)
-        effect, diff = _merge_save_compare(lora, out, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
+    # Written into a temporary folder beside --out, renamed over it only once the parity check passed (#29 item 6): a
+    # full disk, a kill or a failed check leaves the previous --out as it was (with --overwrite, replaced whole).
+    with naming(out), atomic_folder(out) as staging:  # naming: a full disk says where (#29 item 8)
+        effect, diff = _merge_save_compare(lora, staging, base_name, DTYPES[dtype], device, inputs, tokenizer, prompt,
                                            generation)  # fmt: skip
-    tokens = sum(ids.shape[1] for ids in inputs)
-    print(f"parity: max |logits(base + adapter) - logits(merged)| = {diff:.3g} over {len(inputs)} records "
-          f"({tokens} tokens), tolerance {tolerance:g}; the adapter itself moves logits by up to {effect:.3g}")
-    if effect == 0.0:
-        print("export: warning: the adapter does not change the base model's logits on these records (an untrained "
-              "adapter?); the merged model equals the base", file=sys.stderr)  # fmt: skip
-    if not diff <= tolerance:  # also catches NaN
-        print(f"export: error: the merged model in {out} does not reproduce base + adapter (max abs logit difference "
-              f"{diff:.3g} > tolerance {tolerance:g}); do not serve it", file=sys.stderr)  # fmt: skip
-        raise SystemExit(1)
+        tokens = sum(ids.shape[1] for ids in inputs)
+        print(f"parity: max |logits(base + adapter) - logits(merged)| = {diff:.3g} over {len(inputs)} records "
+              f"({tokens} tokens), tolerance {tolerance:g}; the adapter itself moves logits by up to {effect:.3g}")
+        if effect == 0.0:
+            print("export: warning: the adapter does not change the base model's logits on these records (an "
+                  "untrained adapter?); the merged model equals the base", file=sys.stderr)  # fmt: skip
+        if not diff <= tolerance:  # also catches NaN
+            print(f"export: error: the merged model does not reproduce base + adapter (max abs logit difference "
+                  f"{diff:.3g} > tolerance {tolerance:g}); do not serve it: it is discarded, {out} is left as it was",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(1)
     _print_next_steps(out, dtype)
     return {"out": str(out), "base": base_name, "dtype": dtype, "max_abs_diff": diff, "tolerance": tolerance,
             "adapter_effect": effect, "records": [r["id"] for r in parity_set], "tokens": tokens}  # fmt: skip

@@ -120,20 +120,25 @@ def append_rows(f: IO[str], rows: Iterable[dict]) -> int:
     return n
 
 
-def recover_jsonl(path: str | Path, key: str = "id") -> list[Any]:
+def recover_jsonl(path: str | Path, key: str = "id", unique: bool = False) -> list[Any]:
     """Return the ``key`` of every complete row of an output file being resumed, in file order.
 
     A crash can leave a torn last line (no newline, or cut mid-object); it is cut off the file so that the record is
-    redone and appended cleanly. A bad line anywhere else is not a crash artefact and raises :class:`BadRecordError`.
+    redone and appended cleanly. A bad line anywhere else is not a crash artefact and raises :class:`BadRecordError`,
+    and so, when ``unique``, does a row whose ``key`` an earlier row has (by the id rule, ``5`` = ``"5"``): an output
+    written once per id holds each once, and a rerun that called the copy "skipped" would keep it for good.
     """
+    from healthai.records import id_key  # records imports this module
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
     keys: list[Any] = []
-    good_end = 0
+    first_line: dict[str, int] = {}
+    good_end, line_no = 0, 0
     pos = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
     while pos < len(data):
+        line_no += 1
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1
         line = data[pos:end]
@@ -144,11 +149,15 @@ def recover_jsonl(path: str | Path, key: str = "id") -> list[Any]:
         except (ValueError, UnicodeDecodeError) as e:
             if nl < 0 or end == len(data):  # the last line: torn by a crash
                 break
-            line_no = data.count(b"\n", 0, pos) + 1
             raise BadRecordError(path, line_no, f"cannot resume from this output file: {e}") from None
         if nl < 0:  # complete JSON but no newline: the write was cut before "\n"; redo it
             break
         if row is not None:
+            if unique and id_key(row[key]) in first_line:
+                raise BadRecordError(path, line_no, f"repeated {key} {row[key]!r} (first at {path}:"
+                                                    f"{first_line[id_key(row[key])]}): a repeated id is always an "
+                                                    "error; keep one of the two rows, then rerun")  # fmt: skip
+            first_line.setdefault(id_key(row[key]), line_no)
             keys.append(row[key])
         good_end = end
         pos = end

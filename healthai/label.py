@@ -45,6 +45,7 @@ from healthai.errors import NonNegativeInt, PositiveFloat, PositiveInt, TeacherT
 from healthai.errors import check_declared, check_output
 from healthai.jsonl import DurableAppender, OnBadRecord, Rejects, recover_jsonl, rejects_path_for
 from healthai.paths import check_writable, naming
+from healthai.output_lock import OutputLock
 from healthai.prompts import PromptStyle
 from healthai.records import id_key
 from healthai.records import read_records
@@ -325,7 +326,8 @@ def check_outputs(settings: LabelSettings) -> None:
 def _pending_records(settings: LabelSettings, rejects: Rejects) -> tuple[list[Case], int, int]:
     """``(records still to label, valid records in the input, records already in the output)``."""
     records = read_cases(settings.input, settings.on_bad_record, rejects)
-    done = {id_key(i) for i in recover_jsonl(settings.output)}  # also cuts a torn last line left by a crash
+    # Also cuts a torn last line left by a crash; a repeated id (two runs before outputs were locked) is an error.
+    done = {id_key(i) for i in recover_jsonl(settings.output, unique=True)}
     pending = [r for r in records if id_key(r.id) not in done]
     return pending, len(records), len(records) - len(pending)
 
@@ -350,6 +352,13 @@ async def _label_pending(settings: LabelSettings, api_key: str, redactor: Redact
     # An explicit prompt_dir must hold a prompt.json: silently labelling with the default prompt would be worse.
     prompt = PromptStyle.load(settings.prompt_dir) if settings.prompt_dir else PromptStyle()
     check_outputs(settings)
+    # One process per output, from before the output is read to its last row: two runs labelled every id twice.
+    with OutputLock(settings.output, "--output"):
+        return await _label_locked(settings, api_key, redactor, prompt, started)
+
+
+async def _label_locked(settings: LabelSettings, api_key: str, redactor: Redactor, prompt: PromptStyle,
+                        started: float) -> Summary:  # fmt: skip
     rejects = Rejects(rejects_path_for(settings.output))
     try:
         pending, total, skipped = _pending_records(settings, rejects)

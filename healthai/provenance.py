@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from healthai.atomic import write_text
+
 HASH_CACHE_NAME = ".healthai-sha256.json"
 """The file beside a model's weights that keeps their SHA-256 digests (see the module docstring)."""
 
@@ -76,13 +78,7 @@ def _write_cache(path: Path, name: str, entry: dict[str, Any]) -> None:
     folder cannot be written."""
     data = _read_cache(path)
     data[name] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def cached_sha256(path: str | Path) -> str:

@@ -164,7 +164,7 @@ METRIC_LABELS = {"disease_f1": "disease F1", "disease_precision": "disease preci
                  "truncated_rate": "truncated (budget closed)", "reason_rougeL": "reason ROUGE-L"}  # fmt: skip
 """How the summary names a report metric; one not listed (a new metric) is shown under its report key."""
 COUNT_LABELS = [("n", "reference records"), ("n_predictions", "records predicted"), ("missing", "missing"),
-                ("duplicates", "duplicate ids"), ("unknown", "unknown ids")]  # fmt: skip
+                ("unknown", "unknown ids")]  # fmt: skip
 
 
 def normalized_rows(systems: Sequence[SystemResult]) -> list[list[str]]:
@@ -232,7 +232,7 @@ def render_html(
     rows = rows[:3] + normalized_rows(systems) + judge_rows(systems) + rows[3:]
     parts.append(_table(["metric", *map(_e, names)], rows, "num"))
     for s in systems:
-        for what in ("missing", "duplicates", "unknown"):
+        for what in ("missing", "unknown"):
             if s.report[what]:
                 ids = ", ".join(map(str, s.report[what][:20])) + (" …" if len(s.report[what]) > 20 else "")
                 parts.append(f'<p class="note">{_e(s.name)}: {what} ids: {_e(ids)}</p>')
@@ -301,7 +301,7 @@ def render_html(
 def write_html(
     path: Path, systems: Sequence[SystemResult], pairs: Sequence[dict[str, Any]], references: str, examples: int
 ) -> None:
-    """Write the report page to ``path`` (folders created)."""
-    page = render_html(systems, pairs, references, examples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    """Write the report page to ``path`` (folders created), atomically: a failed write leaves the previous page."""
+    from healthai.atomic import write_text
+
+    write_text(path, render_html(systems, pairs, references, examples))

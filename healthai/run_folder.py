@@ -20,6 +20,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from healthai.atomic import write_text
+
 CKPT_KEY = "healthai_run"
 """The checkpoint entry that names the run folder which wrote it."""
 
@@ -134,5 +136,5 @@ def write_predict_config(folder: Path, fit_config: dict[str, Any], adapter: Path
     path = folder / "predict.yaml"
     header = (f"# python -m healthai predict --config {path} --data.predict_file RECORDS.jsonl\n"
               "# Written by fit: this run's base, settings and adapter. --writer.output_path to write elsewhere.\n")
-    path.write_text(header + yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_text(path, header + yaml.safe_dump(config, allow_unicode=True, sort_keys=False))  # whole or not at all
     return path

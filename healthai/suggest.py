@@ -14,7 +14,7 @@ from typing import Optional
 from rapidfuzz import fuzz
 
 from healthai.errors import PositiveInt
-from healthai.evaluate import read_predictions, read_references
+from healthai.scored_files import read_predictions, read_references
 from healthai.metrics import normalize_diseases
 from healthai.synonyms import match_normalized, normalizer_from
 
@@ -43,7 +43,9 @@ class Synonyms:
             limit: How many pairs to print.
         """
         normalizer = normalizer_from(synonyms)
-        refs, preds = read_references(Path(references)), read_predictions(Path(predictions)).rows
+        # An empty reference has no name to pair, so it is no error here (evaluate asks for --allow_empty_references).
+        refs = read_references(Path(references), allow_empty=True)
+        preds = read_predictions(Path(predictions)).rows
         records = [(normalize_diseases(preds[k].diseases if k in preds else ""), normalize_diseases(ref.diseases))
                    for k, ref in refs.items()]
         rows = suggest_pairs(records, normalizer)[:limit]

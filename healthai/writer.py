@@ -33,8 +33,10 @@ from typing import Any, Optional, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from healthai.atomic import atomic_open, write_text
 from healthai.errors import UserError, check_output, one_line
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
+from healthai.output_lock import OutputLock, lock_on_rank_zero
 from healthai.provenance import base_fingerprint, package_versions, sha256_file
 from healthai.records import id_key
 from healthai.resume import ResumeRefused
@@ -74,6 +76,7 @@ class DiagnosisWriter(BasePredictionWriter):
         self._stop_signal: Optional[int] = None
         self._old_sigint = None
         self._run: Optional[dict[str, Any]] = None
+        self._lock: Optional[OutputLock] = None
 
     # -- paths --------------------------------------------------------------------------------------------------------
 
@@ -100,6 +103,8 @@ class DiagnosisWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         self._check_writable()
         self._refuse_input_as_output(datamodule.predict_file)
+        # One process group per output (#29 item 3): before the overwrite removes anything or any output is read.
+        self._lock = lock_on_rank_zero(trainer, self.output_path, "--writer.output_path")
         if self.overwrite and trainer.is_global_zero:
             self.remove_outputs()
         trainer.strategy.barrier("healthai-writer-overwrite")
@@ -224,11 +229,8 @@ class DiagnosisWriter(BasePredictionWriter):
         return notes
 
     def _write_meta(self, run: dict[str, Any]) -> None:
-        """Write the meta file atomically (a temporary file per process, then a rename)."""
-        self.meta_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.meta_path.with_name(f".{self.meta_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(run, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.meta_path)
+        """Write the meta file atomically (a temporary file per process, fsync'ed, then a rename)."""
+        write_text(self.meta_path, json.dumps(run, ensure_ascii=False, indent=2) + "\n")
 
     # -- writing ------------------------------------------------------------------------------------------------------
 
@@ -284,9 +286,17 @@ class DiagnosisWriter(BasePredictionWriter):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._close()  # what was written stays on disk (fsync'ed) for the rerun
+        self._release_lock()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._close()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        """The next run may have the output (after the merge: teardown, or the exception that ends the run)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _close(self) -> None:
         if self._old_sigint is not None:
@@ -312,12 +322,9 @@ class DiagnosisWriter(BasePredictionWriter):
                 if error is not None:
                     raise BadRecordError(path, line_no, error)
                 rows.setdefault(id_key(row["id"]), row)  # an id is written once; keep the first if a rerun raced
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_path.with_name(f".{self.output_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(self.output_path, "w") as f:
             ordered = sorted(rows, key=lambda i: order.get(i, len(order)))
             append_rows(f, ({**rows[i], "id": given.get(i, rows[i]["id"])} for i in ordered))
-        os.replace(tmp, self.output_path)
         for path in shards:
             path.unlink()
         return len(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -204,6 +205,59 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def output_locked_by_another_process(output: Path, option: str = "--output"):
+    """A second process (a plain interpreter, not a fork: a real other pid) holding ``output``'s lock
+    (:class:`healthai.output_lock.OutputLock`) until the block ends; yields its pid."""
+    code = ("import sys; from healthai.output_lock import OutputLock; "
+            "OutputLock(sys.argv[1], sys.argv[2]).acquire(); print('held', flush=True); sys.stdin.read()")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(output), option], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@contextlib.contextmanager
+def disk_full_after(n_bytes: int):
+    """Inside the block, every file :mod:`healthai.atomic` writes takes ``n_bytes`` bytes, then fails with ENOSPC
+    (``No space left on device``) in the middle of a write, as a full disk does."""
+    import errno
+
+    from healthai import atomic
+
+    real_fdopen = os.fdopen
+
+    class Filling:
+        def __init__(self, f):
+            self._f, self._left = f, n_bytes
+
+        def write(self, data):
+            if len(data) > self._left:
+                self._f.write(data[: self._left])  # what fitted: the file on disk is torn here
+                self._f.flush()
+                self._left = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self._left -= len(data)
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(atomic.os, "fdopen", lambda *args, **kwargs: Filling(real_fdopen(*args, **kwargs)))
+        yield
 
 
 def read_jsonl(path: Path) -> list[dict]:

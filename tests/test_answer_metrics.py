@@ -19,6 +19,7 @@ from healthai.data import DiagnosisDataModule
 from healthai.decoding import ParsedAnswer
 from healthai.generation import GenerationSettings
 from healthai.evaluate import evaluate
+from healthai.errors import UserError
 from healthai.metrics import (
     AnswerMetric,
     DiseaseF1,
@@ -134,8 +135,9 @@ def test_evaluate_reports_the_truncated_rate_over_the_rows_scored(tmp_path: Path
     ])  # fmt: skip
     report = evaluate(preds, refs)
     assert report["truncated_rate"] == 0.5  # of the 2 rows scored; the 2 missing records do not lower it
-    none = evaluate(write_jsonl(tmp_path / "none.jsonl", [{"id": 9, "diseases": "肺炎"}]), refs)
-    assert none["truncated_rate"] is None and none["json_valid_rate"] is None
+    # No row to score at all is no id in common with the references: an error, not rates of null (#29 item 11).
+    with pytest.raises(UserError, match="have no id in common"):
+        evaluate(write_jsonl(tmp_path / "none.jsonl", [{"id": 9, "diseases": "肺炎"}]), refs)
 
 
 @pytest.mark.parametrize("monitor", ["val/truncated", "val/answered", "val/disease_recall"])

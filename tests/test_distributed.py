@@ -127,6 +127,7 @@ def test_ddp_predict_merges_shards_into_the_single_process_result(tmp_path, tiny
     assert "2 record(s) already done, 4 to go" in out
     assert read_jsonl(tmp_path / "resumed.jsonl") == single
     assert not list(tmp_path.glob("resumed.jsonl.rank*"))
+    assert not (tmp_path / "resumed.jsonl.lock").exists()  # rank zero held the output's lock, and removed it
 
 
 def test_ddp_step_gradient_is_the_single_process_gradient_of_the_same_examples(tmp_path, tiny_model_dir,

@@ -266,6 +266,16 @@ def test_evaluate_with_empty_references_is_an_error(tmp_path, inputs, capfd) -> 
     assert (code, err) == (2, f"healthai evaluate: error: {empty}: no reference records; nothing to score against\n")
 
 
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_repeated_prediction_id_is_one_line_naming_both_lines(command, inputs, capfd) -> None:
+    """5 and "5" in a predictions file: once "the first row is used", exit 0 (#29 item 11)."""
+    dup, good = inputs["duplicate id"], inputs["good"]
+    argv = {"evaluate": ["evaluate", "--predictions", str(dup), "--references", str(good)],
+            "compare": ["compare", "--references", str(good), f"a={good}", f"b={dup}"]}[command]  # fmt: skip
+    code, err = run_in_process(argv, capfd)
+    assert (code, err) == (2, f"healthai {command}: error: {dup}:2: duplicate prediction id '5' (first at {dup}:1 as 5)\n")
+
+
 def test_ids_5_and_string_5_are_one_record_in_evaluate_and_label_resume(tmp_path, capfd) -> None:
     """The id rule, where it is not an error: evaluate joins "5" to 5, and a label output holding "5" makes 5 done."""
     refs = write_jsonl(tmp_path / "refs.jsonl", [{"id": 5, "diseases": "高血压", "reason": "r"}])

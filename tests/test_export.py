@@ -124,6 +124,8 @@ def test_a_wrong_merge_fails_the_parity_check_with_status_1(adapter_dir, tmp_pat
     captured = capsys.readouterr()
     assert "does not reproduce base + adapter" in captured.err and "do not serve it" in captured.err
     assert "vllm serve" not in captured.out
+    # The failed model was never renamed to --out, and its temporary folder is gone (#29 item 6).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
 
 
 def test_adapter_folder_without_config_is_a_clear_error(tmp_path):

@@ -37,17 +37,39 @@ def _repo_cwd(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir) -> Path:
-    """A run folder with train.jsonl (8 records) and ckpt/last.ckpt after 2 steps of batch 2 (mid-epoch)."""
+def trained_cli(tmp_path_factory, tiny_model_dir) -> tuple[Path, HealthAICLI]:
+    """A run folder with train.jsonl (8 records) and ckpt/last.ckpt after 2 steps of batch 2 (mid-epoch); and the
+    CLI that trained it."""
     folder = tmp_path_factory.mktemp("trained")
     train = write_jsonl(folder / "train.jsonl", labelled_records(8))
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        cli_main(fit_args(folder, tiny_model_dir, train, "--trainer.max_steps", "2"))
+        cli = cli_main(fit_args(folder, tiny_model_dir, train, "--trainer.max_steps", "2"))
     finally:
         os.chdir(cwd)
-    return folder
+    return folder, cli
+
+
+@pytest.fixture(scope="module")
+def trained(trained_cli) -> Path:
+    """The run folder of :func:`trained_cli`."""
+    return trained_cli[0]
+
+
+def test_fit_writes_its_checkpoints_and_last_ckpt_link_atomically(trained_cli):
+    """#29 item 6: every checkpoint through AtomicCheckpointIO, save_last: link through the atomic link; and what
+    it wrote resumes (the checkpoint tests above and below load it) and leaves no temporary file."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from healthai.checkpoint_io import AtomicCheckpointIO, atomic_link_checkpoint
+
+    folder, cli = trained_cli
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert checkpoints and all(c._link_checkpoint is atomic_link_checkpoint for c in checkpoints)
+    assert "last.ckpt" in {p.name for p in (folder / "ckpt").iterdir()}
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fake server lives next to this file
 
+from conftest import output_locked_by_another_process, write_jsonl  # noqa: E402
 from fake_openai_server import GOOD_ANSWER, FakeOpenAIServer  # noqa: E402
 
 from healthai.__main__ import main  # noqa: E402
@@ -635,3 +636,43 @@ def test_label_options_out_of_range_are_refused_at_start(tmp_path: Path, overrid
     with pytest.raises(ConfigError, match=re.escape(message)) as caught:
         fast_settings(tmp_path, overrides.pop("base_url", "http://127.0.0.1:9/v1"), **overrides)
     assert "\n" not in str(caught.value)
+
+
+def label_main(argv: list[str], capfd: pytest.CaptureFixture) -> tuple[int, str]:
+    """``(exit status, stderr)`` of ``python -m healthai label ARGV`` through the real entry point, in process."""
+    with pytest.raises(SystemExit) as info:
+        main(["label", *argv])
+    return info.value.code, capfd.readouterr().err
+
+
+def test_a_second_run_on_one_output_is_refused_naming_the_holders_pid(tmp_path: Path, server: FakeOpenAIServer,
+                                                                      capfd: pytest.CaptureFixture) -> None:  # fmt: skip
+    """Two runs on one --output once both labelled everything (115 rows for 60 ids, #29 item 3)."""
+    write_input(tmp_path / "in.jsonl", ["ok"] * 3)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 0, "feature_content": "x", "diseases": "d", "reason": "r"}\n{"id": 1, "feat', "utf-8")
+    before = out.read_bytes()
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url", server.base_url,
+            "--model", "m", "--progress", "false"]  # fmt: skip
+    with output_locked_by_another_process(out) as pid:
+        code, err = label_main(argv, capfd)
+    assert (code, err) == (2, f"healthai label: error: --output {out} is being written by process {pid} (lock "
+                              f"{out}.lock); wait for it to finish or stop it, then rerun to resume, or choose another "
+                              "output\n")  # fmt: skip
+    assert out.read_bytes() == before and server.requests == []  # refused before any work: not even the torn line cut
+    # The holder was killed (SIGKILL): the kernel dropped its lock, and the next run takes over and cleans up.
+    summary = run(fast_settings(tmp_path, server.base_url))
+    assert (summary.done, summary.skipped) == (2, 1)
+    assert sorted(r["id"] for r in read_rows(out)) == [0, 1, 2] and not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_a_repeated_id_in_the_output_is_an_error_on_rerun(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """An output holding an id twice (5 and "5": one record) was resumed as "skipped", duplicates kept (#29 item 3)."""
+    write_input(tmp_path / "in.jsonl", ["ok"] * 6)
+    out = write_jsonl(tmp_path / "out.jsonl", [{"id": i, "feature_content": "x", "diseases": "d", "reason": "r"}
+                                               for i in (5, 0, "5")])  # fmt: skip
+    code, err = label_main(["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url",
+                            "http://127.0.0.1:9/v1", "--model", "m", "--progress", "false"], capfd)  # fmt: skip
+    assert (code, err) == (2, f"healthai label: error: {out}:3: repeated id '5' (first at {out}:1): a repeated id is "
+                              "always an error; keep one of the two rows, then rerun\n")  # fmt: skip
+    assert not (tmp_path / "out.jsonl.lock").exists()  # the refusal released and removed the lock

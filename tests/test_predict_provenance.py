@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, FsyncLog, read_jsonl, seed_records, write_jsonl
+from conftest import REPO, FsyncLog, output_locked_by_another_process, read_jsonl, seed_records, write_jsonl
 from healthai.cli import cli_main
 from healthai.prompts import PromptStyle
 
@@ -424,3 +424,27 @@ def test_every_predict_refusal_is_one_line_exit_2_before_the_model_loads(run_dir
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in err, err
     assert lines[-1].startswith("healthai predict: error: ") and expected in lines[-1], lines[-1]
+
+
+def test_an_output_another_process_is_writing_is_refused_naming_its_pid_before_the_model_loads(
+        run_dir, tiny_model_dir, capfd, monkeypatch):  # fmt: skip
+    """Two predict runs on one output both did all the work (#29 item 3): the second is refused, and leaves the
+    first's output, shards and meta file alone."""
+    from healthai.model import DiagnosisLoRA
+
+    def no_load(self):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(DiagnosisLoRA, "configure_model", no_load)
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    out = run_dir / "pred.jsonl"
+    with output_locked_by_another_process(out, "--writer.output_path") as pid:
+        before = files(run_dir)
+        # --writer.overwrite true: the refusal comes before anything is removed
+        argv = predict_args(tiny_model_dir, run_dir / "records.jsonl", out, "--writer.overwrite", "true")
+        code, err = run_main(argv, capfd)
+        assert files(run_dir) == before
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines[-1] == (f"healthai predict: error: --writer.output_path {out} is being written by "
+                                       f"process {pid} (lock {out}.lock); wait for it to finish or stop it, then "
+                                       "rerun to resume, or choose another output")  # fmt: skip
