@@ -504,7 +504,7 @@ def disk_full(*args, **kwargs):
 
 
 @pytest.mark.parametrize("command, where", [
-    ("evaluate", "healthai.evaluate._write_json"), ("compare", "pathlib.Path.write_text"),
+    ("evaluate", "healthai.evaluate.write_text"), ("compare", "healthai.evaluate.write_text"),
     ("export", "healthai.export._merge_save_compare"), ("label", "healthai.label.run_workers"),
 ])  # fmt: skip
 def test_a_full_disk_is_one_line_naming_the_file(command, where, inputs, tmp_path, capfd, monkeypatch):
