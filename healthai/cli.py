@@ -56,6 +56,14 @@ class HealthAICLI(LightningCLI):
             trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder()])
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI puts a .ckpt's saved hyperparameters over the options given. In fit that made the checkpoint's
+        # own model_name_or_path (and LoRA settings) stand in for the user's, so the resume checks compared the
+        # checkpoint with itself and another base trained on (#29 item 1). fit resumes with the options given and
+        # refuses a checkpoint that does not match them (healthai.resume), as `--ckpt_path last` always has.
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # Lightning's signature says int and it takes 0, to fail later with a ZeroDivisionError after the model has
         # loaded; its type is not ours to declare, so the same check is made here.

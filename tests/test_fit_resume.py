@@ -129,6 +129,19 @@ def test_a_checkpoint_resumed_onto_another_base_lora_or_prompt_is_refused(run_di
     assert code == 2 and line.startswith("healthai fit: error: --ckpt_path ") and named in line, line
 
 
+@pytest.mark.parametrize("spelling", ["--ckpt_path last", "--ckpt_path FILE", "--model.adapter_path FILE"])
+def test_a_checkpoint_onto_another_base_is_refused_however_it_is_named(run_dir, tiny_model_dir, spelling, capfd):
+    """#29 item 1: an explicit .ckpt was compared with itself (LightningCLI put the checkpoint's own
+    model_name_or_path in place of the one given), so another base trained on; `last` was refused."""
+    model = other_base(tiny_model_dir, run_dir / "other-base")
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    option, value = spelling.split()
+    given = [option, "last" if value == "last" else str(ckpt)]
+    code, line = run_main(fit_args(run_dir, model, run_dir / "train.jsonl", "--trainer.max_steps", "3", *given), capfd)
+    assert code == 2 and "was trained on base" in line and str(model) in line, line
+    assert not (run_dir / "tiny" / "version_1").exists()  # refused before its first step: no run folder
+
+
 def test_a_checkpoint_that_restores_no_trainable_weight_is_refused(run_dir, tiny_model_dir, capfd):
     """Another PEFT version's names: every key misses, and strict=False would resume from fresh LoRA weights."""
     ckpt = torch.load(run_dir / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
