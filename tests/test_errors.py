@@ -174,6 +174,15 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
                      "0.9", "--data.batch_size", "1"),
             f"data.val_fraction 0.9 leaves none of the 2 record(s) of {two} for training; lower it or give "
             "data.val_file"),
+        "fit: an id in both train_file and val_file": (
+            fit_argv(inputs, tmp, "--data.train_file", str(two)),
+            f"2 id(s) of data.val_file {good} are also in data.train_file {two} (e.g. "
+            f"{labelled_records(1)[0]['id']!r}): validation would score records the adapter trains on; remove them "
+            "from one file, or pass --data.val_overlap drop (train without them) or keep"),
+        "fit: val_fraction beside val_file": (
+            fit_argv(inputs, tmp, "--data.val_fraction", "0.1"),
+            f"data.val_fraction 0.1 and data.val_file {good} both say what validates; set only one "
+            "(data.val_fraction null with a val_file)"),
         "fit: accumulate_grad_batches 0": (fit_argv(inputs, tmp, "--trainer.accumulate_grad_batches", "0"),
                                            "trainer.accumulate_grad_batches: Not of type PositiveInt: 0 does not "
                                            "conform to restriction v>0"),
@@ -215,6 +224,7 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
 
 
 REFUSALS = ["fit: empty training file", "fit: empty validation file", "fit: val_fraction takes every record",
+            "fit: an id in both train_file and val_file", "fit: val_fraction beside val_file",
             "fit: accumulate_grad_batches 0", "predict: max_length under the prompt", "evaluate: --report is a folder",
             "evaluate: --report is --predictions", "evaluate: --per_record is --references (a hard link)",
             "evaluate: --per_record is --report", "label: --output is a folder",

@@ -70,7 +70,7 @@ def test_an_empty_validation_file_is_refused(tmp_path, tiny_model_dir):
     val = tmp_path / "val.jsonl"
     val.write_bytes(b"\n")
     with pytest.raises(ValueError) as err:
-        cli_main(fit_args(tmp_path, tiny_model_dir, train, "--data.val_file", str(val)))
+        cli_main(fit_args(tmp_path, tiny_model_dir, train, "--data.val_file", str(val), "--data.val_fraction", "null"))
     assert str(err.value) == f"{val}: no usable validation records"
     assert tree(tmp_path) == {"train.jsonl", "val.jsonl"}
 

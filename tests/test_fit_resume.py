@@ -23,7 +23,8 @@ from healthai.errors import ConfigError
 def fit_args(folder: Path, model: Path, train: Path, *extra: str) -> list[str]:
     return [
         "fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(model),
-        "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "160",
+        "--data.train_file", str(train), "--data.val_file", str(train), "--data.val_overlap", "keep",
+        "--data.max_length", "160",
         "--data.batch_size", "2", "--trainer.max_epochs", "10", "--trainer.limit_val_batches", "0",
         "--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
         "--trainer.callbacks.dirpath", str(folder / "ckpt"), "--trainer.enable_progress_bar", "false",

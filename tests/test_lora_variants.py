@@ -36,7 +36,7 @@ IDS = torch.tensor([[151644, 8948, 198, 104383, 109478, 151645, 198]])
 def fit_args(folder: Path, model: Path, train: Path, *extra: str) -> list[str]:
     return [
         "fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(model),
-        "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "192",
+        "--data.train_file", str(train), "--data.val_file", str(train), "--data.val_overlap", "keep", "--data.max_length", "192",
         "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "100", "--trainer.check_val_every_n_epoch", "100",
         "--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
         "--trainer.callbacks.dirpath", str(folder / "ckpt"), "--trainer.enable_progress_bar", "false",
