@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
-from healthai.errors import PositiveInt, UserError, check_value
+from healthai.errors import ConfigError, PositiveInt, UserError, check_value
 from healthai.model import DiagnosisLoRA
 from healthai.model_summary import without_flops
 from healthai.run_folder import RunFolderRecorder
@@ -69,6 +69,9 @@ class HealthAICLI(LightningCLI):
         # loaded; its type is not ours to declare, so the same check is made here.
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_value("trainer.accumulate_grad_batches", config.trainer.accumulate_grad_batches, PositiveInt)
+        # Before the Trainer is built: Lightning's answer to a GPU config on a CPU machine is a 39-line traceback
+        # (MisconfigurationException: No supported gpu backend found!), #29 item 14.
+        check_gpu_available(config.trainer.accelerator, self.subcommand)
 
     def before_fit(self) -> None:
         from healthai.resume import check_last_checkpoint
@@ -108,6 +111,24 @@ class HealthAICLI(LightningCLI):
     def before_predict(self) -> None:
         # Rows are streamed to disk by the writer; holding every prediction in memory too would defeat that.
         self.trainer.predict_loop.return_predictions = False
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+"""``trainer.accelerator`` values that need a CUDA device (``gpu`` also means Apple's MPS, where there is one)."""
+
+
+def check_gpu_available(accelerator: Any, command: Optional[str]) -> None:
+    """Raise :class:`ConfigError` when ``trainer.accelerator`` asks for a GPU and torch finds none here, saying how
+    to run on the CPU instead. Other accelerators (``cpu``, ``auto``, an object) are Lightning's to check."""
+    if not isinstance(accelerator, str) or accelerator.lower() not in GPU_ACCELERATORS:
+        return
+    import torch
+
+    if torch.cuda.is_available() or (accelerator.lower() == "gpu" and torch.backends.mps.is_available()):
+        return
+    raise ConfigError(f"trainer.accelerator {accelerator}: the config asks for a GPU and torch finds none on this "
+                      f"machine; to run {command or 'it'} on the CPU pass --trainer.accelerator cpu (with "
+                      "--trainer.precision 32-true for exact fp32; slow for a 7B model)")  # fmt: skip
 
 
 def cli_main(args: Optional[list[str]] = None) -> HealthAICLI:

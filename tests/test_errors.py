@@ -248,6 +248,23 @@ def test_refusal_is_one_line_with_status_2_and_leaves_the_inputs_alone(case, inp
     assert {p: p.read_bytes() for p in before} == before  # no input was written to
 
 
+@pytest.mark.parametrize("argv", [["fit", "--config", "configs/qwen_lora.yaml"],
+                                  ["predict", "--config", "configs/predict.yaml"],
+                                  ["predict", "--config", "configs/baseline.yaml"]])  # fmt: skip
+def test_a_gpu_config_on_a_machine_without_a_gpu_is_one_line(argv, capfd, monkeypatch) -> None:
+    """#29 item 14: Lightning's "No supported gpu backend found!" was a 39-line traceback."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
+    code, err = run_in_process(argv, capfd)
+    assert (code, err.rstrip("\n").splitlines()[-1]) == (2, (
+        f"healthai {argv[0]}: error: trainer.accelerator gpu: the config asks for a GPU and torch finds none on this "
+        f"machine; to run {argv[0]} on the CPU pass --trainer.accelerator cpu (with --trainer.precision 32-true for "
+        "exact fp32; slow for a 7B model)")), err
+    assert "Traceback" not in err
+
+
 def test_debug_env_var_shows_the_traceback(inputs, capfd, monkeypatch) -> None:
     monkeypatch.setenv("HEALTHAI_DEBUG", "1")
     from healthai.jsonl import BadRecordError
