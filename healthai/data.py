@@ -151,6 +151,10 @@ class DiagnosisDataModule(L.LightningDataModule):
         source = self.adapter.tokenizer_source(base) if self.adapter is not None else base
         if source is None:
             raise ConfigError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
+        if self.adapter is None:  # the first thing fit, validate and predict load: a name the hub cannot give stops here
+            from healthai.hub import check_hub_model
+
+            check_hub_model(source, "model.model_name_or_path")
         tokenizer = AutoTokenizer.from_pretrained(source)
         if tokenizer.pad_token_id is None:
             raise InputError(f"{source}: tokenizer has no pad token")
