@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
 from healthai.errors import ConfigError, PositiveInt, UserError, check_value
+from healthai.fit_stop import StopAtStep
 from healthai.model import DiagnosisLoRA
 from healthai.model_summary import without_flops
 from healthai.run_folder import RunFolderRecorder
@@ -53,7 +54,8 @@ class HealthAICLI(LightningCLI):
         trainer.callbacks = [without_flops(c) for c in trainer.callbacks]  # a FLOPs column of zeros: model_summary.py
         if self.subcommand == "fit":
             # Always on, not an option: a fit that leaves no adapter/ folder has nothing for predict or export.
-            trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder()])
+            # StopAtStep: SIGTERM / Ctrl+C save a resumable last.ckpt and exit 143 / 130 (healthai.fit_stop).
+            trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder(), StopAtStep()])
         return trainer
 
     def _parse_ckpt_path(self) -> None:
