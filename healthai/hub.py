@@ -51,15 +51,15 @@ def check_hub_model(name: str, option: str) -> None:
     :class:`ConfigError` naming ``option``, the folder looked for and the download command."""
     if Path(name).expanduser().is_dir():
         return
-    why = _hub_answer(name)
+    why = _hub_answer(name, offline())
     if why is not None:
         raise missing_model(name, option, why)
 
 
 @lru_cache(maxsize=8)
-def _hub_answer(name: str) -> Optional[str]:
-    """None when the hub cache or the hub has ``name``; else why not (asked once per process and name: the data
-    module, the model and the base record all resolve the same base)."""
+def _hub_answer(name: str, hub_off: bool) -> Optional[str]:
+    """None when the hub cache or the hub has ``name``; else why not (asked once per process, name and offline
+    setting: the data module, the model and the base record all resolve the same base)."""
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -68,7 +68,7 @@ def _hub_answer(name: str) -> Optional[str]:
             return None
     except HFValidationError:
         return ", and it cannot be a hub id either"
-    if offline():
+    if hub_off:
         return ", and the hub is off (HF_HUB_OFFLINE), so it cannot be fetched as a hub id"
     try:
         HfApi().model_info(name, timeout=HUB_TIMEOUT_S)
