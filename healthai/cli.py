@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from healthai.adapter_saver import AdapterSaver
 from healthai.data import DiagnosisDataModule
 from healthai.errors import ConfigError, PositiveInt, UserError, check_value
-from healthai.fit_stop import StopAtStep
+from healthai.fit_stop import EXIT_CODES, STOPPED_BEFORE_A_STEP, StopAtStep
 from healthai.model import DiagnosisLoRA
 from healthai.model_summary import without_flops
 from healthai.run_folder import RunFolderRecorder
@@ -97,6 +100,15 @@ class HealthAICLI(LightningCLI):
             if self.trainer.global_step == 0:
                 remove_refused_run(folder, existed)
             raise
+        except SIGTERMException:
+            # Lightning's own SIGTERM stop (a SystemExit with status 0) in the sanity check, after it registered its
+            # handler (during base loading SIGTERM is still the default: the process ends, 143): no step of this run
+            # taken, nothing to save. In the training loop healthai.fit_stop stops instead.
+            if self.trainer.global_step == 0:
+                remove_refused_run(folder, existed)
+            if self.trainer.is_global_zero:
+                print(STOPPED_BEFORE_A_STEP, file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES[signal.SIGTERM]) from None
         self._point_at_adapter(folder)
 
     def _point_at_adapter(self, folder: Optional[Path]) -> None:

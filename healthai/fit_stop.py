@@ -24,9 +24,15 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 """Exit status after a stop signal: 128 + the signal's number, as a shell reports a process that signal ended."""
+
+
+STOPPED_BEFORE_A_STEP = ("fit: stopped by SIGTERM before this run's first optimizer step: nothing new to save; rerun "
+                         "the same command to start (or resume) again")  # fmt: skip
+"""What fit says when SIGTERM came before its training loop (a checkpoint it resumed from is still there)."""
 
 
 class StopAtStep(Callback):
@@ -42,6 +48,8 @@ class StopAtStep(Callback):
         # Lightning registered its SIGTERM handler before the loop (and puts the handlers it found back at its
         # teardown, ours included); signals can only be handled in the main thread.
         self._signal = self._stop = None
+        if trainer.received_sigterm:  # to Lightning's handler, in the sanity check: the CLI says so and exits 143
+            raise SIGTERMException()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)

@@ -142,3 +142,25 @@ def test_a_non_finite_loss_gradient_or_weight_stops_fit_without_an_adapter(where
     assert last.endswith("lower model.learning_rate (or look for records that overflow), then resume from an earlier "
                          "checkpoint with --ckpt_path PATH") and "Traceback" not in err  # fmt: skip
     assert not any("adapter" in name for name in tree(tmp_path / "runs")), tree(tmp_path / "runs")
+
+
+def test_sigterm_in_the_sanity_check_exits_143_without_a_run_folder(tmp_path, tiny_model_dir, monkeypatch, capfd):
+    """#29 item 4: a SIGTERM after Lightning registered its handler, before the training loop, stopped with status 0."""
+    import os
+    import signal
+
+    from healthai.__main__ import main
+    from healthai.fit_stop import STOPPED_BEFORE_A_STEP
+
+    class SigtermInSanityCheck(Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli: cli.trainer.callbacks.append(SigtermInSanityCheck()))
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
+    with pytest.raises(SystemExit) as info:
+        main(fit_args(tmp_path, tiny_model_dir, train, "--data.batch_size", "1", "--data.val_fraction", "0.25",
+                      "--trainer.num_sanity_val_steps", "1"))  # fmt: skip
+    last = capfd.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert (info.value.code, last) == (143, STOPPED_BEFORE_A_STEP)
+    assert tree(tmp_path / "runs") == set()  # refused before its first step: no run folder, no checkpoint
