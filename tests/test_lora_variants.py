@@ -187,7 +187,7 @@ def test_dora_under_fsdp_on_two_cpu_processes_trains_as_one_plain_process(tmp_pa
     from test_fsdp import fit_args as fsdp_fit_args
 
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
-    dora = ["--model.lora_variant", "dora", "--model.generate_every_n_epochs", "0"]
+    dora = ["--model.lora_variant", "dora", "--model.generate_every_n_epochs", "0", "--data.val_overlap", "keep"]
     sharded = ["--config", "configs/qwen_lora_fsdp.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                "--trainer.precision", "32-true", *dora]  # fmt: skip
     forkserver.run_ranks(["-m", "healthai", *fsdp_fit_args(tmp_path, tiny_model_dir, train, train, "fsdp", 2, 2,
