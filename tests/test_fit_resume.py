@@ -258,16 +258,16 @@ def adapter_weights(run: Path) -> dict:
 
 def test_sigterm_and_ctrl_c_save_last_ckpt_at_the_step_reached_and_resume_to_the_uninterrupted_weights(
         tmp_path, tiny_model_dir, monkeypatch, capfd):  # fmt: skip
-    """8 records, batch 2, accumulate 2: 2 optimizer steps an epoch, 5 in all. SIGTERM during step 2's first
-    micro-batch stops after step 2 (exit 143), the resume is stopped by Ctrl+C during step 4's second (exit 130), the
+    """4 records, batch 1, accumulate 2: 2 optimizer steps an epoch, 4 in all. SIGTERM during step 2's first
+    micro-batch stops after step 2 (exit 143), the resume is stopped by Ctrl+C during step 3's second (exit 130), the
     second resume finishes: its adapter is the uninterrupted run's. Lightning alone exited 0 / 1 with no last.ckpt."""
-    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
-    common = ["--trainer.max_steps", "5", "--trainer.accumulate_grad_batches", "2", "--model.gradient_checkpointing",
-              "false"]  # fmt: skip
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
+    common = ["--trainer.max_steps", "4", "--trainer.accumulate_grad_batches", "2", "--model.gradient_checkpointing",
+              "false", "--data.batch_size", "1"]  # fmt: skip
     cli_main(fit_args(tmp_path / "full", tiny_model_dir, train, *common))
     cut = tmp_path / "cut"
     before_fit = HealthAICLI.before_fit  # resumes in the run folder: kept, with the signal added
-    for signum, step, batch_idx, status, ckpt in [(signal.SIGTERM, 1, 2, 143, []), (signal.SIGINT, 3, 3, 130, ["last"])]:
+    for signum, step, batch_idx, status, ckpt in [(signal.SIGTERM, 1, 2, 143, []), (signal.SIGINT, 2, 1, 130, ["last"])]:
         monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli, s=signum, t=step, b=batch_idx: (
             before_fit(cli), cli.trainer.callbacks.append(SignalAt(s, t, b))))
         argv = fit_args(cut, tiny_model_dir, train, *common, *(["--ckpt_path", *ckpt] if ckpt else []))
