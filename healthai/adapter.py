@@ -302,7 +302,12 @@ def resolve_base(name_or_path: Optional[str], option: str, recorded: Optional[di
     # A hub id looks like a relative path (org/name); the adapter's record tells a local folder from a hub snapshot.
     was_local = same and recorded.get("path") and "models--" not in recorded["path"]
     if _looks_like_hub_id(given) and not was_local:
-        return given  # a hub id: transformers finds it in the cache or downloads it
+        from healthai.hub import check_hub_model
+
+        # A hub id: transformers finds it in the cache or downloads it, once the hub is known to have it (no minutes
+        # of retries offline, #29 item 13).
+        check_hub_model(given, option)
+        return given
     where = f" (the adapter recorded it at {recorded['path']}, which is gone too)" if same and recorded.get("path") else ""
     raise FileNotFoundError(f"base model {given}: no such folder from {os.getcwd()}{where}; pass {option} PATH")
 

@@ -38,6 +38,9 @@ class AdapterSaver(Callback):
         step = trainer.global_step
         trainable = pl_module.trainable_names()
         last = {k[len("model.") :]: v for k, v in state.items() if k in trainable}
+        from healthai.finite import check_weights
+
+        check_weights(last, step)  # never an adapter of NaNs (the last step's update may have made them)
         last_metrics = pl_module._val_metrics()
         best = monitored_best(trainer)
         if best is None:

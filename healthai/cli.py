@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from healthai.adapter_saver import AdapterSaver
 from healthai.checkpoint_io import make_checkpoints_atomic
 from healthai.data import DiagnosisDataModule
 from healthai.errors import ConfigError, PositiveInt, UserError, check_value
+from healthai.fit_stop import EXIT_CODES, STOPPED_BEFORE_A_STEP, StopAtStep
 from healthai.model import DiagnosisLoRA
 from healthai.model_summary import without_flops
 from healthai.run_folder import RunFolderRecorder
@@ -54,9 +58,18 @@ class HealthAICLI(LightningCLI):
         trainer.callbacks = [without_flops(c) for c in trainer.callbacks]  # a FLOPs column of zeros: model_summary.py
         if self.subcommand == "fit":
             # Always on, not an option: a fit that leaves no adapter/ folder has nothing for predict or export.
-            trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder()])
+            # StopAtStep: SIGTERM / Ctrl+C save a resumable last.ckpt and exit 143 / 130 (healthai.fit_stop).
+            trainer.callbacks.extend([AdapterSaver(), RunFolderRecorder(), StopAtStep()])
             make_checkpoints_atomic(trainer)  # a full disk mid-save must not tear last.ckpt (#29 item 6)
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI puts a .ckpt's saved hyperparameters over the options given. In fit that made the checkpoint's
+        # own model_name_or_path (and LoRA settings) stand in for the user's, so the resume checks compared the
+        # checkpoint with itself and another base trained on (#29 item 1). fit resumes with the options given and
+        # refuses a checkpoint that does not match them (healthai.resume), as `--ckpt_path last` always has.
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         # Lightning's signature says int and it takes 0, to fail later with a ZeroDivisionError after the model has
@@ -64,6 +77,9 @@ class HealthAICLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_value("trainer.accumulate_grad_batches", config.trainer.accumulate_grad_batches, PositiveInt)
         check_devices(config.trainer.devices)
+        # Before the Trainer is built: Lightning's answer to a GPU config on a CPU machine is a 39-line traceback
+        # (MisconfigurationException: No supported gpu backend found!), #29 item 14.
+        check_gpu_available(config.trainer.accelerator, self.subcommand)
 
     def before_fit(self) -> None:
         from healthai.resume import check_last_checkpoint
@@ -88,6 +104,15 @@ class HealthAICLI(LightningCLI):
             if self.trainer.global_step == 0:
                 remove_refused_run(folder, existed)
             raise
+        except SIGTERMException:
+            # Lightning's own SIGTERM stop (a SystemExit with status 0) in the sanity check, after it registered its
+            # handler (during base loading SIGTERM is still the default: the process ends, 143): no step of this run
+            # taken, nothing to save. In the training loop healthai.fit_stop stops instead.
+            if self.trainer.global_step == 0:
+                remove_refused_run(folder, existed)
+            if self.trainer.is_global_zero:
+                print(STOPPED_BEFORE_A_STEP, file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES[signal.SIGTERM]) from None
         self._point_at_adapter(folder)
 
     def _point_at_adapter(self, folder: Optional[Path]) -> None:
@@ -135,6 +160,24 @@ def check_fit_outputs(trainer: Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
             check_writable("ModelCheckpoint dirpath", callback.dirpath, folder=True)
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+"""``trainer.accelerator`` values that need a CUDA device (``gpu`` also means Apple's MPS, where there is one)."""
+
+
+def check_gpu_available(accelerator: Any, command: Optional[str]) -> None:
+    """Raise :class:`ConfigError` when ``trainer.accelerator`` asks for a GPU and torch finds none here, saying how
+    to run on the CPU instead. Other accelerators (``cpu``, ``auto``, an object) are Lightning's to check."""
+    if not isinstance(accelerator, str) or accelerator.lower() not in GPU_ACCELERATORS:
+        return
+    import torch
+
+    if torch.cuda.is_available() or (accelerator.lower() == "gpu" and torch.backends.mps.is_available()):
+        return
+    raise ConfigError(f"trainer.accelerator {accelerator}: the config asks for a GPU and torch finds none on this "
+                      f"machine; to run {command or 'it'} on the CPU pass --trainer.accelerator cpu (with "
+                      "--trainer.precision 32-true for exact fp32; slow for a 7B model)")  # fmt: skip
 
 
 def cli_main(args: Optional[list[str]] = None) -> HealthAICLI:

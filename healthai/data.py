@@ -22,6 +22,7 @@ from healthai.errors import NonNegativeInt, PositiveInt
 from healthai.jsonl import BadRecordError, OnBadRecord, Rejects, rejects_path_for
 from healthai.prompts import PromptStyle
 from healthai.records import read_records
+from healthai.splits import ValOverlap, separate_validation, val_fraction_in_use
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class DiagnosisDataModule(L.LightningDataModule):
         max_length: PositiveInt = 2048,
         batch_size: PositiveInt = 4,
         eval_batch_size: Optional[PositiveInt] = None,
-        val_fraction: HalfOpenUnitInterval = 0.05,
+        val_fraction: Optional[HalfOpenUnitInterval] = None,
+        val_overlap: ValOverlap = "error",
         seed: int = 42,
         on_bad_record: OnBadRecord = "error",
         pad_to_multiple_of: PositiveInt = 1,
@@ -70,7 +72,11 @@ class DiagnosisDataModule(L.LightningDataModule):
                 records have their case text trimmed — never the answer; the count is logged.
             batch_size: Training micro-batch size per device.
             eval_batch_size: Batch size for validation and predict (default: ``batch_size``).
-            val_fraction: Share of ``train_file`` held out for validation when no ``val_file`` is given (0 = none).
+            val_fraction: Share of ``train_file`` held out for validation when no ``val_file`` is given (0 = none;
+                null = 0.05). Given beside a ``val_file`` it is refused: one of the two would be ignored.
+            val_overlap: What to do with an id present in both ``train_file`` and ``val_file``: ``error`` (refused,
+                naming the count and one id), ``drop`` (trained without, with a warning) or ``keep`` (trained on and
+                validated on, with a warning; only for checking memorisation). See :mod:`healthai.splits`.
             seed: Seed of the train/validation split and the sampler's shuffling.
             on_bad_record: ``error`` stops with ``file:line`` and the reason; ``skip`` writes the record and reason to
                 ``<file>.rejects.jsonl`` and goes on.
@@ -95,6 +101,7 @@ class DiagnosisDataModule(L.LightningDataModule):
         check_declared(DiagnosisDataModule.__init__, locals(), "data.")
         if tokenizer_path is not None:
             check_model_source(tokenizer_path, "data.tokenizer_path")
+        self.val_fraction = val_fraction_in_use(val_fraction, val_file)  # before anything loads
         super().__init__()
         self.save_hyperparameters(ignore=["prompt"])
         self.train_file, self.val_file, self.predict_file = train_file, val_file, predict_file
@@ -105,7 +112,7 @@ class DiagnosisDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.val_fraction = val_fraction
+        self.val_overlap = val_overlap
         self.seed = seed
         self.on_bad_record = on_bad_record
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -144,6 +151,10 @@ class DiagnosisDataModule(L.LightningDataModule):
         source = self.adapter.tokenizer_source(base) if self.adapter is not None else base
         if source is None:
             raise ConfigError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
+        if self.adapter is None:  # the first thing fit, validate and predict load: a name the hub cannot give stops here
+            from healthai.hub import check_hub_model
+
+            check_hub_model(source, "model.model_name_or_path")
         tokenizer = AutoTokenizer.from_pretrained(source)
         if tokenizer.pad_token_id is None:
             raise InputError(f"{source}: tokenizer has no pad token")
@@ -177,7 +188,8 @@ class DiagnosisDataModule(L.LightningDataModule):
         else:
             records = []
         if self.val_file is not None:
-            train, val = records, self._read(self.val_file, "val_file", labelled=True)
+            val = self._read(self.val_file, "val_file", labelled=True)
+            train = separate_validation(records, val, self.train_file, self.val_file, self.val_overlap)
         else:
             train, val = split_records(records, self.val_fraction, self.seed)
             if stage == "fit" and records and not train:  # the file is fine; the split took every record

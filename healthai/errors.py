@@ -116,7 +116,9 @@ def check_model_source(name: str, option: str) -> None:
         raise ConfigError(f"{option}: {name} is a file, not a model folder")
     cannot_be_hub_id = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
     if cannot_be_hub_id or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()):
-        raise ConfigError(f"{option}: no such model folder: {name}")
+        from healthai.hub import missing_model
+
+        raise missing_model(name, option, "")
 
 
 class MissingExtraError(UserError):
@@ -192,6 +194,16 @@ def check_output(option: str, path: str | Path, inputs: dict[str, Any], folder: 
         raise InputError(f"{option} {path} is a folder; give a file path")
 
 
+OPTIONAL_RANGE_ERROR = re.compile(
+    r"Does not validate against any of the Union subtypes Subtypes: \[[^\]]*\] Errors: - Not of type (\w+): "
+    r"(?:\S+ )?does not conform to (restriction .+?) - Expected a <class 'NoneType'> Given value type: <class '\w+'> "
+    r"Given value: (.+)$"
+)
+"""jsonargparse's message for an ``Optional[<restricted type>]`` option out of its range: both members' errors."""
+
+
 def one_line(error: BaseException) -> str:
-    """An error's message on one line (jsonargparse's and some refusals' messages span several)."""
-    return re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
+    """An error's message on one line (jsonargparse's and some refusals' messages span several); an out-of-range
+    ``Optional`` option reads as a plain one does (``Not of type PositiveInt: 0 does not conform to ...``)."""
+    text = re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
+    return OPTIONAL_RANGE_ERROR.sub(r"Not of type \1: \3 does not conform to \2", text)

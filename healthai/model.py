@@ -367,16 +367,21 @@ class DiagnosisLoRA(L.LightningModule):
         the last backward (gradients already all-reduced) and before gradient clipping, so clipping sees the true
         gradient.
         """
-        totals = torch.stack([self._step_loss_sum, self._step_tokens]).to(self.device)
-        loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        from healthai.finite import check_step, squared_norm
+
+        grads = [param.grad for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+        # The gradient's squared norm (this rank's shard under FSDP) rides along in the same all-reduce: every rank
+        # then holds the same totals and stops at the same step when one is not finite (healthai.finite).
+        totals = torch.stack([self._step_loss_sum.to(self.device), self._step_tokens.to(self.device),
+                              squared_norm(grads, self.device)])  # fmt: skip
+        loss_sum, tokens, grad_sq = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         self._step_loss_sum = torch.zeros_like(self._step_loss_sum)
         self._step_tokens = torch.zeros_like(self._step_tokens)
         tokens = max(tokens, 1.0)
+        check_step(loss_sum / tokens, grad_sq, self.trainer.global_step + 1)
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+        for grad in grads:
+            grad.mul_(scale)
         self.log("train/loss", loss_sum / tokens, prog_bar=True)
 
     def setup(self, stage: str) -> None:

@@ -269,3 +269,20 @@ def test_answer_too_long_for_max_length_goes_to_rejects_when_skipping(tmp_path, 
     assert len(dm.train_set) == 2
     rejects = [json.loads(x) for x in open(tmp_path / "train.rejects.jsonl", encoding="utf-8")]
     assert [r["line"] for r in rejects] == [2]
+
+
+def test_val_overlap_drop_trains_without_the_validation_ids_and_keep_keeps_them(caplog):
+    """#29 item 7: `5` and `"5"` are one record; drop and keep each say so in a warning line."""
+    from healthai.splits import separate_validation
+
+    train = [{"id": 5}, {"id": 6}, {"id": "7"}]
+    val = [{"id": "5"}, {"id": 7}, {"id": 8}]
+    with caplog.at_level("WARNING", logger="healthai.splits"):
+        assert separate_validation(train, val, "t.jsonl", "v.jsonl", "drop") == [{"id": 6}]
+        assert separate_validation(train, val, "t.jsonl", "v.jsonl", "keep") == train
+    assert [r.getMessage().split(": ")[1] for r in caplog.records] == [
+        "dropped from training (data.val_overlap drop), 1 record(s) left",
+        "kept in training (data.val_overlap keep)",
+    ]
+    assert caplog.records[0].getMessage().startswith("2 id(s) of data.val_file v.jsonl are also in data.train_file "
+                                                     "t.jsonl (e.g. 5)")  # fmt: skip

@@ -32,7 +32,8 @@ def test_the_demo_recipe_memorises_its_records_and_the_answers_close(tmp_path: P
     trained = write_jsonl(tmp_path / "trained.jsonl", read_jsonl(REPO / "data" / "sample_train.jsonl")[3:5])
     runs = str(tmp_path / "runs")
     cli_main(["fit", "--config", "configs/demo.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-              "--data.train_file", str(trained), "--data.val_file", str(trained), "--data.batch_size", "2",
+              "--data.train_file", str(trained), "--data.val_file", str(trained),
+              "--data.val_overlap", "keep", "--data.batch_size", "2",
               "--trainer.check_val_every_n_epoch", "60",
               "--trainer.default_root_dir", runs, "--trainer.logger.init_args.save_dir", runs,
               "--trainer.enable_progress_bar", "false"])  # fmt: skip

@@ -85,7 +85,8 @@ def test_ddp_fit_saves_adapter_only_checkpoints_that_one_process_refuses_to_resu
         cli_main([
             "fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
             "--model.model_name_or_path", str(tiny_model_dir), "--ckpt_path", "last",
-            "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "256",
+            "--data.train_file", str(train), "--data.val_file", str(train),
+            "--data.val_overlap", "keep", "--data.max_length", "256",
             "--data.batch_size", "2", "--trainer.max_steps", "6", "--trainer.max_epochs", "10",
             "--model.generate_every_n_epochs", "0", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),

@@ -174,6 +174,15 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
                      "0.9", "--data.batch_size", "1"),
             f"data.val_fraction 0.9 leaves none of the 2 record(s) of {two} for training; lower it or give "
             "data.val_file"),
+        "fit: an id in both train_file and val_file": (
+            fit_argv(inputs, tmp, "--data.train_file", str(two)),
+            f"2 id(s) of data.val_file {good} are also in data.train_file {two} (e.g. "
+            f"{labelled_records(1)[0]['id']!r}): validation would score records the adapter trains on; remove them "
+            "from one file, or pass --data.val_overlap drop (train without them) or keep"),
+        "fit: val_fraction beside val_file": (
+            fit_argv(inputs, tmp, "--data.val_fraction", "0.1"),
+            f"data.val_fraction 0.1 and data.val_file {good} both say what validates; set only one "
+            "(data.val_fraction null with a val_file)"),
         "fit: accumulate_grad_batches 0": (fit_argv(inputs, tmp, "--trainer.accumulate_grad_batches", "0"),
                                            "trainer.accumulate_grad_batches: Not of type PositiveInt: 0 does not "
                                            "conform to restriction v>0"),
@@ -197,7 +206,10 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
             [*label, "--input", str(good), "--output", str(linked)],
             f"--output {linked} would overwrite --input {good}; choose another path"),
         "serve: missing model folder": ([*serve[:1], "--model_name_or_path", str(tmp / "no_model"), *serve[3:]],
-                                        f"--model_name_or_path: no such model folder: {tmp / 'no_model'}"),
+                                        f"--model_name_or_path: no such model folder: {tmp / 'no_model'} (looked "
+                                        f"for {tmp / 'no_model'}); download it first: python "
+                                        "scripts/download_model.py --model Qwen/Qwen2.5-7B-Instruct --out "
+                                        f"{tmp / 'no_model'}"),
         "serve: missing adapter folder": ([*serve, "--adapter_path", str(tmp / "no_adapter")],
                                           f"{tmp / 'no_adapter'}: no such adapter folder (--adapter_path)"),
         "serve: missing adapter checkpoint": ([*serve, "--adapter_path", str(tmp / "gone.ckpt")],
@@ -215,6 +227,7 @@ def refusal_cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[list[st
 
 
 REFUSALS = ["fit: empty training file", "fit: empty validation file", "fit: val_fraction takes every record",
+            "fit: an id in both train_file and val_file", "fit: val_fraction beside val_file",
             "fit: accumulate_grad_batches 0", "predict: max_length under the prompt", "evaluate: --report is a folder",
             "evaluate: --report is --predictions", "evaluate: --per_record is --references (a hard link)",
             "evaluate: --per_record is --report", "label: --output is a folder",
@@ -236,6 +249,80 @@ def test_refusal_is_one_line_with_status_2_and_leaves_the_inputs_alone(case, inp
     assert (code, err.rstrip("\n").splitlines()[-1]) == (2, f"healthai {argv[0]}: error: {message}"), err
     assert "Traceback" not in err
     assert {p: p.read_bytes() for p in before} == before  # no input was written to
+
+
+@pytest.mark.parametrize("argv", [["fit", "--config", "configs/qwen_lora.yaml"],
+                                  ["predict", "--config", "configs/predict.yaml"],
+                                  ["predict", "--config", "configs/baseline.yaml"]])  # fmt: skip
+def test_a_gpu_config_on_a_machine_without_a_gpu_is_one_line(argv, capfd, monkeypatch) -> None:
+    """#29 item 14: Lightning's "No supported gpu backend found!" was a 39-line traceback."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
+    code, err = run_in_process(argv, capfd)
+    assert (code, err.rstrip("\n").splitlines()[-1]) == (2, (
+        f"healthai {argv[0]}: error: trainer.accelerator gpu: the config asks for a GPU and torch finds none on this "
+        f"machine; to run {argv[0]} on the CPU pass --trainer.accelerator cpu (with --trainer.precision 32-true for "
+        "exact fp32; slow for a 7B model)")), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "serve", "export"])
+def test_a_model_folder_that_is_not_there_offline_is_one_line_at_once(command, inputs, tmp_path, capfd, monkeypatch):
+    """#29 item 13: `models/Qwen2.5-7B` in a clone with no models/ was taken for a hub id: minutes of retries, then
+    transformers' traceback. Offline, no request is made; the line names the option, the folder and the download."""
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda *a, **k: pytest.fail("the hub was asked"))
+    name, train = "models/Qwen2.5-7B", str(inputs["good"])
+    argv, option = {
+        "fit": (["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--model.model_name_or_path", name,
+                 "--data.train_file", train, "--data.val_file", "null", "--trainer.logger", "false"],
+                "model.model_name_or_path"),
+        "predict": (["predict", "--config", str(REPO / "configs" / "predict_tiny.yaml"), "--model.model_name_or_path",
+                     name, "--data.predict_file", train, "--writer.output_path", str(tmp_path / "p.jsonl")],
+                    "model.model_name_or_path"),
+        "serve": (["serve", "--model_name_or_path", name, "--device", "cpu"], "--model_name_or_path"),
+        "export": (["export", "--adapter", str(inputs["adapter"]), "--out", str(tmp_path / "merged"), "--base", name],
+                   "--base"),
+    }[command]  # fmt: skip
+    if command == "serve":
+        monkeypatch.setattr("litserve.LitServer.run", lambda *a, **k: pytest.fail("the server started"))
+        monkeypatch.setattr("healthai.serve._stop_on_sigterm", lambda: None)
+    code, err = run_in_process(argv, capfd)
+    assert (code, err.rstrip("\n").splitlines()[-1]) == (2, (
+        f"healthai {command}: error: {option}: no such model folder: {name} (looked for {tmp_path / name}), and the "
+        "hub is off (HF_HUB_OFFLINE), so it cannot be fetched as a hub id; download it first: python "
+        "scripts/download_model.py --model Qwen/Qwen2.5-7B --out models/Qwen2.5-7B")), err
+    assert "Traceback" not in err and "Retrying" not in err
+
+
+def test_an_unreachable_hub_is_asked_once_briefly(tmp_path, monkeypatch) -> None:
+    """Online but without network: one request with a short timeout, then the same one line (#29 item 13)."""
+    from healthai.errors import ConfigError
+    from healthai.hub import HUB_TIMEOUT_S, check_hub_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    calls = []
+
+    def no_network(self, name, timeout=None):
+        calls.append((name, timeout))
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", no_network)
+    for _ in range(2):  # the data module, then the model: asked once
+        with pytest.raises(ConfigError) as err:
+            check_hub_model("nowhere/Qwen2.5-0.5B-Instruct", "model.model_name_or_path")
+    assert calls == [("nowhere/Qwen2.5-0.5B-Instruct", HUB_TIMEOUT_S)] and HUB_TIMEOUT_S <= 10
+    assert str(err.value) == (
+        f"model.model_name_or_path: no such model folder: nowhere/Qwen2.5-0.5B-Instruct (looked for "
+        f"{tmp_path / 'nowhere/Qwen2.5-0.5B-Instruct'}), and the hub cannot be reached to fetch it as a hub id "
+        "(ConnectionError); download it first: python scripts/download_model.py --model "
+        "nowhere/Qwen2.5-0.5B-Instruct --out models/Qwen2.5-0.5B-Instruct")
 
 
 def test_debug_env_var_shows_the_traceback(inputs, capfd, monkeypatch) -> None:

@@ -30,7 +30,8 @@ def fit(tmp_path: Path, tiny_model_dir: Path, *extra: str, records: int = 4):
     args = [
         "fit", "--config", "configs/tiny.yaml",
         "--model.model_name_or_path", str(tiny_model_dir),
-        "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "256",
+        "--data.train_file", str(train), "--data.val_file", str(train),
+        "--data.val_overlap", "keep", "--data.max_length", "256",
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),

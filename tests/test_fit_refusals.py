@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import REPO, labelled_records, write_jsonl
@@ -70,7 +71,7 @@ def test_an_empty_validation_file_is_refused(tmp_path, tiny_model_dir):
     val = tmp_path / "val.jsonl"
     val.write_bytes(b"\n")
     with pytest.raises(ValueError) as err:
-        cli_main(fit_args(tmp_path, tiny_model_dir, train, "--data.val_file", str(val)))
+        cli_main(fit_args(tmp_path, tiny_model_dir, train, "--data.val_file", str(val), "--data.val_fraction", "null"))
     assert str(err.value) == f"{val}: no usable validation records"
     assert tree(tmp_path) == {"train.jsonl", "val.jsonl"}
 
@@ -92,3 +93,80 @@ def test_a_run_that_took_no_optimizer_step_writes_no_adapter(tmp_path, tiny_mode
     assert not any("adapter" in name for name in left), left
     # Lightning's own records of the run (config, hparams, the epoch-end checkpoint at step 0) — and no adapter/.
     assert left == {"tiny/version_0/config.yaml", "tiny/version_0/hparams.yaml", "ckpt/last.ckpt"}
+
+
+class Poison(Callback):
+    """Makes step 2 (of 2) non-finite where ``where`` says: its loss or its gradient."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.where == "loss" and trainer.global_step == 1:
+            batch["poison"] = True
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.where == "gradient" and trainer.global_step == 1:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
+
+
+@pytest.mark.parametrize("where, line", [
+    ("loss", "train/loss is nan at optimizer step 2: training diverged; the step was not taken and no adapter is "
+             "written; "),
+    ("gradient", "the gradient norm is inf at optimizer step 2 (loss "),
+])  # fmt: skip
+def test_a_non_finite_loss_or_gradient_stops_fit_without_an_adapter(where, line, tmp_path, tiny_model_dir,
+                                                                           monkeypatch, capfd):  # fmt: skip
+    """#29 item 5: a run whose loss turned NaN wrote an adapter of NaNs and exited 0."""
+    from healthai.__main__ import main
+    from healthai.model import DiagnosisLoRA
+
+    answer_loss = DiagnosisLoRA.answer_loss
+    poisoned = lambda self, batch, reduction="mean": answer_loss(self, batch, reduction) * (  # noqa: E731
+        float("nan") if batch.get("poison") else 1.0)
+    monkeypatch.setattr(DiagnosisLoRA, "answer_loss", poisoned)
+    monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli: cli.trainer.callbacks.append(Poison(where)))
+    monkeypatch.delenv("HEALTHAI_DEBUG", raising=False)
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
+    with pytest.raises(SystemExit) as info:
+        main(fit_args(tmp_path, tiny_model_dir, train, "--data.batch_size", "2"))
+    err = capfd.readouterr().err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert info.value.code == 2 and last.startswith(f"healthai fit: error: {line}"), err
+    assert last.endswith("lower model.learning_rate (or look for records that overflow), then resume from an earlier "
+                         "checkpoint with --ckpt_path PATH") and "Traceback" not in err  # fmt: skip
+    assert not any("adapter" in name for name in tree(tmp_path / "runs")), tree(tmp_path / "runs")
+
+
+def test_the_adapter_saver_refuses_non_finite_weights():
+    """The last step's update can make the weights NaN with a finite loss: AdapterSaver checks what it would write."""
+    from healthai.finite import TrainingDiverged, check_weights
+
+    weights = {"a.lora_A.weight": torch.ones(2, 2), "a.lora_B.weight": torch.tensor([[0.0, float("nan")]])}
+    with pytest.raises(TrainingDiverged) as err:
+        check_weights(weights, 7)
+    assert str(err.value).startswith("the weights are not finite after optimizer step 7 (e.g. a.lora_B.weight): no "
+                                     "adapter is written; lower model.learning_rate")  # fmt: skip
+    check_weights({"a.lora_A.weight": torch.ones(2, 2), "step": torch.tensor(3)}, 7)  # finite, and an integer
+
+
+def test_sigterm_in_the_sanity_check_exits_143_without_a_run_folder(tmp_path, tiny_model_dir, monkeypatch, capfd):
+    """#29 item 4: a SIGTERM after Lightning registered its handler, before the training loop, stopped with status 0."""
+    import os
+    import signal
+
+    from healthai.__main__ import main
+    from healthai.fit_stop import STOPPED_BEFORE_A_STEP
+
+    class SigtermInSanityCheck(Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli: cli.trainer.callbacks.append(SigtermInSanityCheck()))
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
+    with pytest.raises(SystemExit) as info:
+        main(fit_args(tmp_path, tiny_model_dir, train, "--data.batch_size", "1", "--data.val_fraction", "0.25",
+                      "--trainer.num_sanity_val_steps", "1"))  # fmt: skip
+    last = capfd.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert (info.value.code, last) == (143, STOPPED_BEFORE_A_STEP)
+    assert tree(tmp_path / "runs") == set()  # refused before its first step: no run folder, no checkpoint

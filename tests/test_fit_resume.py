@@ -5,14 +5,18 @@ and exit status 2. Also the start-up checks of fit's settings: when to validate,
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import struct
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from conftest import REPO, labelled_records, write_jsonl
 from healthai.__main__ import main
@@ -23,7 +27,8 @@ from healthai.errors import ConfigError
 def fit_args(folder: Path, model: Path, train: Path, *extra: str) -> list[str]:
     return [
         "fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(model),
-        "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "160",
+        "--data.train_file", str(train), "--data.val_file", str(train), "--data.val_overlap", "keep",
+        "--data.max_length", "160",
         "--data.batch_size", "2", "--trainer.max_epochs", "10", "--trainer.limit_val_batches", "0",
         "--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
         "--trainer.callbacks.dirpath", str(folder / "ckpt"), "--trainer.enable_progress_bar", "false",
@@ -151,6 +156,19 @@ def test_a_checkpoint_resumed_onto_another_base_lora_or_prompt_is_refused(run_di
     assert code == 2 and line.startswith("healthai fit: error: --ckpt_path ") and named in line, line
 
 
+@pytest.mark.parametrize("spelling", ["--ckpt_path last", "--ckpt_path FILE", "--model.adapter_path FILE"])
+def test_a_checkpoint_onto_another_base_is_refused_however_it_is_named(run_dir, tiny_model_dir, spelling, capfd):
+    """#29 item 1: an explicit .ckpt was compared with itself (LightningCLI put the checkpoint's own
+    model_name_or_path in place of the one given), so another base trained on; `last` was refused."""
+    model = other_base(tiny_model_dir, run_dir / "other-base")
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    option, value = spelling.split()
+    given = [option, "last" if value == "last" else str(ckpt)]
+    code, line = run_main(fit_args(run_dir, model, run_dir / "train.jsonl", "--trainer.max_steps", "3", *given), capfd)
+    assert code == 2 and "was trained on base" in line and str(model) in line, line
+    assert not (run_dir / "tiny" / "version_1").exists()  # refused before its first step: no run folder
+
+
 def test_a_checkpoint_that_restores_no_trainable_weight_is_refused(run_dir, tiny_model_dir, capfd):
     """Another PEFT version's names: every key misses, and strict=False would resume from fresh LoRA weights."""
     ckpt = torch.load(run_dir / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -237,3 +255,56 @@ def test_a_monitored_metric_that_some_validations_do_not_log_is_refused_at_start
             model.setup("fit")
     else:
         model.setup("fit")
+
+
+# -- a stop signal during fit (#29 item 4) ----------------------------------------------------------------------------
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to this process as the micro-batch ``batch_idx`` of optimizer step ``step`` (0-based) starts:
+    inside an accumulation window, so the run must finish the window before it stops."""
+
+    def __init__(self, signum: int, step: int, batch_idx: int):
+        self.signum, self.step, self.batch_idx = signum, step, batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.global_step, batch_idx) == (self.step, self.batch_idx):
+            os.kill(os.getpid(), self.signum)
+
+
+def adapter_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors")
+
+
+def test_sigterm_and_ctrl_c_save_last_ckpt_at_the_step_reached_and_resume_to_the_uninterrupted_weights(
+        tmp_path, tiny_model_dir, monkeypatch, capfd):  # fmt: skip
+    """4 records, batch 1, accumulate 2: 2 optimizer steps an epoch, 4 in all. SIGTERM during step 2's first
+    micro-batch stops after step 2 (exit 143), the resume is stopped by Ctrl+C during step 3's second (exit 130), the
+    second resume finishes: its adapter is the uninterrupted run's. Lightning alone exited 0 / 1 with no last.ckpt."""
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
+    common = ["--trainer.max_steps", "4", "--trainer.accumulate_grad_batches", "2", "--model.gradient_checkpointing",
+              "false", "--data.batch_size", "1"]  # fmt: skip
+    cli_main(fit_args(tmp_path / "full", tiny_model_dir, train, *common))
+    cut = tmp_path / "cut"
+    before_fit = HealthAICLI.before_fit  # resumes in the run folder: kept, with the signal added
+    for signum, step, batch_idx, status, ckpt in [(signal.SIGTERM, 1, 2, 143, []), (signal.SIGINT, 2, 1, 130, ["last"])]:
+        monkeypatch.setattr(HealthAICLI, "before_fit", lambda cli, s=signum, t=step, b=batch_idx: (
+            before_fit(cli), cli.trainer.callbacks.append(SignalAt(s, t, b))))
+        argv = fit_args(cut, tiny_model_dir, train, *common, *(["--ckpt_path", *ckpt] if ckpt else []))
+        monkeypatch.setattr(sys, "argv", [str(REPO / "healthai" / "__main__.py"), *argv])
+        code, line = run_main(argv, capfd)
+        saved = torch.load(cut / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert (code, saved["global_step"]) == (status, step + 1), line
+        assert line == (f"fit: stopped by {signal.Signals(signum).name} after optimizer step {step + 1}: saved "
+                        f"{cut / 'ckpt' / 'last.ckpt'}; to resume: python -m healthai "
+                        f"{shlex.join([a for a in argv if a not in ('--ckpt_path', 'last')])} --ckpt_path last")
+        assert not (cut / "tiny" / "version_0" / "adapter").exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(REPO)
+    cli_main(fit_args(cut, tiny_model_dir, train, *common, "--ckpt_path", "last"))
+    full, resumed = adapter_weights(tmp_path / "full"), adapter_weights(cut)
+    assert full.keys() == resumed.keys() and full
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=1e-5, atol=1e-7, msg=name)

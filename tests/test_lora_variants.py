@@ -36,7 +36,8 @@ IDS = torch.tensor([[151644, 8948, 198, 104383, 109478, 151645, 198]])
 def fit_args(folder: Path, model: Path, train: Path, *extra: str) -> list[str]:
     return [
         "fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(model),
-        "--data.train_file", str(train), "--data.val_file", str(train), "--data.max_length", "192",
+        "--data.train_file", str(train), "--data.val_file", str(train),
+        "--data.val_overlap", "keep", "--data.max_length", "192",
         "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "100", "--trainer.check_val_every_n_epoch", "100",
         "--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
         "--trainer.callbacks.dirpath", str(folder / "ckpt"), "--trainer.enable_progress_bar", "false",
@@ -141,7 +142,7 @@ def test_a_dora_adapter_merged_for_inference_gives_the_unmerged_logits(fits, tin
 ])  # fmt: skip
 def test_a_resume_with_another_variant_or_init_is_refused_in_one_line(fits, name, change, named, tiny_model_dir,
                                                                        tmp_path, capfd):  # fmt: skip
-    # `--ckpt_path last`: given a file's path, Lightning's CLI takes the checkpoint's own hyperparameters instead.
+    # `--ckpt_path last` (a file's path is refused the same way: fit resumes with the options given, #29 item 1).
     (tmp_path / "ckpt").mkdir()
     shutil.copy(fits[name][1] / "ckpt" / "last.ckpt", tmp_path / "ckpt" / "last.ckpt")
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
@@ -186,7 +187,7 @@ def test_dora_under_fsdp_on_two_cpu_processes_trains_as_one_plain_process(tmp_pa
     from test_fsdp import fit_args as fsdp_fit_args
 
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(8))
-    dora = ["--model.lora_variant", "dora", "--model.generate_every_n_epochs", "0"]
+    dora = ["--model.lora_variant", "dora", "--model.generate_every_n_epochs", "0", "--data.val_overlap", "keep"]
     sharded = ["--config", "configs/qwen_lora_fsdp.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                "--trainer.precision", "32-true", *dora]  # fmt: skip
     forkserver.run_ranks(["-m", "healthai", *fsdp_fit_args(tmp_path, tiny_model_dir, train, train, "fsdp", 2, 2,

@@ -71,7 +71,8 @@ def test_fit_refuses_packing_with_an_attention_that_would_cross_records(tmp_path
     loaded = []
     monkeypatch.setattr("healthai.model.DiagnosisLoRA._load_base", lambda self: loaded.append(1))
     args = ["fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-            "--data.train_file", str(data), "--data.val_file", str(data), "--data.packing", "true",
+            "--data.train_file", str(data), "--data.val_file", str(data),
+            "--data.val_overlap", "keep", "--data.packing", "true",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.callbacks", "[]",
             "--model.attn_implementation", "paged|sdpa"]  # fmt: skip
     with pytest.raises(ConfigError, match=r"^data\.packing true needs an attention implementation that keeps packed "
@@ -91,7 +92,8 @@ def test_a_packed_fit_trains_and_pads_less(tmp_path, tiny_model_dir, monkeypatch
     for packing in ("false", "true"):
         runs = tmp_path / f"runs-{packing}"
         cli_main(["fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-                  "--data.train_file", str(data), "--data.val_file", str(data), "--data.packing", packing,
+                  "--data.train_file", str(data), "--data.val_file", str(data),
+                  "--data.val_overlap", "keep", "--data.packing", packing,
                   "--data.max_length", "1024", "--trainer.max_steps", "3", "--model.generate_every_n_epochs", "0",
                   "--trainer.default_root_dir", str(runs), "--trainer.logger.init_args.save_dir", str(runs),
                   "--trainer.callbacks.dirpath", str(runs / "ckpt"), "--trainer.enable_progress_bar", "false",

@@ -46,7 +46,8 @@ def test_a_model_that_learned_answers_with_escapes_writes_them_back_exactly(tmp_
             for r, (d, x) in zip(seed_records(3, offset=10), MEMORISED)]  # fmt: skip
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     cli_main(["fit", "--config", "configs/demo.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-              "--data.train_file", str(data), "--data.val_file", str(data), *run_args(tmp_path, "runs", checkpoints=False),
+              "--data.train_file", str(data), "--data.val_file", str(data), "--data.val_overlap", "keep",
+              *run_args(tmp_path, "runs", checkpoints=False),
               "--trainer.max_epochs", "35", "--trainer.limit_val_batches", "0", "--data.batch_size", "3",
               "--data.max_length", "512"])  # fmt: skip
     out = tmp_path / "pred.jsonl"
@@ -79,7 +80,8 @@ def test_label_then_fit_then_predict_with_the_default_configs(tmp_path, tiny_mod
     assert "\n" in GOOD_ANSWER["reason"]  # a real newline, stored as the teacher wrote it
 
     cli_main(["fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-              "--data.train_file", str(labels), "--data.val_file", str(labels), *run_args(tmp_path, "runs"),
+              "--data.train_file", str(labels), "--data.val_file", str(labels),
+              "--data.val_overlap", "keep", *run_args(tmp_path, "runs"),
               "--trainer.max_epochs", "1"])  # fmt: skip
     out = tmp_path / "pred.jsonl"
     cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),

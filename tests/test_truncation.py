@@ -96,7 +96,7 @@ def _stub_base_loader(monkeypatch, calls: list) -> None:
 def test_fit_refuses_labels_over_the_budget_before_loading_the_base(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(REPO)
     train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
-    val_rows = labelled_records(2)
+    val_rows = labelled_records(2, offset=4)  # other records than training's (#29 item 7)
     val_rows[1]["reason"] = "；\n".join(f"{i}. 血压升高" for i in range(1, 25))  # ~240 tokens
     val = write_jsonl(tmp_path / "val.jsonl", val_rows)
     loaded: list = []
@@ -108,7 +108,7 @@ def test_fit_refuses_labels_over_the_budget_before_loading_the_base(tmp_path, ti
     assert not (tmp_path / "runs" / "ckpt").exists()
     # Within the budget (the training labels are short), fit starts: the check does not refuse good data.
     with pytest.raises(BaseLoading):
-        cli_main(fit_args(tmp_path, tiny_model_dir, train, train))
+        cli_main(fit_args(tmp_path, tiny_model_dir, train, train, "--data.val_overlap", "keep"))
     assert loaded
 
 
