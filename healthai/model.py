@@ -24,6 +24,7 @@ from healthai.errors import ClosedUnitInterval, ConfigError, HalfOpenUnitInterva
 from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
+from healthai.sharded_load import build_sharded, loads_once
 from healthai.sharding import gathered_head, synced_generation
 from healthai.val_generation import PendingPrompt, generation_batches, left_padded, pending_from_batch, rank_share
 from healthai.val_generation import probe_generation_memory, probe_prompt
@@ -203,18 +204,36 @@ class DiagnosisLoRA(L.LightningModule):
             return
         hp = self.hparams
         self.tokenizer = self._tokenizer()
+        # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        precision = str(self.trainer.precision) if mesh is not None else None
+        # How many weights train is fit's business (rank zero says it); validate, predict and serve train none.
+        verbose = self.global_rank == 0 and self._fitting()
+        if loads_once(mesh) and not hp.random_init:  # random weights are drawn on each rank's device instead
+            self._build_sharded_once(mesh, precision, verbose)
+            return
         base = self._load_base()
         self._float_buffers = float_buffers(base)  # before Lightning's precision plugin casts the module
         if not self.builds_lora():
             self.model = base  # zero-shot validate or predict: the transformers model alone
             return
         self._wrap_in_lora(base)
-        # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        precision = str(self.trainer.precision) if mesh is not None else None
-        # How many weights train is fit's business (rank zero says it); validate, predict and serve train none.
-        verbose = self.global_rank == 0 and self._fitting()
         prepare_for_training(self.model, hp.gradient_checkpointing, mesh, precision, verbose=verbose)
+
+    def _build_sharded_once(self, mesh, precision: str, verbose: bool) -> None:
+        """Under FSDP on several ranks: the base read on rank 0 only and each rank given its shard
+        (:func:`healthai.sharded_load.build_sharded`), not a full copy per rank before sharding."""
+        hp = self.hparams
+
+        def build(meta: bool):
+            self._wrap_in_lora(self._load_base(meta=meta))
+            return self.model
+
+        def shard(model) -> None:
+            prepare_for_training(model, hp.gradient_checkpointing, mesh, precision, verbose=verbose)
+
+        self.model = build_sharded(build, shard)
+        self._float_buffers = float_buffers(self.base_model)  # fp32 as rank 0 built them
 
     def builds_lora(self) -> bool:
         """Whether :meth:`configure_model` wraps the base in a PEFT LoRA: to apply ``adapter_path``, or to train a new
@@ -259,12 +278,14 @@ class DiagnosisLoRA(L.LightningModule):
             return self.adapter.resolve_base(self.hparams.model_name_or_path, "--model.model_name_or_path")
         return resolve_base(self.hparams.model_name_or_path, "--model.model_name_or_path")
 
-    def _load_base(self):
-        """The base (:func:`healthai.base_model.load_base`); a 4-bit one onto this process's device."""
+    def _load_base(self, meta: bool = False):
+        """The base (:func:`healthai.base_model.load_base`); a 4-bit one onto this process's device; ``meta``: its
+        skeleton only."""
         hp = self.hparams
         device = self.trainer.strategy.root_device if hp.quantization and self._trainer is not None else None
         return load_base(self._base_source(), hp.dtype, hp.attn_implementation, quantization=hp.quantization,
-                         random_init=hp.random_init, liger_kernel=hp.liger_kernel, device=device)  # fmt: skip
+                         random_init=hp.random_init, liger_kernel=hp.liger_kernel, device=device,
+                         meta=meta)  # fmt: skip
 
     @property
     def base_model(self):
