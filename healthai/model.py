@@ -24,7 +24,7 @@ from healthai.errors import ClosedUnitInterval, ConfigError, HalfOpenUnitInterva
 from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
-from healthai.sharded_load import build_sharded, loads_once
+from healthai.sharded_load import build_sharded, launched_rank, loads_once, on_rank_zero
 from healthai.sharding import gathered_head, synced_generation
 from healthai.val_generation import PendingPrompt, generation_batches, left_padded, pending_from_batch, rank_share
 from healthai.val_generation import probe_generation_memory, probe_prompt
@@ -182,8 +182,12 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64)
         # Checkpoints hold only the adapter (see on_save_checkpoint), so loading them must not expect base weights.
         self.strict_loading = False
-        if adapter_path is not None and not random_init:
+        # A rank started by a launcher (torchrun, srun, Lightning's own for the ranks after the first) checks in setup,
+        # against the fingerprint rank 0 computed: every rank hashing a 15 GB base at once took ~25 s (#30 item 8).
+        self._base_checked = adapter_path is None or random_init or launched_rank()
+        if not self._base_checked:
             self._check_base(allow_base_mismatch)
+            self._base_checked = True
         self._init_metrics()
 
     def _init_metrics(self) -> None:
@@ -267,9 +271,11 @@ class DiagnosisLoRA(L.LightningModule):
         base = self._base_source()
         return AutoTokenizer.from_pretrained(self.adapter.tokenizer_source(base) if self.adapter is not None else base)
 
-    def _check_base(self, allow_mismatch: bool) -> None:
-        """Refuse an adapter trained on another base, before anything is loaded or written (every rank)."""
-        self.adapter.check_base(self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
+    def _check_base(self, allow_mismatch: bool, fingerprint: Optional[str] = None) -> None:
+        """Refuse an adapter trained on another base, before anything is loaded or written (every rank); against
+        ``fingerprint`` when given (rank 0's), else the base's own."""
+        self.adapter.check_base(self._base_source(), allow_mismatch, "--model.allow_base_mismatch",
+                                fingerprint=fingerprint)  # fmt: skip
 
     def _base_source(self) -> str:
         """Where the base is loaded from: ``model_name_or_path``, or the absolute folder the adapter recorded for it
@@ -401,7 +407,13 @@ class DiagnosisLoRA(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Checks and settings of fit that must come before the base loads (Lightning calls this first, after the
-        data module has read and encoded the records)."""
+        data module has read and encoded the records). In fit and predict, and wherever the adapter's check was
+        deferred: the base's fingerprint, once per job (:meth:`base_record`), and that check against it."""
+        if stage in ("fit", "predict") or not self._base_checked:  # what records it (checkpoints, predict's meta)
+            record = self.base_record()  # collective: every rank is here
+            if not self._base_checked:
+                self._check_base(self.hparams.allow_base_mismatch, record["fingerprint"])
+                self._base_checked = True
         if stage != "fit":
             return
         from healthai.resume import check_max_steps
@@ -736,14 +748,17 @@ class DiagnosisLoRA(L.LightningModule):
         self._restore_initial_lora(recorded.get("initial_lora"), ckpt)
 
     def base_record(self) -> dict[str, Any]:
-        """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once."""
+        """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once per job: in a
+        process group, on rank 0 only and broadcast (hashing the base is seconds per GB), so the first call is
+        collective — :meth:`setup` makes it on every rank; later calls read the kept record."""
         if self._base_record is None:
             from healthai.adapter import base_record
 
-            # The name as given, with the folder it was found in from here (which may be the adapter's record).
-            record = base_record(self._base_source())
-            record["name_or_path"] = self.hparams.model_name_or_path
-            self._base_record = record
+            def compute() -> dict[str, Any]:
+                # The name as given, with the folder it was found in from here (which may be the adapter's record).
+                return {**base_record(self._base_source()), "name_or_path": self.hparams.model_name_or_path}
+
+            self._base_record = on_rank_zero(compute)
         return self._base_record
 
     def _prompt(self):

@@ -15,10 +15,13 @@ it) is given to every rank, as when each rank built its own copy.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 Build = Callable[[bool], torch.nn.Module]
 """``build(meta)``: the model (base and LoRA), on the meta device when ``meta`` (a skeleton: shapes, no weights), else
@@ -82,6 +85,21 @@ def set_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> Non
     left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if left:  # a buffer the model builds that no rule here rebuilds: it would be uninitialised memory
         raise RuntimeError(f"buffers left on the meta device after loading: {', '.join(left)}")
+
+
+def launched_rank() -> bool:
+    """Whether this process is one rank of several started by a launcher (torchrun, srun, Lightning's launcher for
+    the ranks after the first): its ``WORLD_SIZE`` says more than one, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1
+
+
+def on_rank_zero(compute: Callable[[], T]) -> T:
+    """``compute()`` on global rank 0 only, its result given to every rank (collective: every rank calls it); in one
+    process, or before a process group exists, simply ``compute()``. For work every rank needs the same answer to
+    and that is costly to repeat, such as hashing the base for its fingerprint."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return compute()
+    return broadcast_object(compute() if dist.get_rank() == 0 else None)
 
 
 def broadcast_object(value: Any) -> Any:
