@@ -236,7 +236,7 @@ class DiagnosisLoRA(L.LightningModule):
         def shard(model) -> None:
             prepare_for_training(model, hp.gradient_checkpointing, mesh, precision, verbose=verbose)
 
-        self.model = build_sharded(build, shard)
+        self.model = build_sharded(build, shard, self.trainer.strategy.root_device)
         self._float_buffers = float_buffers(self.base_model)  # fp32 as rank 0 built them
 
     def builds_lora(self) -> bool:

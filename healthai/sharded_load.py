@@ -16,6 +16,7 @@ it) is given to every rank, as when each rank built its own copy.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -34,19 +35,25 @@ def loads_once(mesh) -> bool:
     return mesh is not None and mesh.size() > 1 and dist.is_initialized()
 
 
-def build_sharded(build: Build, shard: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+def build_sharded(build: Build, shard: Callable[[torch.nn.Module], None], device: torch.device) -> torch.nn.Module:
     """The model of ``build``, sharded by ``shard`` (in place, e.g. :func:`healthai.sharding.shard_model`), with its
     weights loaded once, on global rank 0, and distributed: every rank builds a meta skeleton and shards it; rank 0
-    then builds the real model, and each rank receives its shard of every weight.
+    then builds the real model, and each rank receives its shard of every weight, into memory allocated for the shards
+    alone on ``device`` (this rank's: the process group's backend for it carries the weights).
 
     Collective: every rank of the default process group calls it. Rank 0 holds one full copy while it loads (freed
     before returning); the others never more than their shard and one tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    with torch.random.fork_rng(devices=[]):  # a skeleton draws no numbers, but rank 0's real build must draw the same
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # A skeleton draws no numbers, but rank 0's real build must draw what one process draws. An adapter applied to
+        # it loads nothing into the meta tensors (rank 0's real build does), which torch warns of for every weight.
+        warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter .* to a meta parameter")
         with torch.device("meta"):
             model = build(True)
     shard(model)
+    rebuilt = sorted(non_persistent_buffers(model))  # their names: the values are rank 0's, sent below
+    model.to_empty(device=device)  # each rank's shards only, uninitialised until the weights arrive
     full_state: dict[str, Any] = {}
     buffers: dict[str, torch.Tensor] = {}
     if dist.get_rank() == 0:
@@ -57,7 +64,10 @@ def build_sharded(build: Build, shard: Callable[[torch.nn.Module], None]) -> tor
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state, options=options)
     full_state.clear()
-    set_buffers(model, broadcast_object(buffers))
+    buffers = broadcast_object(buffers)
+    if sorted(buffers) != rebuilt:  # a buffer no state dict holds and rank 0 did not send would stay uninitialised
+        raise RuntimeError(f"rank 0 sent the buffers {sorted(buffers)}, the model has {rebuilt}")
+    set_buffers(model, buffers)
     torch.set_rng_state(broadcast_object(torch.get_rng_state()))
     return model
 
@@ -70,21 +80,18 @@ def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name in module._non_persistent_buffers_set:
             buffer = module._buffers.get(name)
             if buffer is not None:
-                found[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu()
+                found[f"{prefix}.{name}" if prefix else name] = buffer.detach() if buffer.is_meta else buffer.cpu()
     return found
 
 
 def set_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
     """Put each of ``buffers`` (:func:`non_persistent_buffers` of an identical model) into ``model`` in place of its
-    meta buffer, in the saved dtype (fp32 for RoPE), on the device of the model's parameters."""
+    empty one, in the saved dtype (fp32 for RoPE), on the device of the model's parameters."""
     device = _parameter_device(model)
     for qualified, value in buffers.items():
         prefix, _, name = qualified.rpartition(".")
         module = model.get_submodule(prefix)
         module._buffers[name] = value.to(device)
-    left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
-    if left:  # a buffer the model builds that no rule here rebuilds: it would be uninitialised memory
-        raise RuntimeError(f"buffers left on the meta device after loading: {', '.join(left)}")
 
 
 def launched_rank() -> bool:

@@ -51,7 +51,8 @@ def main() -> None:
     def build(meta: bool):
         return apply_lora(load_base(model_dir, "bfloat16", "sdpa", meta=meta), None, 8, 16, 0.0, ALL_LINEAR)
 
-    model = build_sharded(build, lambda m: prepare_for_training(m, False, mesh, "32-true", verbose=False))
+    model = build_sharded(build, lambda m: prepare_for_training(m, False, mesh, "32-true", verbose=False),
+                          torch.device("cpu"))  # fmt: skip
     rise = (memory_kb("VmHWM") - before) * 1024
     layer = model.get_base_model().model.layers[0].mlp.up_proj
     torch.save({"rise": rise, "weight": layer.base_layer.weight.to_local().clone(),
