@@ -184,8 +184,8 @@ class DiagnosisLoRA(L.LightningModule):
         self.strict_loading = False
         # A rank started by a launcher (torchrun, srun, Lightning's own for the ranks after the first) checks in setup,
         # against the fingerprint rank 0 computed: every rank hashing a 15 GB base at once took ~25 s (#30 item 8).
-        self._base_checked = adapter_path is None or random_init or launched_rank()
-        if not self._base_checked:
+        self._base_checked = adapter_path is None or random_init
+        if not self._base_checked and not launched_rank():
             self._check_base(allow_base_mismatch)
             self._base_checked = True
         self._init_metrics()
@@ -207,6 +207,7 @@ class DiagnosisLoRA(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        self._record_base()
         self.tokenizer = self._tokenizer()
         # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
@@ -238,6 +239,21 @@ class DiagnosisLoRA(L.LightningModule):
 
         self.model = build_sharded(build, shard, self.trainer.strategy.root_device)
         self._float_buffers = float_buffers(self.base_model)  # fp32 as rank 0 built them
+
+    def _record_base(self) -> None:
+        """Under a Trainer, before the base loads: its fingerprint, once per job (:meth:`base_record`) where something
+        records it (fit's checkpoints, predict's meta file) or an adapter is checked against it — the check deferred
+        to here on launched ranks (``__init__``). The same decision on every rank: the first call is collective."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if self._trainer is None:
+            return
+        records = self._trainer.state.fn in (TrainerFn.FITTING, TrainerFn.PREDICTING)
+        if records or (self.adapter is not None and not self.hparams.random_init):
+            record = self.base_record()
+            if not self._base_checked:
+                self._check_base(self.hparams.allow_base_mismatch, record["fingerprint"])
+                self._base_checked = True
 
     def builds_lora(self) -> bool:
         """Whether :meth:`configure_model` wraps the base in a PEFT LoRA: to apply ``adapter_path``, or to train a new
@@ -407,13 +423,7 @@ class DiagnosisLoRA(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Checks and settings of fit that must come before the base loads (Lightning calls this first, after the
-        data module has read and encoded the records). In fit and predict, and wherever the adapter's check was
-        deferred: the base's fingerprint, once per job (:meth:`base_record`), and that check against it."""
-        if stage in ("fit", "predict") or not self._base_checked:  # what records it (checkpoints, predict's meta)
-            record = self.base_record()  # collective: every rank is here
-            if not self._base_checked:
-                self._check_base(self.hparams.allow_base_mismatch, record["fingerprint"])
-                self._base_checked = True
+        data module has read and encoded the records)."""
         if stage != "fit":
             return
         from healthai.resume import check_max_steps
@@ -750,7 +760,7 @@ class DiagnosisLoRA(L.LightningModule):
     def base_record(self) -> dict[str, Any]:
         """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once per job: in a
         process group, on rank 0 only and broadcast (hashing the base is seconds per GB), so the first call is
-        collective — :meth:`setup` makes it on every rank; later calls read the kept record."""
+        collective — :meth:`configure_model` makes it on every rank; later calls read the kept record."""
         if self._base_record is None:
             from healthai.adapter import base_record
 
