@@ -1,11 +1,13 @@
 """Two nodes on one machine (#32 item 2): ``torchrun --nnodes 2 --nproc_per_node 1`` twice on loopback (gloo, CPU),
 as docs/multi-node.md launches a job, for a DDP fit, an FSDP fit and a DDP predict; each gives what one node gives
-(the adapter of one process on the same global batches; every record predicted once, in input order). The DDP fit runs the launch line itself; the FSDP fit and the predict fork the ranks torchrun would start,
-with the environment it gives them, from the pre-imported interpreter (an interpreter start is 5-6 s here). Each "node" runs in its own folder holding its own copy of the base at the same relative path, as
-machines with local disks do, while data, checkpoints and predictions live in one shared folder: the base is hashed
-for its fingerprint on rank 0 only (#30 item 8), so node 1's copy never gets a hash cache beside it.
+(the adapter of one process on the same global batches; every record predicted once, in input order). The DDP fit
+runs the launch line itself; the FSDP fit and the predict fork the ranks torchrun would start, with the environment
+it gives them, from the pre-imported interpreter (an interpreter start is 5-6 s here). Each "node" runs in its own
+folder holding its own copy of the base at the same relative path, as machines with local disks do, while data,
+checkpoints and predictions live in one shared folder: the base is hashed for its fingerprint on rank 0 only (#30
+item 8), so node 1's copy never gets a hash cache beside it; a predict output folder the nodes do not share is refused.
 
-One module, 2 optimizer steps, the small model: a fresh interpreter per torchrun agent and per rank is what it costs."""
+One module, 2 optimizer steps, the small model."""
 
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ def forked_two_nodes(forkserver, nodes, args: list[str], timeout: float = 300,
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), RANK=str(node), GROUP_RANK=str(node), ROLE_RANK=str(node), LOCAL_RANK="0",
                    LOCAL_WORLD_SIZE="1", WORLD_SIZE="2", GROUP_WORLD_SIZE="2", ROLE_WORLD_SIZE="2",
-                   TORCHELASTIC_RUN_ID="none", TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")  # fmt: skip
+                   TORCHELASTIC_RUN_ID="none", TORCHELASTIC_RESTART_COUNT="0",
+                   TORCHELASTIC_MAX_RESTARTS="0")  # fmt: skip
         out, err = folder / f"stdout-{len(children)}", folder / f"stderr-{len(children)}"
         children.append((forkserver.start(["-m", "healthai", *args], env=env, cwd=folder, stdout=out, stderr=err),
                          out, err))  # fmt: skip
@@ -122,7 +125,8 @@ def test_two_torchrun_nodes_fit_ddp_and_fsdp_and_predict_as_one_node(tmp_path, t
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        cli_main(fit_args(shared, str(tiny_model_dir), train, val, "plain", 4, 2, ["--model.generate_every_n_epochs", "0"]))
+        cli_main(fit_args(shared, str(tiny_model_dir), train, val, "plain", 4, 2,
+                          ["--model.generate_every_n_epochs", "0"]))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     plain = adapter_weights(shared / "plain" / "tiny" / "version_0" / "adapter")
@@ -137,8 +141,9 @@ def test_two_torchrun_nodes_fit_ddp_and_fsdp_and_predict_as_one_node(tmp_path, t
     # DDP predict on the 2 nodes, shards on the shared folder: every record once, in input order.
     records = write_jsonl(shared / "records.jsonl", seed_records(5, offset=40))
     predict = ["predict", "--config", str(REPO / "configs/predict_tiny.yaml"), "--model.adapter_path",
-               str(shared / "ddp/tiny/version_0/adapter"), "--data.predict_file", str(records), "--data.eval_batch_size",
-               "2", "--writer.progress", "false", "--model.generation.max_new_tokens", "24"]  # fmt: skip
+               str(shared / "ddp/tiny/version_0/adapter"), "--data.predict_file", str(records),
+               "--data.eval_batch_size", "2", "--writer.progress", "false", "--model.generation.max_new_tokens",
+               "24"]  # fmt: skip
     on_nodes = [*predict, "--trainer.strategy", "ddp", *CPU, "--model.model_name_or_path", "base"]
     forked_two_nodes(forkserver, nodes, [*on_nodes, "--writer.output_path", str(shared / "pred.jsonl")])
     rows = read_jsonl(shared / "pred.jsonl")
