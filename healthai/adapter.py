@@ -135,14 +135,16 @@ class Adapter:
         (:func:`resolve_base`)."""
         return resolve_base(name_or_path, option, self.base)
 
-    def check_base(self, base: str, allow_mismatch: bool, flag: str) -> Optional[str]:
+    def check_base(self, base: str, allow_mismatch: bool, flag: str,
+                   fingerprint: Optional[str] = None) -> Optional[str]:  # fmt: skip
         """Refuse (:class:`BaseMismatchError`) this adapter on ``base`` when the fingerprint it records differs from
         ``base``'s; with ``allow_mismatch`` print the same line as a warning and go on. Returns the mismatch line, or
-        None when the bases match or cannot be compared (no recorded fingerprint, or a hub id with no local copy)."""
+        None when the bases match or cannot be compared (no recorded fingerprint, or a hub id with no local copy).
+        ``fingerprint``: ``base``'s, computed already (rank 0's, in a process group), else computed here."""
         recorded = self.base
         if recorded is None or not recorded.get("fingerprint"):
             return None
-        actual = base_fingerprint(base)
+        actual = fingerprint if fingerprint is not None else base_fingerprint(base)
         if actual is None or actual == recorded["fingerprint"]:
             return None
         differs = "different weights"

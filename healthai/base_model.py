@@ -23,24 +23,29 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def load_base(source: str, dtype: str, attn_implementation: str, *, quantization: Optional[str] = None,
               random_init: bool = False, liger_kernel: bool = False,
-              device: Optional[torch.device] = None):  # fmt: skip
+              device: Optional[torch.device] = None, meta: bool = False):  # fmt: skip
     """The transformers base from ``source`` (:func:`build_base`), patched with Liger's kernels if asked."""
     base = build_base(source, dtype, attn_implementation, quantization=quantization, random_init=random_init,
-                      device=device)  # fmt: skip
+                      device=device, meta=meta)  # fmt: skip
     if liger_kernel:
         apply_liger_kernel(base)
     return base
 
 
 def build_base(source: str, dtype: str, attn_implementation: str, *, quantization: Optional[str] = None,
-               random_init: bool = False, device: Optional[torch.device] = None):  # fmt: skip
+               random_init: bool = False, device: Optional[torch.device] = None,
+               meta: bool = False):  # fmt: skip
     """Load the base from ``source`` (a hub id or folder) in ``dtype`` (a :data:`DTYPES` name), or build it from its
     config with random weights (``random_init``); ``quantization="nf4"`` loads it in 4 bit (QLoRA) onto ``device``,
-    this process's device."""
+    this process's device. ``meta``: only its skeleton, built from its config on the meta device (no weight read, no
+    memory), for :func:`healthai.sharded_load.build_sharded` to fill."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype]
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kwargs)
     if random_init:
         # Lightning runs configure_model inside the strategy's init context (default device = the GPU), so the
         # weights are created straight on the device: no 15 GB CPU copy of a 7B model.

@@ -25,6 +25,7 @@ from healthai.errors import PositiveInt, check_declared, check_model_source
 from healthai.loss import head_cross_entropy
 from healthai.samples import log_samples, sample_row
 from healthai.fsdp_generation import gathered_for_generation
+from healthai.sharded_load import build_sharded, launched_rank, loads_once, on_rank_zero
 from healthai.sharding import gathered_head, synced_generation
 from healthai.val_generation import PendingPrompt, generation_batches, left_padded, pending_from_batch, rank_share
 from healthai.val_generation import probe_generation_memory, probe_prompt
@@ -182,8 +183,12 @@ class DiagnosisLoRA(L.LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64)
         # Checkpoints hold only the adapter (see on_save_checkpoint), so loading them must not expect base weights.
         self.strict_loading = False
-        if adapter_path is not None and not random_init:
+        # A rank started by a launcher (torchrun, srun, Lightning's own for the ranks after the first) checks in setup,
+        # against the fingerprint rank 0 computed: every rank hashing a 15 GB base at once took ~25 s (#30 item 8).
+        self._base_checked = adapter_path is None or random_init
+        if not self._base_checked and not launched_rank():
             self._check_base(allow_base_mismatch)
+            self._base_checked = True
         self._init_metrics()
 
     def _init_metrics(self) -> None:
@@ -203,19 +208,53 @@ class DiagnosisLoRA(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        self._record_base()
         self.tokenizer = self._tokenizer()
+        # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        precision = str(self.trainer.precision) if mesh is not None else None
+        # How many weights train is fit's business (rank zero says it); validate, predict and serve train none.
+        verbose = self.global_rank == 0 and self._fitting()
+        if loads_once(mesh) and not hp.random_init:  # random weights are drawn on each rank's device instead
+            self._build_sharded_once(mesh, precision, verbose)
+            return
         base = self._load_base()
         self._float_buffers = float_buffers(base)  # before Lightning's precision plugin casts the module
         if not self.builds_lora():
             self.model = base  # zero-shot validate or predict: the transformers model alone
             return
         self._wrap_in_lora(base)
-        # healthai.sharding.LoRAFSDPStrategy gives a device mesh; other strategies none.
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        precision = str(self.trainer.precision) if mesh is not None else None
-        # How many weights train is fit's business (rank zero says it); validate, predict and serve train none.
-        verbose = self.global_rank == 0 and self._fitting()
         prepare_for_training(self.model, hp.gradient_checkpointing, mesh, precision, verbose=verbose)
+
+    def _build_sharded_once(self, mesh, precision: str, verbose: bool) -> None:
+        """Under FSDP on several ranks: the base read on rank 0 only and each rank given its shard
+        (:func:`healthai.sharded_load.build_sharded`), not a full copy per rank before sharding."""
+        hp = self.hparams
+
+        def build(meta: bool):
+            self._wrap_in_lora(self._load_base(meta=meta))
+            return self.model
+
+        def shard(model) -> None:
+            prepare_for_training(model, hp.gradient_checkpointing, mesh, precision, verbose=verbose)
+
+        self.model = build_sharded(build, shard, self.trainer.strategy.root_device)
+        self._float_buffers = float_buffers(self.base_model)  # fp32 as rank 0 built them
+
+    def _record_base(self) -> None:
+        """Under a Trainer, before the base loads: its fingerprint, once per job (:meth:`base_record`) where something
+        records it (fit's checkpoints, predict's meta file) or an adapter is checked against it — the check deferred
+        to here on launched ranks (``__init__``). The same decision on every rank: the first call is collective."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if self._trainer is None:
+            return
+        records = self._trainer.state.fn in (TrainerFn.FITTING, TrainerFn.PREDICTING)
+        if records or (self.adapter is not None and not self.hparams.random_init):
+            record = self.base_record()
+            if not self._base_checked:
+                self._check_base(self.hparams.allow_base_mismatch, record["fingerprint"])
+                self._base_checked = True
 
     def builds_lora(self) -> bool:
         """Whether :meth:`configure_model` wraps the base in a PEFT LoRA: to apply ``adapter_path``, or to train a new
@@ -249,9 +288,11 @@ class DiagnosisLoRA(L.LightningModule):
         base = self._base_source()
         return AutoTokenizer.from_pretrained(self.adapter.tokenizer_source(base) if self.adapter is not None else base)
 
-    def _check_base(self, allow_mismatch: bool) -> None:
-        """Refuse an adapter trained on another base, before anything is loaded or written (every rank)."""
-        self.adapter.check_base(self._base_source(), allow_mismatch, "--model.allow_base_mismatch")
+    def _check_base(self, allow_mismatch: bool, fingerprint: Optional[str] = None) -> None:
+        """Refuse an adapter trained on another base, before anything is loaded or written (every rank); against
+        ``fingerprint`` when given (rank 0's), else the base's own."""
+        self.adapter.check_base(self._base_source(), allow_mismatch, "--model.allow_base_mismatch",
+                                fingerprint=fingerprint)  # fmt: skip
 
     def _base_source(self) -> str:
         """Where the base is loaded from: ``model_name_or_path``, or the absolute folder the adapter recorded for it
@@ -260,12 +301,14 @@ class DiagnosisLoRA(L.LightningModule):
             return self.adapter.resolve_base(self.hparams.model_name_or_path, "--model.model_name_or_path")
         return resolve_base(self.hparams.model_name_or_path, "--model.model_name_or_path")
 
-    def _load_base(self):
-        """The base (:func:`healthai.base_model.load_base`); a 4-bit one onto this process's device."""
+    def _load_base(self, meta: bool = False):
+        """The base (:func:`healthai.base_model.load_base`); a 4-bit one onto this process's device; ``meta``: its
+        skeleton only."""
         hp = self.hparams
         device = self.trainer.strategy.root_device if hp.quantization and self._trainer is not None else None
         return load_base(self._base_source(), hp.dtype, hp.attn_implementation, quantization=hp.quantization,
-                         random_init=hp.random_init, liger_kernel=hp.liger_kernel, device=device)  # fmt: skip
+                         random_init=hp.random_init, liger_kernel=hp.liger_kernel, device=device,
+                         meta=meta)  # fmt: skip
 
     @property
     def base_model(self):
@@ -722,14 +765,17 @@ class DiagnosisLoRA(L.LightningModule):
         self._restore_initial_lora(recorded.get("initial_lora"), ckpt)
 
     def base_record(self) -> dict[str, Any]:
-        """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once."""
+        """The base this adapter is trained on (:func:`healthai.adapter.base_record`), computed once per job: in a
+        process group, on rank 0 only and broadcast (hashing the base is seconds per GB), so the first call is
+        collective — :meth:`configure_model` makes it on every rank; later calls read the kept record."""
         if self._base_record is None:
             from healthai.adapter import base_record
 
-            # The name as given, with the folder it was found in from here (which may be the adapter's record).
-            record = base_record(self._base_source())
-            record["name_or_path"] = self.hparams.model_name_or_path
-            self._base_record = record
+            def compute() -> dict[str, Any]:
+                # The name as given, with the folder it was found in from here (which may be the adapter's record).
+                return {**base_record(self._base_source()), "name_or_path": self.hparams.model_name_or_path}
+
+            self._base_record = on_rank_zero(compute)
         return self._base_record
 
     def _prompt(self):

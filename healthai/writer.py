@@ -40,6 +40,7 @@ from healthai.output_lock import OutputLock, lock_on_rank_zero
 from healthai.provenance import base_fingerprint, package_versions, sha256_file
 from healthai.records import id_key
 from healthai.resume import ResumeRefused
+from healthai.shared_folder import check_shared
 
 SUBMISSION_KEYS = ("id", "reason", "diseases", "feature_content", "parse_status")
 """Key order of a prediction row (the official submission order, plus ``parse_status``)."""
@@ -102,6 +103,7 @@ class DiagnosisWriter(BasePredictionWriter):
             raise UserError("writer.output_path is not set: where should the predictions go?")
         datamodule = trainer.datamodule
         self._check_writable()
+        check_shared(self.output_path.parent, trainer.strategy, "--writer.output_path")  # the shards meet there
         self._refuse_input_as_output(datamodule.predict_file)
         # One process group per output (#29 item 3): before the overwrite removes anything or any output is read.
         self._lock = lock_on_rank_zero(trainer, self.output_path, "--writer.output_path")
@@ -330,6 +332,13 @@ class DiagnosisWriter(BasePredictionWriter):
         return len(rows)
 
 
+def _base_fingerprint(pl_module, base: str) -> Optional[str]:
+    """The fingerprint of the base ``pl_module`` runs on: its job-wide record where it keeps one (collective on the
+    first call, as this is: every rank describes the run), else ``base``'s own."""
+    record = getattr(pl_module, "base_record", None)
+    return record()["fingerprint"] if callable(record) else base_fingerprint(base)
+
+
 def describe_run(datamodule, pl_module) -> dict[str, Any]:
     """What produces this run's rows, as written to ``<output>.meta.json``."""
     hp = pl_module.hparams
@@ -337,7 +346,8 @@ def describe_run(datamodule, pl_module) -> dict[str, Any]:
     predict_file = datamodule.predict_file
     return {
         "input": {"path": str(predict_file), "sha256": sha256_file(predict_file)},
-        "base": {"model_name_or_path": str(base), "fingerprint": base_fingerprint(str(base))},
+        # Rank 0's, computed once per job (DiagnosisLoRA.base_record); a module without one hashes here.
+        "base": {"model_name_or_path": str(base), "fingerprint": _base_fingerprint(pl_module, str(base))},
         "adapter": None if adapter is None else {"path": str(hp.adapter_path), "fingerprint": adapter.fingerprint},
         "model": {"dtype": hp.dtype, "quantization": hp.quantization},
         "prompt": _as_dict(datamodule.prompt),

@@ -2,6 +2,7 @@
 
     python scripts/estimate_memory.py configs/qwen2.5-7b/lora.yaml        # print the estimate block
     python scripts/estimate_memory.py --write configs/qwen2.5-*/*.yaml    # (re)write the block in each file's header
+    python scripts/estimate_memory.py --gpus 4 configs/qwen2.5-32b/lora.yaml   # per GPU under FSDP on 4 GPUs
 
 The block goes into the config's opening comments, between the line ``# Estimated peak GPU memory`` and the next line
 that is just ``#``; tests/test_configs.py recomputes it from the parsed config and fails when a file's block is stale.
@@ -11,7 +12,8 @@ typically another 0.5-2 GB on ``nvidia-smi``, are not):
 
 * **Base weights.** bf16: 2 bytes per parameter. nf4 (QLoRA): the decoder's linear weights at 4 bits plus double-
   quantised block scales (4.127 bits); everything else — embeddings, an untied LM head, biases, norms — is cast to
-  fp32 by ``peft.prepare_model_for_kbit_training``, 4 bytes per parameter.
+  fp32 by ``peft.prepare_model_for_kbit_training``, 4 bytes per parameter; and the answer-only loss keeps a bf16 copy
+  of that fp32 head for its matmuls (``healthai.loss.cast_head``: cast once, held), ``vocab·hidden·2`` bytes.
 * **LoRA state.** ``r·(in + out)`` parameters per adapted linear; fp32 weight, gradient and two AdamW moments:
   16 bytes per parameter.
 * **Training step** at ``max_length × batch_size`` tokens T (a full-length batch, the worst case), bf16 activations:
@@ -21,13 +23,20 @@ typically another 0.5-2 GB on ``nvidia-smi``, are not):
   for the gradients flowing through it. Without checkpointing every layer keeps those tensors. The answer-only loss
   (healthai/loss.py) materialises at most one chunk of logits, ≤ 1 GiB fp32 plus its bf16 matmul output, over the
   answer tokens (at most ``batch_size × max_new_tokens`` of them is assumed); it is not live during the backward of
-  the layers, so the step's peak is the larger of the two.
+  the layers, so the step's peak is the larger of the two. Under nf4 the residual stream is fp32 (the fp32
+  embeddings and norms feed it): each kept layer input and the two norm outputs take 4 bytes per value, not 2.
 * **Validation** (``eval_batch_size`` B, no gradients): the loss forward over ``B × max_length`` tokens holds one
   layer's transient ``B·max_length·(4·hidden + 3·intermediate)·2`` bytes; generation holds the KV cache
   ``2·layers·B·(max_length + max_new_tokens)·kv·2`` bytes plus the prefill's one-layer transient. Optimizer state
   stays allocated during validation.
 
-Peak = weights + LoRA state + max(training step, validation). A calibration against a measured run would replace the
+Peak = weights + LoRA state + max(training step, validation).
+
+**Per GPU under FSDP on N GPUs** (``--gpus N``, configs/qwen_lora_fsdp.yaml; bf16 only — a 4-bit base is not sharded):
+the base weights and the LoRA state divided by N, plus what is gathered whole at the peak — the embeddings (the root
+unit stays gathered through the step), the LM head (gathered for the loss), and three decoder layers (the one
+running, the next one prefetched, and the last one, kept gathered for the backward) — plus the activations of this
+GPU's own batch, which sharding does not divide. A calibration against a measured run would replace the
 constants above; scripts/gpu_check.sh measures the 7B at 2048 × 2 when a GPU is available.
 """
 
@@ -129,12 +138,17 @@ def size_of(model_name_or_path: str) -> str:
     return match.group(1).upper()
 
 
-def estimate(s: Settings) -> dict[str, float]:
-    """Bytes of each part and the peak (see the module docstring for the formulas)."""
+def estimate(s: Settings, gpus: int = 1) -> dict[str, float]:
+    """Bytes of each part and the peak, per GPU (see the module docstring for the formulas); ``gpus`` > 1: under FSDP
+    on that many GPUs."""
     a = ARCHS[size_of(s.model_name_or_path)]
     h, kv, i, L = a.hidden, a.kv_dim, a.intermediate, a.layers
-    if s.quantization == "nf4":
-        weights = a.decoder_linear_params() * NF4_BYTES + a.other_params() * 4
+    nf4 = s.quantization == "nf4"
+    if gpus > 1 and nf4:
+        raise ValueError("--gpus: a 4-bit (QLoRA) base cannot be sharded by FSDP; estimate its one-GPU peak")
+    if nf4:
+        head_cast = a.vocab * h * 2  # healthai.loss.cast_head's bf16 copy of the fp32 head
+        weights = a.decoder_linear_params() * NF4_BYTES + a.other_params() * 4 + head_cast
     else:
         weights = a.params() * 2
     shapes = a.linear_shapes()
@@ -145,8 +159,9 @@ def estimate(s: Settings) -> dict[str, float]:
     lora = lora_params * 16
 
     tokens = s.max_length * s.batch_size
-    layer = tokens * (12 * h + 3 * kv + 5 * i) * 2
-    saved = L * tokens * h * 2 if s.gradient_checkpointing else L * layer  # what forward leaves for backward
+    residual = 4 if nf4 else 2  # bytes per value of the residual stream (fp32 under QLoRA)
+    layer = tokens * (12 * h + 3 * kv + 5 * i) * 2 + tokens * 2 * h * (residual - 2)  # two norm outputs
+    saved = L * tokens * h * residual if s.gradient_checkpointing else L * layer  # what forward leaves for backward
     answer_rows = s.batch_size * s.max_new_tokens
     loss_chunk = min(LOSS_CHUNK_BYTES, answer_rows * a.vocab * 4) * 1.5  # fp32 logits + their bf16 matmul output
     train = saved + max(2 * layer, loss_chunk)
@@ -157,9 +172,20 @@ def estimate(s: Settings) -> dict[str, float]:
     kv_cache = 2 * L * b * (s.max_length + s.max_new_tokens) * kv * 2 if s.generates else 0
     generate = kv_cache + layer_no_grad if s.generates else 0
     validation = max(val_loss, generate)
-    peak = weights + lora + max(train, validation)
+    gathered = 0
+    if gpus > 1:  # FSDP: the shards, plus the units gathered whole at the peak
+        weights, lora = weights / gpus, lora / gpus
+        layer_params = sum(a * b for a, b in a.linear_shapes().values()) + h + 2 * kv + 2 * h  # biases, norms
+        gathered = (a.vocab * h * (1 if a.tied else 2) + 3 * layer_params) * 2
+    peak = weights + lora + gathered + max(train, validation)
     return {"params": a.params(), "weights": weights, "lora_params": lora_params, "lora": lora, "train": train,
-            "validation": validation, "kv_cache": kv_cache, "peak": peak}  # fmt: skip
+            "validation": validation, "kv_cache": kv_cache, "gathered": gathered, "peak": peak}  # fmt: skip
+
+
+def fsdp_line(s: Settings, gpus: tuple[int, ...] = (2, 4, 8)) -> str:
+    """The header line of a bf16 config's per-GPU peak under FSDP (configs/qwen_lora_fsdp.yaml) on ``gpus`` GPUs."""
+    each = ", ".join(f"{n} GPUs {estimate(s, n)['peak'] / GB:.1f} GB" for n in gpus)
+    return f"#   Per GPU with configs/qwen_lora_fsdp.yaml (FSDP, --gpus N): {each}"
 
 
 def comment_block(s: Settings) -> list[str]:
@@ -175,7 +201,7 @@ def comment_block(s: Settings) -> list[str]:
         f" + LoRA r{s.lora_r} {e['lora_params'] / 1e6:.1f}M params, fp32 + grads + AdamW {e['lora'] / GB:.2f} GB",
         f"#   + max(training step {e['train'] / GB:.1f} GB, validation at eval batch {s.eval_batch_size}"
         f" {e['validation'] / GB:.1f} GB incl. KV cache {e['kv_cache'] / GB:.1f} GB)",
-    ]
+    ] + ([] if s.quantization == "nf4" else [fsdp_line(s)])
 
 
 BLOCK_START = "# Estimated peak GPU memory"
@@ -207,12 +233,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", type=Path, help="fit config YAML files")
     parser.add_argument("--write", action="store_true", help="rewrite the estimate block in each file")
+    parser.add_argument("--gpus", type=int, default=1, help="per-GPU peak under FSDP on this many GPUs (default 1: "
+                        "one GPU, no sharding)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error(f"--gpus must be 1 or more, got {args.gpus}")  # exit 2
+    if args.gpus > 1 and args.write:
+        parser.error("--gpus with --write: the header block is the one-GPU estimate (with its FSDP line)")
     for path in args.configs:
         text = path.read_text(encoding="utf-8")
         try:
-            block = comment_block(Settings.from_config(yaml.safe_load(text)))
-        except (KeyError, ValueError) as e:
+            settings = Settings.from_config(yaml.safe_load(text))
+            if args.gpus > 1:
+                e = estimate(settings, args.gpus)
+                print(f"{path}: per GPU under FSDP on {args.gpus} GPUs: {e['peak'] / GB:.1f} GB (weights shard "
+                      f"{e['weights'] / GB:.1f} GB + LoRA state {e['lora'] / GB:.2f} GB + gathered units "
+                      f"{e['gathered'] / GB:.1f} GB + max(training step {e['train'] / GB:.1f} GB, validation "
+                      f"{e['validation'] / GB:.1f} GB))")  # fmt: skip
+                continue
+            block = comment_block(settings)
+        except ValueError as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            return 2
+        except KeyError as e:
             print(f"{path}: {e!r}", file=sys.stderr)
             return 1
         if args.write:

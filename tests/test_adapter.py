@@ -140,6 +140,26 @@ def test_an_adapter_on_another_base_of_the_same_shape_is_refused_unless_allowed(
     assert [r["id"] for r in rows] == [r["id"] for r in seed_records(2)]
 
 
+def test_a_launched_rank_checks_the_base_before_it_loads_not_at_construction(run, other_base, tmp_path, monkeypatch):
+    # #30 item 8: a rank a launcher started (WORLD_SIZE > 1) does not hash the base when the module is built (every
+    # rank at once, ~25 s for 15 GB) but checks the adapter against the job's fingerprint (rank 0's, broadcast; here
+    # one process computes it) before the base loads: still refused, nothing written.
+    import healthai.adapter
+    from healthai.model import DiagnosisLoRA
+
+    adapter = run / "tiny" / "version_0" / "adapter"
+    hashed = []
+    real = healthai.adapter.base_fingerprint
+    monkeypatch.setattr(healthai.adapter, "base_fingerprint", lambda base: hashed.append(base) or real(base))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    DiagnosisLoRA(str(other_base), adapter_path=str(adapter))
+    assert hashed == []
+    out = tmp_path / "pred.jsonl"
+    with pytest.raises(BaseMismatchError, match="has the same architecture, other weights"):
+        _predict(other_base, adapter, write_jsonl(tmp_path / "records.jsonl", seed_records(2)), out)
+    assert not out.exists() and hashed == [str(other_base)]  # once, for the job
+
+
 def test_predict_on_another_base_exits_2_with_one_line(run, other_base, tmp_path, capsys, monkeypatch):
     from healthai.__main__ import main
 

@@ -4,6 +4,7 @@ memory estimate."""
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import importlib.util
 import io
@@ -226,3 +227,35 @@ def test_the_predict_configs_batch_is_the_80_gb_row_of_the_computed_kv_cache_tab
             assert (kv, prefill) == (f"{fits * kv_row / 1e9:.1f}", f"{fits * prefill_row / 1e9:.1f}"), card
             assert total == f"{(weights + fits * (kv_row + prefill_row)) / 1e9:.1f}", card
         assert data["eval_batch_size"] == int(dict((c, b) for c, b, *_ in rows)["80"]) == 128, config
+
+
+def test_estimate_per_gpu_under_fsdp_and_what_qlora_holds(capsys):
+    # #32 item 4, #30 item 7: the numbers, counted here by hand from the 0.5B's architecture (24 layers, hidden 896,
+    # KV 128, MLP 4864, tied 151,936-row embeddings) and the 14B's (hidden 5120, vocabulary 152,064).
+    em = estimate_memory()
+    small = em.Settings.from_config(resolved("configs/qwen2.5-0.5b/lora.yaml"))
+    one, two = em.estimate(small), em.estimate(small, gpus=2)
+    assert (one["weights"], one["lora"], one["gathered"]) == (494032768 * 2, 8798208 * 16, 0)
+    assert (two["weights"], two["lora"]) == (494032768, 8798208 * 8)  # the shards: half each
+    # Gathered whole: the (tied) embeddings and 3 decoder layers (7 projections, q/k/v biases, two norms), bf16.
+    layer = 2 * 896 * 896 + 2 * 896 * 128 + 3 * 896 * 4864 + (896 + 2 * 128) + 2 * 896
+    assert two["gathered"] == (151936 * 896 + 3 * layer) * 2 == 361743616
+    assert (two["train"], two["validation"]) == (one["train"], one["validation"])  # a GPU's own batch: not divided
+    assert two["peak"] == 494032768 + 8798208 * 8 + 361743616 + one["validation"] == 4919139456
+    qlora = em.Settings.from_config(resolved("configs/qwen2.5-14b/qlora.yaml"))
+    arch, q = em.ARCHS["14B"], em.estimate(qlora)
+    # nf4 linears, fp32 embeddings/head/norms/biases, and the loss's bf16 copy of the fp32 head (healthai.loss).
+    assert q["weights"] == arch.decoder_linear_params() * em.NF4_BYTES + arch.other_params() * 4 + 152064 * 5120 * 2
+    bf16_residual = em.estimate(dataclasses.replace(qlora, quantization=None))["train"]
+    # fp32 residual, 2 more bytes a value: the 48 kept layer inputs of the 2048 x 2 tokens, and the recomputed layer's
+    # two norm outputs (counted twice, for the gradients through it).
+    assert q["train"] - bf16_residual == 48 * 4096 * 5120 * 2 + 2 * 4096 * 2 * 5120 * 2
+    assert em.main(["--gpus", "2", str(REPO / "configs/qwen2.5-0.5b/lora.yaml")]) == 0
+    assert "per GPU under FSDP on 2 GPUs: 4.9 GB (weights shard 0.5 GB" in capsys.readouterr().out
+    # A 4-bit base is not sharded; a GPU count under 1 is a mistake: one line each, exit 2.
+    assert em.main(["--gpus", "2", str(REPO / "configs/qwen2.5-14b/qlora.yaml")]) == 2
+    assert capsys.readouterr().err.strip().endswith("--gpus: a 4-bit (QLoRA) base cannot be sharded by FSDP; "
+                                                    "estimate its one-GPU peak")  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        em.main(["--gpus", "0", str(REPO / "configs/qwen2.5-0.5b/lora.yaml")])
+    assert exit_info.value.code == 2 and "--gpus must be 1 or more, got 0" in capsys.readouterr().err

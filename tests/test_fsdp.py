@@ -94,6 +94,14 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
     resumed_state = torch.load(step_4, map_location="cpu", weights_only=False)
     assert resumed_state["global_step"] == uninterrupted_state["global_step"] == 4
     assert resumed_state["lr_schedulers"] == uninterrupted_state["lr_schedulers"]
+    # Every rank's shard (#32 item 5): the step-4 checkpoint is gathered from both ranks' shards, so a resume that put
+    # back rank 0's shard alone (as adapter-only FSDP2 saves elsewhere do) would leave rank 1's rows of every LoRA
+    # weight and moment at their fresh values and fail the comparisons above and below. And the saved adapter/ is
+    # that gathered full adapter, bit for bit, in whole shapes (not one rank's rows).
+    gathered = {k[len("model."):].replace(".default.", "."): v for k, v in resumed_state["state_dict"].items()}
+    assert gathered.keys() == resumed.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], gathered[key]), key
     (before,), (after,) = uninterrupted_state["optimizer_states"], resumed_state["optimizer_states"]
     assert [g["lr"] for g in after["param_groups"]] == [g["lr"] for g in before["param_groups"]]
     assert sorted(after["state"]) == sorted(before["state"]) == list(range(len(resumed_state["state_dict"])))
@@ -117,6 +125,7 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
     moved = sum(float(v.abs().sum()) for k, v in plain.items() if "lora_B" in k)
     assert moved > 0  # lora_B starts at zero: the steps trained
     for key in plain:
+        assert got[key].shape == plain[key].shape, key  # the full tensors, gathered from both ranks
         assert torch.allclose(got[key], plain[key], rtol=1e-4, atol=1e-6), key
 
     # The checkpoint and the adapter are ordinary ones: predict applies the last .ckpt, export merges the adapter
