@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from healthai.atomic import atomic_open
+from healthai.paths import naming
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -42,7 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # torch.save into the file would replace it with a RuntimeError from its zip writer.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        with atomic_open(path, "wb") as f:
+        with naming(path), atomic_open(path, "wb") as f:  # ENOSPC names no file; fit's one line must say which
             f.write(buffer.getbuffer())
 
 
@@ -63,7 +64,7 @@ def atomic_link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            with open(filepath, "rb") as src, atomic_open(linkpath, "wb") as dst:
+            with naming(linkpath), open(filepath, "rb") as src, atomic_open(linkpath, "wb") as dst:
                 shutil.copyfileobj(src, dst)
     trainer.strategy.barrier()
 

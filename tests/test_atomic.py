@@ -90,8 +90,9 @@ def test_a_full_disk_while_a_checkpoint_is_saved_keeps_the_previous_one_loadable
     io = AtomicCheckpointIO()
     last = tmp_path / "ckpt" / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "w": torch.ones(64)}, last)
-    with disk_full_after(300), pytest.raises(OSError, match="No space left on device"):
+    with disk_full_after(300), pytest.raises(OSError, match="No space left on device") as error:
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(4096)}, last)
+    assert error.value.filename == str(last)  # named, so fit's one line says which file (#29 item 8)
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 1 and torch.equal(saved["w"], torch.ones(64))
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
