@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from healthai.encoding import IGNORE_INDEX
+
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 """Bytes of fp32 logits per chunk. On CPU, below glibc's mmap threshold (32 MB) so buffers are reused instead of being
 faulted in afresh each time; on GPU, large enough to keep the matmuls big."""
@@ -91,3 +93,9 @@ def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         logits = (hidden[start : start + rows] @ weight.t()).float()
         total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum")
     return total
+
+
+def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Answer tokens in a batch: the positions :meth:`healthai.model.DiagnosisLoRA.answer_loss` scores (labels shifted by one). A
+    tensor on the labels' device, so counting does not wait for the GPU."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
