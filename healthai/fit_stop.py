@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from healthai.argv import command_without
+
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 """Exit status after a stop signal: 128 + the signal's number, as a shell reports a process that signal ended."""
 
@@ -103,15 +105,4 @@ def last_checkpoint_path(trainer: L.Trainer) -> tuple[Path, bool]:
 
 def resume_command(ckpt: str, argv: Optional[list[str]] = None) -> str:
     """This process's command line with ``--ckpt_path ckpt`` in place of any it had, as the user can paste it."""
-    argv = list(sys.argv if argv is None else argv)
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--ckpt_path":
-            skip = True  # and its value
-        elif not arg.startswith("--ckpt_path="):
-            kept.append(arg)
-    if kept and Path(kept[0]).name == "__main__.py" and Path(kept[0]).parent.name == "healthai":
-        kept = ["python", "-m", "healthai", *kept[1:]]
-    return shlex.join([*kept, "--ckpt_path", ckpt])
+    return shlex.join([*command_without("--ckpt_path", argv), "--ckpt_path", ckpt])

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from healthai.argv import command_without
 from healthai.atomic import atomic_open, write_text
 from healthai.errors import UserError, check_output, one_line
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
@@ -423,18 +424,7 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 def _resume_command(argv: Optional[list[str]] = None) -> str:
     """The command line of this process without ``--writer.overwrite``, as the user can paste it to resume."""
-    argv = list(sys.argv if argv is None else argv)
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--writer.overwrite":
-            skip = True  # and its value
-        elif not arg.startswith("--writer.overwrite="):
-            kept.append(arg)
-    if kept and Path(kept[0]).name == "__main__.py" and Path(kept[0]).parent.name == "healthai":
-        kept = ["python", "-m", "healthai", *kept[1:]]
-    return shlex.join(kept)
+    return shlex.join(command_without("--writer.overwrite", argv))
 
 
 def status_summary(path: Path) -> str:
