@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import re
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 from healthai.prompts import ANSWER_JSON_SCHEMA, join_diseases
 
@@ -139,19 +140,35 @@ def parse_answer(text: str, truncated: bool = False) -> ParsedAnswer:
     return ParsedAnswer(diseases, reason, status="ok", raw=text)
 
 
+def _compile(tokenizer, vocab_size: int, stop_token_id: int):
+    """The answer grammar compiled for ``tokenizer`` and its :class:`~healthai.answer_grammar.BudgetCloser`."""
+    import xgrammar as xgr
+
+    from healthai.answer_grammar import BudgetCloser, answer_grammar
+
+    # vocab_size is the model's (Qwen2.5-7B pads its embedding to 152,064 > the tokenizer's 151,665).
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[stop_token_id])
+    compiled = xgr.GrammarCompiler(info).compile_grammar(answer_grammar())
+    return compiled, BudgetCloser(info.decoded_vocab, info.special_token_ids, stop_token_id)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Any, dict[tuple[int, int, int], tuple[Any, Any]]]" = weakref.WeakKeyDictionary()
+""":func:`_compile`'s results by tokenizer object (gone with it) and (vocab size, stop id, tokenizer length)."""
+
+
 class JsonConstraint:
     """The answer grammar compiled for one tokenizer, and its :class:`~healthai.answer_grammar.BudgetCloser`; hands
     out a fresh logits processor per ``generate`` call."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_id: int):
-        import xgrammar as xgr
-
-        from healthai.answer_grammar import BudgetCloser, answer_grammar
-
-        # vocab_size is the model's (Qwen2.5-7B pads its embedding to 152,064 > the tokenizer's 151,665).
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[stop_token_id])
-        self.compiled = xgr.GrammarCompiler(info).compile_grammar(answer_grammar())
-        self.closer = BudgetCloser(info.decoded_vocab, info.special_token_ids, stop_token_id)
+        # Compiled once per tokenizer object in a process (~2 s, most of it reading the 152k-token vocabulary): a
+        # validation, a predict and a serve in one process, or a module rebuilt, reuse it. The compiled grammar and
+        # the closer are read-only (the closer's caches are of pure functions); the mask index is per constraint.
+        key = (vocab_size, stop_token_id, len(tokenizer))  # len: tokens added to the same object since
+        per_tokenizer = _COMPILED.setdefault(tokenizer, {})
+        if key not in per_tokenizer:
+            per_tokenizer[key] = _compile(tokenizer, vocab_size, stop_token_id)
+        self.compiled, self.closer = per_tokenizer[key]
         self.mask_index = MaskIndex(vocab_size)
 
     def logits_processor(self, budget: int) -> "JsonLogitsProcessor":

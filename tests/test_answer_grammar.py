@@ -266,3 +266,34 @@ def test_a_processor_refuses_more_steps_than_its_budget(constraint, tokenizer):
     assert ids[0, -1].item() == EOT
     with pytest.raises(RuntimeError, match="pass the same budget to generate and to logits_processor"):
         processor(ids, torch.zeros(1, VOCAB))
+
+
+def test_the_grammar_is_compiled_once_per_tokenizer_and_again_for_a_changed_one(constraint, tokenizer, monkeypatch):
+    # A validation, a predict and a serve in one process each build a JsonConstraint: the ~2 s compile is done once
+    # per tokenizer object (healthai.decoding._COMPILED), each constraint keeping its own mask index.
+    import gc
+
+    from healthai import decoding
+
+    compiles = []
+    monkeypatch.setattr(decoding, "_compile", lambda *args: compiles.append(args) or (object(), object()))
+    again = decoding.JsonConstraint(tokenizer, VOCAB, EOT)  # the fixture's tokenizer: compiled by the fixture
+    assert compiles == [] and again.compiled is constraint.compiled and again.closer is constraint.closer
+    assert again.mask_index is not constraint.mask_index
+
+    class Grown:  # a tokenizer that gains a token (add_tokens): the same object, another vocabulary
+        size = 10
+
+        def __len__(self):
+            return self.size
+
+    other = Grown()
+    first, same = decoding.JsonConstraint(other, VOCAB, EOT), decoding.JsonConstraint(other, VOCAB, EOT)
+    other.size += 1
+    grown = decoding.JsonConstraint(other, VOCAB, EOT)
+    assert len(compiles) == 2 and same.compiled is first.compiled and grown.compiled is not first.compiled
+    del other
+    compiles.clear()  # held the arguments, the tokenizer among them
+    gc.collect()
+    assert tokenizer in decoding._COMPILED  # a tokenizer gone takes its compiled grammars with it:
+    assert not [t for t in decoding._COMPILED if isinstance(t, Grown)]
