@@ -22,7 +22,7 @@ from test_export import PARITY_ATOL
 from test_fit import scalars
 from test_fit_resume import run_main
 
-STEPS = 6
+STEPS = 5
 VARIANTS = {
     "dora": ["--model.lora_variant", "dora"],
     "rslora": ["--model.lora_variant", "rslora"],

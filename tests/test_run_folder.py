@@ -3,7 +3,10 @@ a resumed fit continues in the folder of the run it resumes; a refused fit leave
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,23 @@ def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, str]:
+    """One finished fit of 2 steps on 4 records, shared by the tests that read a finished run (the first prints its
+    adapter, the last refuses to resume it): its folder, its training records and what it printed."""
+    folder = tmp_path_factory.mktemp("finished")
+    train = write_jsonl(folder / "train.jsonl", labelled_records(4))
+    out = io.StringIO()
+    code = 0
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out):
+        try:
+            main(fit_args(folder, tiny_model_dir, train, "--trainer.max_steps", "2"))
+        except SystemExit as e:
+            code = e.code
+    assert code == 0, out.getvalue()[-2000:]
+    return folder, train, out.getvalue()
+
+
 def run_main(argv: list[str], capfd) -> tuple[int, str, str]:
     """``python -m healthai`` in-process: exit status (0 when it returns), stdout, stderr."""
     try:
@@ -29,11 +49,9 @@ def run_main(argv: list[str], capfd) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_fit_prints_its_adapter_and_a_predict_command_that_runs_as_printed(tmp_path, tiny_model_dir, capfd):
-    train = write_jsonl(tmp_path / "train.jsonl", labelled_records(4))
-    code, out, _ = run_main(fit_args(tmp_path, tiny_model_dir, train, "--trainer.max_steps", "2"), capfd)
-    assert code == 0
-    run = tmp_path / "tiny" / "version_0"
+def test_fit_prints_its_adapter_and_a_predict_command_that_runs_as_printed(finished, tmp_path, capfd):
+    folder, _, out = finished
+    run = folder / "tiny" / "version_0"
     lines = out.splitlines()
     assert f"adapter: {run / 'adapter'}" in lines, out[-2000:]
     command = lines[lines.index("predict with it:") + 1].strip()
@@ -64,18 +82,18 @@ def test_a_resumed_fit_continues_in_the_folder_of_the_run_it_resumes(tmp_path, t
     assert f"adapter: {tmp_path / 'tiny' / 'version_0' / 'adapter'}" in out
 
 
-def test_a_refused_fit_leaves_no_run_folder_and_a_refused_resume_keeps_its_run(tmp_path, tiny_model_dir, capfd):
+def test_a_refused_fit_leaves_no_run_folder_and_a_refused_resume_keeps_its_run(finished, tmp_path, tiny_model_dir,
+                                                                               capfd):  # fmt: skip
     long = [{**r, "reason": "很长的理由。" * 80} for r in labelled_records(4)]  # over tiny.yaml's budget (192)
     train = write_jsonl(tmp_path / "train.jsonl", long)
     code, _, err = run_main(fit_args(tmp_path, tiny_model_dir, train, "--data.max_length", "768"), capfd)
     assert code == 2 and "model.generation.max_new_tokens" in err.splitlines()[-1], err[-2000:]
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())
 
-    good = write_jsonl(tmp_path / "good.jsonl", labelled_records(4))
-    assert run_main(fit_args(tmp_path, tiny_model_dir, good, "--trainer.max_steps", "2"), capfd)[0] == 0
-    code, _, err = run_main(fit_args(tmp_path, tiny_model_dir, good, "--trainer.max_steps", "4", "--ckpt_path", "last",
+    folder, good, _ = finished  # a finished run of 2 steps
+    code, _, err = run_main(fit_args(folder, tiny_model_dir, good, "--trainer.max_steps", "4", "--ckpt_path", "last",
                                      "--model.lora_r", "4"), capfd)  # fmt: skip
     assert code == 2 and "--ckpt_path" in err.splitlines()[-1], err[-2000:]
-    run = tmp_path / "tiny" / "version_0"
+    run = folder / "tiny" / "version_0"
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "config.yaml").is_file()
-    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in (folder / "tiny").iterdir()) == ["version_0"]
