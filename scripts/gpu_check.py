@@ -227,7 +227,8 @@ def built_on(owner: type, device, seen: dict) -> Iterator[dict]:
     are created there: Lightning's ``ModelParallelStrategy`` (FSDP) builds the model without its device's context, on
     the CPU, which for a 7B costs minutes of a short device budget. ``seen`` gets the build time and the device of a
     parameter after it."""
-    real = owner.__dict__["configure_model"]
+    saved = owner.__dict__.get("configure_model")  # None where a base class (a mixin) defines it
+    real = owner.configure_model
 
     def configure_model(self) -> None:
         t = time.perf_counter()
@@ -240,7 +241,10 @@ def built_on(owner: type, device, seen: dict) -> Iterator[dict]:
     try:
         yield seen
     finally:
-        owner.configure_model = real
+        if saved is None:
+            del owner.configure_model
+        else:
+            owner.configure_model = saved
 
 
 def run_command(argv: list[str], cwd: Path):
