@@ -82,7 +82,7 @@ def test_predictions_with_qwens_generation_config_equal_those_with_a_neutral_one
         out = tmp_path / f"{name}.jsonl"
         cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(model),
                   "--data.predict_file", str(src), "--writer.output_path", str(out), "--writer.progress", "false",
-                  "--data.eval_batch_size", "3", "--data.max_length", "256",
+                  "--data.eval_batch_size", "5", "--data.max_length", "256",
                   "--model.generation.max_new_tokens", "112"])  # fmt: skip
         rows[name] = read_jsonl(out)
     assert [r["id"] for r in rows["qwen"]] == [r["id"] for r in records]
