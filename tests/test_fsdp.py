@@ -63,7 +63,8 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
     for run, extra in enumerate((every_2, [*every_2, "--ckpt_path", "last"])):
         args = fit_args(tmp_path, tiny_model_dir, train, val, "fsdp", 2, 4, [*fsdp, *extra])
         if run == 0:  # as a user runs it: one process, whose strategy (Lightning's launcher) starts the second rank
-            result = forkserver.run(["-m", "healthai", *args], env=env, timeout=600)  # the second: a fresh interpreter
+            # The second: a fresh interpreter. The first, forked, ends without a module teardown (tests/fast_exit.py).
+            result = forkserver.run([FAST_EXIT, "healthai", *args], env=env, timeout=600)
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         else:  # both ranks forked, without an interpreter start each (tests/forkserver.py) nor a module teardown
             result = forkserver.run_ranks([FAST_EXIT, "healthai", *args], nprocs=2)[0]  # (tests/fast_exit.py)
