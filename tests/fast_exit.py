@@ -1,6 +1,6 @@
-"""``python tests/fast_exit.py MODULE ARGS...`` runs ``python -m MODULE ARGS...`` and ends the process as the interpreter
-would (the same exit status: ``SystemExit``'s code, or the traceback and 1 for an exception; non-daemon threads
-joined, atexit handlers run, standard streams flushed) but without tearing down every loaded module.
+"""``python tests/fast_exit.py MODULE ARGS...`` runs ``python -m MODULE ARGS...`` and ends the process as the
+interpreter would (the same exit status: ``SystemExit``'s code, or the traceback and 1 for an exception; non-daemon
+threads joined, atexit handlers run, standard streams flushed) but without tearing down every loaded module.
 
 For commands forked by tests/forkserver.py: a forked child's module teardown touches every object the fork server
 preloaded (copy-on-write pages), which costs 2.4-4 s of CPU per process on this 2-core machine (measured: a script
