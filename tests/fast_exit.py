@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import runpy
+import signal
 import sys
 import threading
 
@@ -28,26 +29,40 @@ def exit_status(code: object) -> int:
     return 1
 
 
-def main() -> int:
-    module = sys.argv[1]
-    sys.argv = [module, *sys.argv[2:]]  # runpy sets argv[0] to the module's file, as -m does
-    sys.path[0] = os.getcwd()  # the working folder first, as ``python -m``
+def run(run_it) -> int:
+    """Call ``run_it`` (a ``runpy`` call) and return the status the interpreter would exit with after it."""
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        status = 0
+        run_it()
+        return 0
     except SystemExit as exc:
-        status = exit_status(exc.code)
+        return exit_status(exc.code)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        return -1  # finish() ends the process by SIGINT, as the interpreter does after an uncaught KeyboardInterrupt
     except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught exception
         sys.excepthook(*sys.exc_info())
-        status = 1
-    return status
+        return 1
 
 
-if __name__ == "__main__":
-    status = main()
-    # What the interpreter's shutdown does before tearing down modules: join non-daemon threads, run atexit handlers.
+def finish(status: int) -> None:
+    """End the process with ``status`` after what the interpreter's shutdown does before tearing down modules: join
+    non-daemon threads, run atexit handlers, flush the standard streams. ``-1``: killed by SIGINT."""
     getattr(threading, "_shutdown", lambda: None)()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
+    if status == -1:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
+
+
+def main() -> int:
+    module = sys.argv[1]
+    sys.argv = [module, *sys.argv[2:]]  # runpy sets argv[0] to the module's file, as -m does
+    sys.path[0] = os.getcwd()  # the working folder first, as ``python -m``
+    return run(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))
+
+
+if __name__ == "__main__":
+    finish(main())
