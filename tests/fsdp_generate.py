@@ -40,6 +40,9 @@ def main() -> None:
     rank = int(os.environ["LOCAL_RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     settings = GenerationSettings(max_new_tokens=NEW_TOKENS, constrained=False)
+    # The new LoRA's A matrices come from torch's global generator: seeded, so that both ranks build the same adapter
+    # whatever state the process they were forked from left it in (a sharded model is the ranks' halves put together).
+    torch.manual_seed(0)
     module = DiagnosisLoRA(model_dir, dtype="float32", gradient_checkpointing=False, generation=settings,
                            merge_for_inference=False)  # fmt: skip
     module.configure_model()
