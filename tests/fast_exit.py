@@ -1,19 +1,16 @@
-"""``python tests/fast_exit.py MODULE ARGS...`` runs ``python -m MODULE ARGS...`` and ends the process as the
-interpreter would (the same exit status: ``SystemExit``'s code, or the traceback and 1 for an exception; non-daemon
-threads joined, atexit handlers run, standard streams flushed) but without tearing down every loaded module.
+"""How a command forked by tests/forkserver.py ends: as the interpreter would (the same exit status: ``SystemExit``'s
+code, or the traceback and 1 for an exception, death by SIGINT after an uncaught KeyboardInterrupt; non-daemon threads
+joined, atexit handlers run, standard streams flushed) but without tearing down every loaded module.
 
-For commands forked by tests/forkserver.py: a forked child's module teardown touches every object the fork server
-preloaded (copy-on-write pages), which costs 2.4-4 s of CPU per process on this 2-core machine (measured: a script
-that only adds two tensors exits in 2.4 s normally, 0.1-0.2 s this way) while a command's own work on the small model
-is a few seconds. Used by the multi-process tests whose point is what the ranks compute, write and exit with, not how
-the interpreter tears itself down (tests/test_fsdp.py, tests/test_multi_node.py, tests/test_distributed.py).
+A forked child's module teardown touches every object the fork server preloaded (copy-on-write pages), which costs
+2.4-4 s of CPU per process on this 2-core machine (measured: a script that only adds two tensors exits in 2.4 s
+normally, 0.1-0.2 s this way) while a command's own work on the small model is a few seconds.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import runpy
 import signal
 import sys
 import threading
@@ -55,14 +52,3 @@ def finish(status: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
-
-
-def main() -> int:
-    module = sys.argv[1]
-    sys.argv = [module, *sys.argv[2:]]  # runpy sets argv[0] to the module's file, as -m does
-    sys.path[0] = os.getcwd()  # the working folder first, as ``python -m``
-    return run(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))
-
-
-if __name__ == "__main__":
-    finish(main())

@@ -64,8 +64,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Everything is written: skip the interpreter's shutdown (as tests/fsdp_generate.py does), which takes seconds on
-    # a busy machine (a forked rank tears down every module the fork server preloaded); the test reads the files.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

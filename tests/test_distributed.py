@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import REPO, labelled_records, read_jsonl, seed_records, write_jsonl
-from test_fsdp import FAST_EXIT
 from test_tensorboard import rendered_rows, text_summaries
 
 pytestmark = pytest.mark.slow
@@ -19,10 +18,9 @@ DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.d
 
 
 def run(forkserver, args: list[str]) -> subprocess.CompletedProcess:
-    """``python -m healthai *args`` as 2 DDP processes (forked, as tests/forkserver.py says, and ending without the
-    forked child's module teardown, tests/fast_exit.py; the FSDP test runs Lightning's own launcher from a fresh
-    interpreter); rank 0's result."""
-    return forkserver.run_ranks([FAST_EXIT, "healthai", *args], nprocs=2)[0]
+    """``python -m healthai *args`` as 2 DDP processes (forked, as tests/forkserver.py says; the FSDP test runs
+    Lightning's own launcher from a fresh interpreter); rank 0's result."""
+    return forkserver.run_ranks(["-m", "healthai", *args], nprocs=2)[0]
 
 
 def scalars(run_dir, tag: str) -> list[tuple[int, float]]:

@@ -14,8 +14,6 @@ from safetensors.torch import load_file
 
 from conftest import REPO, labelled_records, read_jsonl, seed_records, write_jsonl
 
-FAST_EXIT = str(REPO / "tests" / "fast_exit.py")
-"""``python FAST_EXIT healthai ...`` is ``python -m healthai ...`` ending without a forked child's module teardown."""
 
 CLIP = "1e-6"
 """AdamW's update does not depend on a gradient's scale, except through its eps (1e-8): clipping to a norm this small
@@ -63,11 +61,10 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_an_adapter_only_chec
     for run, extra in enumerate((every_2, [*every_2, "--ckpt_path", "last"])):
         args = fit_args(tmp_path, tiny_model_dir, train, val, "fsdp", 2, 4, [*fsdp, *extra])
         if run == 0:  # as a user runs it: one process, whose strategy (Lightning's launcher) starts the second rank
-            # The second: a fresh interpreter. The first, forked, ends without a module teardown (tests/fast_exit.py).
-            result = forkserver.run([FAST_EXIT, "healthai", *args], env=env, timeout=600)
+            result = forkserver.run(["-m", "healthai", *args], env=env, timeout=600)  # the second: a fresh interpreter
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        else:  # both ranks forked, without an interpreter start each (tests/forkserver.py) nor a module teardown
-            result = forkserver.run_ranks([FAST_EXIT, "healthai", *args], nprocs=2)[0]  # (tests/fast_exit.py)
+        else:  # both ranks forked, without an interpreter start each (tests/forkserver.py)
+            result = forkserver.run_ranks(["-m", "healthai", *args], nprocs=2)[0]
         if run == 0:  # the checkpoint the resume starts from: LoRA weights and their AdamW state only
             (step_2,) = ckpts.glob("*step=2*.ckpt")
             ckpt = torch.load(step_2, map_location="cpu", weights_only=False)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO, labelled_records, read_jsonl, seed_records, write_jsonl
-from test_fsdp import FAST_EXIT, adapter_weights, fit_args
+from test_fsdp import adapter_weights, fit_args
 
 CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
        "--trainer.precision", "32-true"]  # fmt: skip
@@ -80,8 +80,7 @@ def forked_two_nodes(forkserver, nodes, args: list[str], timeout: float = 300,
                      status: int = 0) -> list[subprocess.CompletedProcess]:  # fmt: skip
     """The processes torchrun's agents would start for ``-m healthai *args``, with the environment they give their
     worker (what Lightning's ``TorchElasticEnvironment`` reads), forked from the pre-imported interpreter instead of
-    two agents and two fresh interpreters (tests/forkserver.py): the same ranks, seconds of imports fewer; each ends
-    without a forked child's module teardown (tests/fast_exit.py), seconds fewer again."""
+    two agents and two fresh interpreters (tests/forkserver.py): the same ranks, seconds of imports fewer."""
     port, children = free_port(), []
     for node, folder in enumerate(nodes):
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
@@ -90,7 +89,7 @@ def forked_two_nodes(forkserver, nodes, args: list[str], timeout: float = 300,
                    TORCHELASTIC_RUN_ID="none", TORCHELASTIC_RESTART_COUNT="0",
                    TORCHELASTIC_MAX_RESTARTS="0")  # fmt: skip
         out, err = folder / f"stdout-{len(children)}", folder / f"stderr-{len(children)}"
-        children.append((forkserver.start([FAST_EXIT, "healthai", *args], env=env, cwd=folder, stdout=out,
+        children.append((forkserver.start(["-m", "healthai", *args], env=env, cwd=folder, stdout=out,
                                           stderr=err), out, err))  # fmt: skip
     try:
         for child, _, _ in children:
