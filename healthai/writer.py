@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 import signal
 import sys
@@ -38,6 +37,7 @@ from healthai.atomic import atomic_open, write_text
 from healthai.errors import UserError, check_output, one_line
 from healthai.jsonl import BadRecordError, append_rows, iter_jsonl, recover_jsonl
 from healthai.output_lock import OutputLock, lock_on_rank_zero
+from healthai.paths import check_writable
 from healthai.provenance import base_fingerprint, package_versions, sha256_file
 from healthai.records import id_key
 from healthai.resume import ResumeRefused
@@ -154,13 +154,11 @@ class DiagnosisWriter(BasePredictionWriter):
         out = self.output_path
         if out.is_dir():
             raise UserError(f"--writer.output_path {out} is a directory; name a file, e.g. {out / 'predictions.jsonl'}")
-        probe = out.with_name(f".{out.name}.{os.getpid()}.probe")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
         except OSError as e:
             raise UserError(f"--writer.output_path {out}: cannot write in {out.parent} ({e.strerror or e})") from None
+        check_writable("--writer.output_path", out)  # the probe every command makes (healthai.paths)
 
     def remove_outputs(self) -> None:
         """Delete the output, its shards and its meta file (``overwrite``)."""
