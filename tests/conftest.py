@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 
 from forkserver import REPO, ForkServer
+from shared_tokenizers import SharedTokenizers
 
 # Everything the tests read is committed under tests/fixtures/ (see its README): a clone needs nothing beside it.
 FIXTURES = REPO / "tests" / "fixtures"
 SEED_RECORDS = FIXTURES / "seed_records.jsonl"
 EXAMPLE_OUTPUT = FIXTURES / "example_output.jsonl"
 GOLDEN = FIXTURES / "golden_chat_template.json"
+
+pytest_plugins = ["file_costs"]  # the order the files run in (tests/file_costs.py)
 
 
 def pytest_configure(config):
@@ -33,63 +36,6 @@ def pytest_configure(config):
 
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the CLI subprocesses (DDP ranks, serve, predict)
         torch.set_num_threads(1)
-
-
-class SharedTokenizers:
-    """``AutoTokenizer.from_pretrained`` of a folder whose tokenizer files are unchanged returns the object it loaded
-    before, in this test process.
-
-    Loading the Qwen2.5 tokenizer takes about 0.8 s (transformers parses its 11 MB ``tokenizer.json`` in Python), and
-    the suite's commands load the small model's about 110 times: a quarter of the suite's CPU time, spent reading the
-    same files. The commands' code is unchanged (they call ``from_pretrained`` as on a GPU); only this process's
-    loader answers from memory. A folder is the same when its path, the arguments and every tokenizer file's size and
-    modification time are; anything else (another folder, a rewritten file, a hub id, a missing folder) loads as
-    usual. healthai never changes a tokenizer it loaded; a test that does so loads its own (:meth:`load_uncached`),
-    and one that forgets is caught here: a tokenizer whose template, special tokens, sides, length or vocabulary size
-    changed is not handed out again but loaded afresh. Processes the tests start load their own."""
-
-    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-             "added_tokens.json", "vocab.json", "merges.txt")  # fmt: skip
-    _loaded: dict = {}
-    load_uncached = None
-    """The real ``AutoTokenizer.from_pretrained``."""
-
-    @classmethod
-    def install(cls) -> None:
-        from transformers import AutoTokenizer
-
-        if cls.load_uncached is not None:
-            return
-        cls.load_uncached = AutoTokenizer.from_pretrained
-        AutoTokenizer.from_pretrained = cls.load
-
-    @staticmethod
-    def _state(tokenizer) -> tuple:
-        return (tokenizer.chat_template, repr(tokenizer.special_tokens_map), tokenizer.padding_side,
-                tokenizer.truncation_side, tokenizer.model_max_length, len(tokenizer))  # fmt: skip
-
-    @classmethod
-    def _key(cls, source, kwargs: dict) -> tuple | None:
-        folder = Path(source) if isinstance(source, (str, Path)) else None
-        if folder is None or not folder.is_dir():
-            return None
-        stats = {name: (folder / name).stat() for name in cls.FILES if (folder / name).is_file()}
-        files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
-        return str(folder.resolve()), repr(sorted(kwargs.items())), files
-
-    @classmethod
-    def load(cls, *args, **kwargs):
-        key = cls._key(args[0], kwargs) if len(args) == 1 else None
-        if key is None:
-            return cls.load_uncached(*args, **kwargs)
-        source = args[0]
-        if key in cls._loaded:
-            tokenizer, state = cls._loaded[key]
-            if cls._state(tokenizer) == state:
-                return tokenizer
-        tokenizer = cls.load_uncached(source, **kwargs)
-        cls._loaded[key] = tokenizer, cls._state(tokenizer)
-        return tokenizer
 
 
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
@@ -121,9 +67,10 @@ def _fast_lightning_parser_after_a_dataclass_command():
 
 
 @pytest.fixture(scope="session")
-def forkserver():
-    """This worker's :class:`forkserver.ForkServer`, started at its first use."""
-    server = ForkServer()
+def forkserver(tiny_model_dir):
+    """This worker's :class:`forkserver.ForkServer`, started at its first use, with the small model's tokenizer
+    preloaded."""
+    server = ForkServer(tokenizer_folders=(tiny_model_dir,))
     yield server
     server.close()
 

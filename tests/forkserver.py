@@ -17,9 +17,13 @@ What differs from a fresh interpreter, and why it does not matter to what the te
   ``OMP_NUM_THREADS`` when torch loads: the child sets the thread count its own environment asks for.
 * The server never runs a tensor operation or opens a process group before forking: the child starts with no
   thread pool and no sockets of its parent's, as a fresh process does.
+* The small model's tokenizer is loaded, and its answer grammar compiled, in the server (:func:`_preload_tokenizers`):
+  a child's ``from_pretrained`` of that unchanged folder returns the loaded object, as in the test processes
+  (tests/shared_tokenizers.py), and its grammar is found compiled. Any other folder (an adapter's copy, a node's
+  own base) loads from its files. A test of what a fresh process prints while loading asks for ``preloaded=False``.
 
 The protocol is one JSON object per line on the server's stdin, answered by one line on its stdout:
-``{"op": "start", "argv", "env", "cwd", "stdout", "stderr", "new_session"}`` → ``{"pid"}``, and
+``{"op": "start", "argv", "env", "cwd", "stdout", "stderr", "new_session", "preloaded"}`` → ``{"pid"}``, and
 ``{"op": "poll", "pid"}`` → ``{"returncode"}`` (``null`` while it runs). The server exits when its stdin closes.
 
 This module is both sides: run as a script it is the server (:func:`serve`); imported (by ``tests/conftest.py``'s
@@ -40,6 +44,7 @@ import time
 from pathlib import Path
 
 import fast_exit  # this folder: the server runs as a script from it, the tests import it from it
+from shared_tokenizers import SharedTokenizers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +54,7 @@ PRELOAD = ("lightning.pytorch", "transformers.models.qwen2.modeling_qwen2", "pef
 them in ``sys.modules``."""
 
 
-def _preload() -> None:
+def _preload(tokenizer_folders: list[str]) -> None:
     import importlib
     import pkgutil
 
@@ -60,6 +65,25 @@ def _preload() -> None:
             importlib.import_module(f"healthai.{module.name}")
     for name in PRELOAD:
         importlib.import_module(name)
+    _preload_tokenizers(tokenizer_folders)
+
+
+def _preload_tokenizers(folders: list[str]) -> None:
+    """Each folder's tokenizer, loaded through :class:`~shared_tokenizers.SharedTokenizers` (which the children keep:
+    their ``from_pretrained`` of an unchanged folder returns this object, as in the test processes), and the answer
+    grammar compiled for it and its model's vocabulary (``healthai.decoding`` keeps it per tokenizer object). A
+    command's start then costs the fork, not the ~1 s of parsing ``tokenizer.json`` and ~1.4 s of compiling over
+    the 152k vocabulary it would cost a fresh process. Neither runs a tensor operation nor leaves a thread behind
+    (xgrammar's compiler joins its threads when it is freed, below)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from healthai.decoding import JsonConstraint
+    from healthai.encoding import end_of_turn_id
+
+    SharedTokenizers.install()
+    for folder in folders:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        JsonConstraint(tokenizer, AutoConfig.from_pretrained(folder).vocab_size, end_of_turn_id(tokenizer))
 
 
 def _threads_as_at_start() -> None:
@@ -89,6 +113,8 @@ def _child(request: dict) -> None:
             os.close(out)
     os.close(devnull)
     _threads_as_at_start()
+    if not request.get("preloaded", True):
+        SharedTokenizers.forget()  # load the tokenizer (and compile its grammar) as a fresh process does
     sys.stdin = open(0, closefd=False)  # the server's stdin buffer held its requests, not the command's input
     argv = request["argv"]
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has it
@@ -105,8 +131,8 @@ def _child(request: dict) -> None:
     fast_exit.finish(status)
 
 
-def serve() -> None:
-    _preload()
+def serve(tokenizer_folders: list[str]) -> None:
+    _preload(tokenizer_folders)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     for line in sys.stdin:
         request = json.loads(line)
@@ -163,10 +189,12 @@ class ForkServer:
     docstring says how and what differs from a fresh one): an interpreter start costs 5-6 s of CPU here, a fork a few
     milliseconds. The server starts with the object and ends with :meth:`close`."""
 
-    def __init__(self):
+    def __init__(self, tokenizer_folders: tuple[Path, ...] = ()):
+        """``tokenizer_folders``: tokenizers the children find loaded, and their grammar compiled
+        (:func:`_preload_tokenizers`)."""
         self._log = tempfile.NamedTemporaryFile(prefix="forkserver-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self._proc = subprocess.Popen([sys.executable, __file__], cwd=REPO, env=env, stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, __file__, *map(str, tokenizer_folders)], cwd=REPO, env=env, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._log, text=True)  # fmt: skip
         self._children: list[Forked] = []
 
@@ -179,25 +207,25 @@ class ForkServer:
         return json.loads(line)
 
     def start(self, argv: list[str], *, env: dict | None = None, cwd: Path = REPO, stdout: Path | None = None,
-              stderr: Path | str | None = None, new_session: bool = False) -> Forked:  # fmt: skip
+              stderr: Path | str | None = None, new_session: bool = False, preloaded: bool = True) -> Forked:  # fmt: skip
         """``python *argv`` as ``subprocess.Popen`` would start it; ``stdout``/``stderr`` are files (``None``:
         discarded; ``stderr="stdout"``: into stdout's file). ``env`` defaults to this process's, with the repository
-        importable."""
+        importable. ``preloaded=False``: the child loads its tokenizers from their files, as a fresh process."""
         env = dict(os.environ, PYTHONPATH=str(REPO)) if env is None else env
         request = {"op": "start", "argv": [str(a) for a in argv], "env": env, "cwd": str(cwd),
                    "stdout": None if stdout is None else str(stdout),
                    "stderr": stderr if stderr in (None, "stdout") else str(stderr),
-                   "new_session": new_session}  # fmt: skip
+                   "new_session": new_session, "preloaded": preloaded}  # fmt: skip
         child = Forked(self, self.ask(request)["pid"], request["argv"])
         self._children.append(child)
         return child
 
-    def run(self, argv: list[str], *, env: dict | None = None, cwd: Path = REPO,
-            timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
+    def run(self, argv: list[str], *, env: dict | None = None, cwd: Path = REPO, timeout: float = 300,
+            preloaded: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
         """``subprocess.run(["python", *argv], capture_output=True, text=True, timeout=timeout)``."""
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            child = self.start(argv, env=env, cwd=cwd, stdout=out, stderr=err)
+            child = self.start(argv, env=env, cwd=cwd, stdout=out, stderr=err, preloaded=preloaded)
             try:
                 child.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -250,4 +278,4 @@ class ForkServer:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1:])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import SharedTokenizers, labelled_records
+from conftest import labelled_records
+from shared_tokenizers import SharedTokenizers
 from healthai.encoding import IGNORE_INDEX, encode_example, end_of_turn_id
 from healthai.prompts import PromptStyle, answer_text
 

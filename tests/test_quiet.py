@@ -2,7 +2,7 @@
 ``HEALTHAI_DEBUG=1`` brings the noise back.
 
 ``fit`` and a zero-shot ``predict`` run as real processes, forked from a pre-imported interpreter
-(tests/forkserver.py). That interpreter imported bitsandbytes before the commands ran, so bitsandbytes' message
+(tests/forkserver.py), loading their tokenizer from its files. That interpreter imported bitsandbytes before the commands ran, so bitsandbytes' message
 about the `kernels` hub can only show in a fresh interpreter: one imports bitsandbytes the way a command's model load
 does.
 """
@@ -64,13 +64,14 @@ def test_fit_and_a_zero_shot_predict_print_none_of_the_known_noise(tmp_path, tin
                           "--data.batch_size", "2", "--data.max_length", "256",
                           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", runs,
                           "--trainer.logger.init_args.save_dir", runs, "--trainer.callbacks.dirpath", f"{runs}/ckpt"],
-                         env=quiet_env())  # fmt: skip
+                         env=quiet_env(), preloaded=False)  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-3000:]
     # fit's own lines stay: PEFT's count of the weights that train (it is fit's), the parameter table, the adapter.
     assert "Trainable params" in fit.stdout and "Total params" in fit.stdout and "adapter saved to" in fit.stderr
     assert noise_in(fit.stderr) == [] and noise_in(fit.stdout) == ["PEFT's count"], fit.stdout + fit.stderr
 
-    predict = forkserver.run(predict_argv(tiny_model_dir, records, tmp_path / "pred.jsonl"), env=quiet_env())
+    predict = forkserver.run(predict_argv(tiny_model_dir, records, tmp_path / "pred.jsonl"), env=quiet_env(),
+                             preloaded=False)  # as a fresh process: whatever loading the tokenizer prints
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert "wrote 2 prediction(s)" in predict.stdout
     assert noise_in(predict.stdout + predict.stderr) == [], predict.stdout + predict.stderr

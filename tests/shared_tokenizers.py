@@ -1,0 +1,70 @@
+"""``AutoTokenizer.from_pretrained`` answered from memory for a folder it already loaded (the test processes and the
+fork server's children, tests/forkserver.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SharedTokenizers:
+    """``AutoTokenizer.from_pretrained`` of a folder whose tokenizer files are unchanged returns the object it loaded
+    before, in this test process.
+
+    Loading the Qwen2.5 tokenizer takes about 0.8 s (transformers parses its 11 MB ``tokenizer.json`` in Python), and
+    the suite's commands load the small model's about 110 times: a quarter of the suite's CPU time, spent reading the
+    same files. The commands' code is unchanged (they call ``from_pretrained`` as on a GPU); only this process's
+    loader answers from memory. A folder is the same when its path, the arguments and every tokenizer file's size and
+    modification time are; anything else (another folder, a rewritten file, a hub id, a missing folder) loads as
+    usual. healthai never changes a tokenizer it loaded; a test that does so loads its own (:meth:`load_uncached`),
+    and one that forgets is caught here: a tokenizer whose template, special tokens, sides, length or vocabulary size
+    changed is not handed out again but loaded afresh. The fork server (tests/forkserver.py) installs it too, with
+    the small model's tokenizer loaded before it forks: its children get that one from memory; processes the tests
+    start otherwise load their own."""
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "added_tokens.json", "vocab.json", "merges.txt")  # fmt: skip
+    _loaded: dict = {}
+    load_uncached = None
+    """The real ``AutoTokenizer.from_pretrained``."""
+
+    @classmethod
+    def install(cls) -> None:
+        from transformers import AutoTokenizer
+
+        if cls.load_uncached is not None:
+            return
+        cls.load_uncached = AutoTokenizer.from_pretrained
+        AutoTokenizer.from_pretrained = cls.load
+
+    @classmethod
+    def forget(cls) -> None:
+        """Load from the files again from now on, as a fresh process does."""
+        cls._loaded.clear()
+
+    @staticmethod
+    def _state(tokenizer) -> tuple:
+        return (tokenizer.chat_template, repr(tokenizer.special_tokens_map), tokenizer.padding_side,
+                tokenizer.truncation_side, tokenizer.model_max_length, len(tokenizer))  # fmt: skip
+
+    @classmethod
+    def _key(cls, source, kwargs: dict) -> tuple | None:
+        folder = Path(source) if isinstance(source, (str, Path)) else None
+        if folder is None or not folder.is_dir():
+            return None
+        stats = {name: (folder / name).stat() for name in cls.FILES if (folder / name).is_file()}
+        files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
+        return str(folder.resolve()), repr(sorted(kwargs.items())), files
+
+    @classmethod
+    def load(cls, *args, **kwargs):
+        key = cls._key(args[0], kwargs) if len(args) == 1 else None
+        if key is None:
+            return cls.load_uncached(*args, **kwargs)
+        source = args[0]
+        if key in cls._loaded:
+            tokenizer, state = cls._loaded[key]
+            if cls._state(tokenizer) == state:
+                return tokenizer
+        tokenizer = cls.load_uncached(source, **kwargs)
+        cls._loaded[key] = tokenizer, cls._state(tokenizer)
+        return tokenizer
