@@ -69,12 +69,13 @@ def _preload(tokenizer_folders: list[str]) -> None:
 
 
 def _preload_tokenizers(folders: list[str]) -> None:
-    """Each folder's tokenizer, loaded through :class:`~shared_tokenizers.SharedTokenizers` (which the children keep:
-    their ``from_pretrained`` of an unchanged folder returns this object, as in the test processes), and the answer
-    grammar compiled for it and its model's vocabulary (``healthai.decoding`` keeps it per tokenizer object). A
-    command's start then costs the fork, not the ~1 s of parsing ``tokenizer.json`` and ~1.4 s of compiling over
-    the 152k vocabulary it would cost a fresh process. Neither runs a tensor operation nor leaves a thread behind
-    (xgrammar's compiler joins its threads when it is freed, below)."""
+    """Each folder's tokenizer and the copy of it fit saves beside an adapter (``save_pretrained``, as
+    ``healthai.adapter_saver`` does), loaded through :class:`~shared_tokenizers.SharedTokenizers` (which the children
+    keep: their ``from_pretrained`` of a folder holding the same files returns one of these objects, as in the test
+    processes), and the answer grammar compiled for each and the model's vocabulary (``healthai.decoding`` keeps it
+    per tokenizer object). A command's start then costs the fork, not the ~1 s of parsing ``tokenizer.json`` and
+    ~1.4 s of compiling over the 152k vocabulary it would cost a fresh process. Neither runs a tensor operation nor
+    leaves a thread behind (xgrammar's compiler joins its threads when it is freed, below)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from healthai.decoding import JsonConstraint
@@ -82,8 +83,12 @@ def _preload_tokenizers(folders: list[str]) -> None:
 
     SharedTokenizers.install()
     for folder in folders:
+        vocab_size = AutoConfig.from_pretrained(folder).vocab_size
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        JsonConstraint(tokenizer, AutoConfig.from_pretrained(folder).vocab_size, end_of_turn_id(tokenizer))
+        with tempfile.TemporaryDirectory() as saved:
+            tokenizer.save_pretrained(saved)
+            for loaded in (tokenizer, AutoTokenizer.from_pretrained(saved)):
+                JsonConstraint(loaded, vocab_size, end_of_turn_id(loaded))
 
 
 def _threads_as_at_start() -> None:

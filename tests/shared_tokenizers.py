@@ -3,27 +3,33 @@ fork server's children, tests/forkserver.py)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 
 class SharedTokenizers:
-    """``AutoTokenizer.from_pretrained`` of a folder whose tokenizer files are unchanged returns the object it loaded
-    before, in this test process.
+    """``AutoTokenizer.from_pretrained`` of a folder whose tokenizer files it has loaded before returns the object it
+    loaded then, in this test process.
 
     Loading the Qwen2.5 tokenizer takes about 0.8 s (transformers parses its 11 MB ``tokenizer.json`` in Python), and
-    the suite's commands load the small model's about 110 times: a quarter of the suite's CPU time, spent reading the
-    same files. The commands' code is unchanged (they call ``from_pretrained`` as on a GPU); only this process's
-    loader answers from memory. A folder is the same when its path, the arguments and every tokenizer file's size and
-    modification time are; anything else (another folder, a rewritten file, a hub id, a missing folder) loads as
-    usual. healthai never changes a tokenizer it loaded; a test that does so loads its own (:meth:`load_uncached`),
-    and one that forgets is caught here: a tokenizer whose template, special tokens, sides, length or vocabulary size
-    changed is not handed out again but loaded afresh. The fork server (tests/forkserver.py) installs it too, with
-    the small model's tokenizer loaded before it forks: its children get that one from memory; processes the tests
-    start otherwise load their own."""
+    a command that generates then compiles its answer grammar for that object (~1.4 s, cached per object by
+    ``healthai.decoding``). The suite's commands load the small model's tokenizer, or the copy fit saves beside each
+    adapter, well over a hundred times: a quarter of the suite's CPU time, spent reading the same files. The
+    commands' code is unchanged (they call ``from_pretrained`` as on a GPU); only this process's loader answers from
+    memory. Two folders hold the same tokenizer when the arguments and the contents of every tokenizer file
+    (:data:`FILES`, SHA-256) are the same: every adapter fit saved from the small model's tokenizer holds the same
+    bytes. Anything else (another content, a rewritten file, a hub id, a missing folder) loads as usual. The object
+    handed out keeps the ``name_or_path`` of the folder it was first loaded from, which healthai never reads (it
+    reads its tokenizer's folder from its own settings). healthai never changes a tokenizer it loaded; a test that
+    does so loads its own (:meth:`load_uncached`), and one that forgets is caught here: a tokenizer whose template,
+    special tokens, sides, length or vocabulary size changed is not handed out again but loaded afresh. The fork
+    server (tests/forkserver.py) installs it too, with the small model's tokenizer and fit's copy of it loaded before
+    it forks: its children get them from memory; processes the tests start otherwise load their own."""
 
     FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "added_tokens.json", "vocab.json", "merges.txt")  # fmt: skip
     _loaded: dict = {}
+    _digests: dict = {}
     load_uncached = None
     """The real ``AutoTokenizer.from_pretrained``."""
 
@@ -47,13 +53,22 @@ class SharedTokenizers:
                 tokenizer.truncation_side, tokenizer.model_max_length, len(tokenizer))  # fmt: skip
 
     @classmethod
+    def _digest(cls, path: Path) -> str:
+        """``path``'s SHA-256, hashed once per path, size, modification time and inode."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if key not in cls._digests:
+            with open(path, "rb") as f:
+                cls._digests[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        return cls._digests[key]
+
+    @classmethod
     def _key(cls, source, kwargs: dict) -> tuple | None:
         folder = Path(source) if isinstance(source, (str, Path)) else None
         if folder is None or not folder.is_dir():
             return None
-        stats = {name: (folder / name).stat() for name in cls.FILES if (folder / name).is_file()}
-        files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
-        return str(folder.resolve()), repr(sorted(kwargs.items())), files
+        files = tuple((name, cls._digest(folder / name)) for name in cls.FILES if (folder / name).is_file())
+        return repr(sorted(kwargs.items())), files
 
     @classmethod
     def load(cls, *args, **kwargs):
