@@ -264,8 +264,10 @@ class DiagnosisLoRA(ModelBuilding, Generating, L.LightningModule):
         if stage != "fit":
             return
         from healthai.resume import check_max_steps
+        from healthai.shared_folder import check_checkpoints_shared
 
         check_max_steps(self.trainer)
+        check_checkpoints_shared(self.trainer)  # on several nodes: a resume reads them on every rank
         check_monitored_metrics(self.trainer.callbacks, self.hparams.generate_every_n_epochs)
         self._check_label_budget()
         if getattr(getattr(self.trainer, "datamodule", None), "packing", False):

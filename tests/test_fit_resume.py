@@ -249,7 +249,9 @@ def test_a_monitored_metric_that_some_validations_do_not_log_is_refused_at_start
     from healthai.model import DiagnosisLoRA
 
     model = DiagnosisLoRA("unused", generate_every_n_epochs=every)
-    model._trainer = SimpleNamespace(max_steps=-1, callbacks=[ModelCheckpoint(monitor=monitor, mode="max")])
+    checkpoint = ModelCheckpoint(monitor=monitor, mode="max")
+    model._trainer = SimpleNamespace(max_steps=-1, callbacks=[checkpoint], checkpoint_callbacks=[checkpoint],
+                                     strategy=SimpleNamespace(world_size=1))  # one process: no folder to share  # fmt: skip
     if refused:
         with pytest.raises(ConfigError, match=f"ModelCheckpoint monitors {monitor}, which only validations that"):
             model.setup("fit")
