@@ -38,10 +38,13 @@ def adapter_of(tmp_path: Path, name: str) -> Path:
 @pytest.mark.slow
 def test_a_model_that_learned_answers_with_escapes_writes_them_back_exactly(tmp_path, tiny_model_dir, monkeypatch):
     """The small model overfits three labels with the demo's memorisation settings (configs/demo.yaml: LoRA r 32,
-    constant LR 0.03; 60 steps, where 45 already pass with one thread and with two, and 40 fail with one); predict
-    with its adapter — the budget it saved, no decoding option given — writes each answer back character for
-    character, parse_status ok. The records are cut to their first 80 characters: the answers are what is tested, and
-    the step cost falls with the prompt."""
+    LR 0.03) but an LR that decays to 0. At the demo's constant LR the loss on these long answers still bounces (0.2
+    to 0.5 over the last steps), so whether the last step landed on a memorised point depended on the CPU's kernels
+    (with AVX2, 45 and 60 steps failed and 80 passed; unvectorised, 60 passed and 45 failed). Decayed, 35 steps pass
+    with AVX2 and with ATEN_CPU_CAPABILITY=default, 30 fail with one; 45 are run. Predict with its adapter — the
+    budget it saved, no decoding option given — writes each answer back character for character, parse_status ok.
+    The records are cut to their first 80 characters: the answers are what is tested, and the step cost falls with
+    the prompt."""
     monkeypatch.chdir(REPO)
     rows = [{**r, "feature_content": r["feature_content"][:80], "diseases": d, "reason": x}
             for r, (d, x) in zip(seed_records(3, offset=10), MEMORISED)]  # fmt: skip
@@ -49,8 +52,8 @@ def test_a_model_that_learned_answers_with_escapes_writes_them_back_exactly(tmp_
     cli_main(["fit", "--config", "configs/demo.yaml", "--model.model_name_or_path", str(tiny_model_dir),
               "--data.train_file", str(data), "--data.val_file", str(data), "--data.val_overlap", "keep",
               *run_args(tmp_path, "runs", checkpoints=False),
-              "--trainer.max_epochs", "60", "--trainer.limit_val_batches", "0", "--data.batch_size", "3",
-              "--data.max_length", "512"])  # fmt: skip
+              "--trainer.max_epochs", "45", "--model.min_lr_ratio", "0.0", "--trainer.limit_val_batches", "0",
+              "--data.batch_size", "3", "--data.max_length", "512"])  # fmt: skip
     out = tmp_path / "pred.jsonl"
     cli_main(["predict", "--config", "configs/predict_tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
               "--model.adapter_path", str(adapter_of(tmp_path, "runs")), "--data.predict_file", str(data),
