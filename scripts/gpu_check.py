@@ -20,7 +20,8 @@ of realistic length (``scripts/bench_train.py``'s): fit's batches are padded as 
   ``--predict_batches`` size, constraint on and off: records/s and new tokens/s inside ``generate``, ms per decoding
   step, parse statuses of the written rows, peak memory, the buffers' dtype.
 * ``fsdp``: ``fit`` with ``configs/qwen_lora_fsdp.yaml`` on this one device (world size 1), ``--fsdp_steps`` steps
-  without generation: the units and shards it made, the LoRA and buffer dtypes, tokens/s, peak memory, the
+  without generation (cpu: one record a step, ``--fsdp_batch_size``, as bf16-mixed is ~20x slower than fp32 on a
+  CPU without bf16 instructions): the units and shards it made, the LoRA and buffer dtypes, tokens/s, peak memory, the
   checkpoint (LoRA weights and optimizer state only). The random weights are made on the GPU (:func:`built_on`), and
   the build time is reported. ``--no_fsdp`` leaves it out.
 
@@ -62,10 +63,10 @@ GB = 1e9
 MODES = {
     "gpu": dict(fit_config="configs/qwen_lora.yaml", predict_config="configs/predict.yaml", fit_steps=3,
                 val_records=32, answer_budget=512, predict_records=128, predict_batches="32,128",
-                predict_new_tokens=256, fsdp_steps=3, budget_s=300.0),
+                predict_new_tokens=256, fsdp_steps=3, fsdp_batch_size=None, budget_s=300.0),
     "cpu": dict(fit_config="configs/tiny.yaml", predict_config="configs/predict_tiny.yaml", fit_steps=1,
                 val_records=2, answer_budget=400, predict_records=4, predict_batches="2,4", predict_new_tokens=24,
-                fsdp_steps=1, budget_s=300.0),
+                fsdp_steps=1, fsdp_batch_size=1, budget_s=300.0),
 }  # fmt: skip
 GUESS_S = {"gpu": {"predict": 40.0, "fsdp": 60.0}, "cpu": {"predict": 5.0, "fsdp": 10.0}}
 """Seconds an item is expected to take, until this run has measured one of its kind."""
@@ -349,6 +350,8 @@ def fsdp_item(args, paths: dict, model_dir: Path, work: Path) -> dict:
             "--trainer.max_epochs", "-1", "--model.generate_every_n_epochs", "0", "--trainer.num_sanity_val_steps",
             "0", "--model.generation.max_new_tokens", str(args.answer_budget), "--trainer.enable_progress_bar",
             "false"]  # fmt: skip
+    if args.fsdp_batch_size:  # one record a step: a CPU without bf16 instructions runs bf16-mixed ~20x slower
+        argv += ["--data.batch_size", str(args.fsdp_batch_size), "--trainer.accumulate_grad_batches", "1"]
     from healthai.model import DiagnosisLoRA
 
     build = {}
@@ -362,7 +365,9 @@ def fsdp_item(args, paths: dict, model_dir: Path, work: Path) -> dict:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else {}
     state = ckpt.get("state_dict", {})
     lora = {str(p.dtype) for n, p in cli.model.model.named_parameters() if "lora_" in n}
-    return {"status": "ok", "wall_s": wall, **build, "units": sum(map(is_sharded, cli.model.model.modules())),
+    return {"status": "ok", "wall_s": wall, **build, "batch_size": cli.datamodule.batch_size,
+            "accumulate_grad_batches": cli.trainer.accumulate_grad_batches,
+            "units": sum(map(is_sharded, cli.model.model.modules())),
             "params": len(params), "sharded_params": sum(isinstance(p, DTensor) for p in params),
             "lora_dtypes": sorted(lora), "inv_freq_dtypes": buffer_dtypes(cli.model),
             "tokens_per_s": float(cli.trainer.callback_metrics.get("train/tokens_per_sec", float("nan"))),
@@ -477,6 +482,8 @@ def parse_args(argv: Optional[list[str]]):
     parser.add_argument("--fit_option", action="append", default=[],
                         help="one more option for the fit item, repeatable: --fit_option=--model.liger_kernel=true")
     parser.add_argument("--fsdp_steps", type=int, help="the FSDP fit's optimizer steps (gpu 3)")
+    parser.add_argument("--fsdp_batch_size", type=int,
+                        help="the FSDP fit's batch size, without accumulation (gpu: the fit config's; cpu 1)")
     parser.add_argument("--no_fsdp", action="store_true", help="leave out the FSDP fit")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     return parser.parse_args(argv)
@@ -492,8 +499,11 @@ def settle(args, cuda: bool) -> Path:
         args.predict_batches = [int(x) for x in str(args.predict_batches).split(",")]
     except ValueError:
         raise SystemExit(f"--predict_batches: expected sizes like 32,128, got {args.predict_batches!r}") from None
-    if min(args.fit_steps, args.val_records, args.predict_records, *args.predict_batches) < 1:
-        raise SystemExit("--fit_steps, --val_records, --predict_records and --predict_batches must be >= 1")
+    sizes = [args.fit_steps, args.val_records, args.predict_records, *args.predict_batches]
+    sizes += [] if args.fsdp_batch_size is None else [args.fsdp_batch_size]
+    if min(sizes) < 1:
+        raise SystemExit("--fit_steps, --val_records, --predict_records, --predict_batches and --fsdp_batch_size must "
+                         "be >= 1")
     config = args.config or (QWEN25_7B_CONFIG if cuda else args.tokenizer / "config.json")
     if not config.is_file():
         raise SystemExit(f"--config: {config} is not a file")

@@ -75,6 +75,7 @@ def test_cpu_smoke_drives_fit_predict_and_fsdp_through_the_commands_and_writes_t
     # and RoPE buffer under bf16-mixed, a checkpoint of the 28 LoRA tensors and their optimizer state only.
     fsdp = report["fsdp"]
     assert fsdp["status"] == "ok" and fsdp["units"] == 4 and fsdp["sharded_params"] == fsdp["params"]
+    assert (fsdp["batch_size"], fsdp["accumulate_grad_batches"]) == (1, 1)  # cpu: bf16 steps of one record
     assert fsdp["param_device"] == "cpu" and fsdp["build_s"] > 0  # built in the device's context (on a GPU: cuda)
     assert fsdp["lora_dtypes"] == fsdp["inv_freq_dtypes"] == ["torch.float32"]
     assert fsdp["checkpoint_tensors"] == fsdp["checkpoint_optimizer_states"] == 28
@@ -110,6 +111,15 @@ def test_a_budget_no_answer_fits_in_is_a_one_line_error(tmp_path, tiny_model_dir
             "--predict_new_tokens", "8"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"^--predict_new_tokens=8 is below the 12 tokens of an empty answer object"):
         gpu_check().main(args)
+
+
+@pytest.mark.parametrize("option", ["--fit_steps", "--val_records", "--predict_records", "--fsdp_batch_size"])
+def test_a_size_below_one_is_a_one_line_error(tmp_path, tiny_model_dir, option):
+    args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path),
+            "--device", "cpu", option, "0"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"^--fit_steps, .* and --fsdp_batch_size must be >= 1$"):
+        gpu_check().main(args)
+    assert not (tmp_path / "gpu_check.json").exists()
 
 
 def test_shell_entry_runs_the_script_without_wheels(tmp_path):
