@@ -51,3 +51,29 @@ def test_help_opens_with_the_whole_summary(command, capsys):
 
         # Not Lightning's description of its Trainer method: predict's is cut mid-sentence ("... Useful to").
         assert inspect.getdoc(getattr(Trainer, command)).splitlines()[0] not in summary
+
+
+def test_a_lightning_command_builds_the_parser_of_that_command_alone(monkeypatch, capsys):
+    # LightningCLI builds every subcommand's parser (~0.25 s each) on every run; one is used.
+    from healthai.cli import HealthAICLI
+    from healthai.data import DiagnosisDataModule
+    from healthai.model import DiagnosisLoRA
+
+    built = []
+    prepare = HealthAICLI._prepare_subcommand_parser
+
+    def recorded(self, klass, subcommand, **kwargs):
+        built.append(subcommand)
+        return prepare(self, klass, subcommand, **kwargs)
+
+    monkeypatch.setattr(HealthAICLI, "_prepare_subcommand_parser", recorded)
+    for command in LIGHTNING_COMMANDS:
+        built.clear()
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert built == [command]
+    built.clear()  # no command named: each one python -m healthai runs through LightningCLI (not Lightning's test)
+    with pytest.raises(SystemExit):
+        HealthAICLI(DiagnosisLoRA, DiagnosisDataModule, args=["--help"])
+    assert built == list(LIGHTNING_COMMANDS)
+    assert "{fit,validate,predict}" in capsys.readouterr().out
