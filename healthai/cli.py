@@ -32,10 +32,6 @@ SUMMARIES = {
 """What each command's --help opens with (Lightning would take the first line of Trainer's method's docstring)."""
 
 
-COMMANDS = ("fit", "validate", "predict")
-"""The Trainer methods the CLI runs (Lightning's ``test`` is not one: validate scores labelled records)."""
-
-
 class HealthAICLI(LightningCLI):
     """LightningCLI with the project's links between model and data, the adapter saver on ``fit`` and the prediction
     writer on ``predict``."""
@@ -47,8 +43,8 @@ class HealthAICLI(LightningCLI):
 
     def subcommands(self) -> dict[str, set[str]]:
         # LightningCLI builds a parser per subcommand on every run (the Trainer's, the model's and the data module's
-        # signatures: ~0.25 s each here); one is used.
-        every = {name: skip for name, skip in LightningCLI.subcommands().items() if name in COMMANDS}
+        # signatures: ~0.25 s each here); one is used. The commands: those SUMMARIES describes (not Lightning's test).
+        every = {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUMMARIES}
         return {self._command: every[self._command]} if self._command in every else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

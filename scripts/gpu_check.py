@@ -350,7 +350,7 @@ def fsdp_item(args, paths: dict, model_dir: Path, work: Path) -> dict:
             "--trainer.max_epochs", "-1", "--model.generate_every_n_epochs", "0", "--trainer.num_sanity_val_steps",
             "0", "--model.generation.max_new_tokens", str(args.answer_budget), "--trainer.enable_progress_bar",
             "false"]  # fmt: skip
-    if args.fsdp_batch_size:  # one record a step: a CPU without bf16 instructions runs bf16-mixed ~20x slower
+    if args.fsdp_batch_size is not None:  # cpu 1: a CPU without bf16 instructions runs bf16-mixed ~20x slower
         argv += ["--data.batch_size", str(args.fsdp_batch_size), "--trainer.accumulate_grad_batches", "1"]
     from healthai.model import DiagnosisLoRA
 
@@ -500,7 +500,8 @@ def settle(args, cuda: bool) -> Path:
     except ValueError:
         raise SystemExit(f"--predict_batches: expected sizes like 32,128, got {args.predict_batches!r}") from None
     sizes = [args.fit_steps, args.val_records, args.predict_records, *args.predict_batches]
-    sizes += [] if args.fsdp_batch_size is None else [args.fsdp_batch_size]
+    if args.fsdp_batch_size is not None:
+        sizes.append(args.fsdp_batch_size)
     if min(sizes) < 1:
         raise SystemExit("--fit_steps, --val_records, --predict_records, --predict_batches and --fsdp_batch_size must "
                          "be >= 1")
