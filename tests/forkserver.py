@@ -32,6 +32,7 @@ This module is both sides: run as a script it is the server (:func:`serve`); imp
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import runpy
@@ -138,6 +139,10 @@ def _child(request: dict) -> None:
 
 def serve(tokenizer_folders: list[str]) -> None:
     _preload(tokenizer_folders)
+    # The preloaded objects out of the collector's sight (as in the test processes, tests/conftest.py): a child's full
+    # collection walked them all (0.3 s each), writing to every page that holds one (copy-on-write faults).
+    gc.collect()
+    gc.freeze()
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     for line in sys.stdin:
         request = json.loads(line)
