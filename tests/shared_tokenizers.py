@@ -3,7 +3,9 @@ fork server's children, tests/forkserver.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 from pathlib import Path
 
 
@@ -17,8 +19,8 @@ class SharedTokenizers:
     adapter, well over a hundred times: a quarter of the suite's CPU time, spent reading the same files. The
     commands' code is unchanged (they call ``from_pretrained`` as on a GPU); only this process's loader answers from
     memory. Two folders hold the same tokenizer when the arguments and the contents of every tokenizer file
-    (:data:`FILES`, SHA-256) are the same: every adapter fit saved from the small model's tokenizer holds the same
-    bytes. Anything else (another content, a rewritten file, a hub id, a missing folder) loads as usual. The object
+    (:data:`FILES`, SHA-256, less :data:`PROVENANCE`) are the same: every adapter fit saved from the small model's
+    tokenizer holds the same bytes, and the same as the small model's folder but for those keys. Anything else (another content, a rewritten file, a hub id, a missing folder) loads as usual. The object
     handed out keeps the ``name_or_path`` of the folder it was first loaded from, which healthai never reads (it
     reads its tokenizer's folder from its own settings). healthai never changes a tokenizer it loaded; a test that
     does so loads its own (:meth:`load_uncached`), and one that forgets is caught here: a tokenizer whose template,
@@ -52,14 +54,26 @@ class SharedTokenizers:
         return (tokenizer.chat_template, repr(tokenizer.special_tokens_map), tokenizer.padding_side,
                 tokenizer.truncation_side, tokenizer.model_max_length, len(tokenizer))  # fmt: skip
 
+    PROVENANCE = ("is_local", "local_files_only")
+    """Keys ``save_pretrained`` writes into ``tokenizer_config.json`` about where the tokenizer it saves was loaded
+    from, not what it is: the small model's folder (written from a built tokenizer) lacks them, every adapter's copy
+    (saved from a loaded one) has them. Left out of that file's digest, so that the two are one tokenizer here (one
+    load and one grammar compilation per process instead of two); any other difference in any file still loads
+    afresh."""
+
     @classmethod
     def _digest(cls, path: Path) -> str:
-        """``path``'s SHA-256, hashed once per path, size, modification time and inode."""
+        """``path``'s SHA-256 (``tokenizer_config.json``'s without :data:`PROVENANCE`), hashed once per path, size,
+        modification time and inode."""
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
         if key not in cls._digests:
-            with open(path, "rb") as f:
-                cls._digests[key] = hashlib.file_digest(f, "sha256").hexdigest()
+            data = path.read_bytes()
+            if path.name == "tokenizer_config.json":
+                with contextlib.suppress(ValueError, AttributeError):  # not a JSON object: its bytes, as for any other file
+                    config = {k: v for k, v in json.loads(data).items() if k not in cls.PROVENANCE}
+                    data = json.dumps(config, sort_keys=True).encode()
+            cls._digests[key] = hashlib.sha256(data).hexdigest()
         return cls._digests[key]
 
     @classmethod

@@ -1,6 +1,6 @@
 """The suite's own machinery, where a fault would not fail a test but make tests meet something other than what a
 user's command meets: the shared tokenizers (tests/shared_tokenizers.py) hand out a loaded tokenizer only for the same
-files, the fork server's children find the small model's tokenizer preloaded unless asked not to
+files (but for where they say they were loaded from), the fork server's children find the small model's tokenizer preloaded unless asked not to
 (tests/forkserver.py), and the files run costliest first (tests/file_costs.py)."""
 
 from __future__ import annotations
@@ -34,6 +34,18 @@ def test_a_folder_with_the_same_tokenizer_files_gets_the_loaded_object_and_any_c
     other = AutoTokenizer.from_pretrained(changed)
     assert other is not loaded and other.chat_template == loaded.chat_template + "\n"
     assert AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left") is not loaded  # other arguments
+    # An adapter's copy (save_pretrained of a loaded tokenizer) differs from the small model's folder only in where it
+    # says it was loaded from (tokenizer_config.json's is_local, local_files_only): the same object. A real change in
+    # that file is another tokenizer.
+    loaded.save_pretrained(tmp_path / "saved")
+    saved_config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert {"is_local", "local_files_only"} <= saved_config.keys()
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved") is loaded
+    (tmp_path / "saved" / "tokenizer_config.json").write_text(
+        json.dumps({**saved_config, "model_max_length": 4096}), encoding="utf-8"
+    )
+    resized = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert resized is not loaded and resized.model_max_length == 4096
 
 
 def test_a_forked_command_finds_the_tokenizer_and_its_grammar_loaded_unless_asked_to_load_them(
