@@ -1,7 +1,7 @@
 """The suite's own machinery, where a fault would not fail a test but make tests meet something other than what a
 user's command meets: the shared tokenizers (tests/shared_tokenizers.py) hand out a loaded tokenizer only for the same
-files (but for where they say they were loaded from), the fork server's children find the small model's tokenizer preloaded unless asked not to
-(tests/forkserver.py), and the files run costliest first (tests/file_costs.py)."""
+files (but for where they say they were loaded from), the fork server's children find the small model's tokenizer
+preloaded unless asked not to (tests/forkserver.py), and the files run costliest first (tests/file_costs.py)."""
 
 from __future__ import annotations
 
