@@ -92,11 +92,13 @@ def test_out_of_budget_runs_only_the_fit_and_rebuilds_a_missing_tokenizer(tmp_pa
     monkeypatch.setenv("GPU_CHECK_T0", str(time.time() - 1000))
     empty = tmp_path / "no-tokenizer"  # as on the lent machine, where models/ does not travel
     empty.mkdir()
+    # The fit's validation without answers (the smoke test above times them): 400 decoding steps this test needs not.
     args = ["--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(empty), "--out", str(tmp_path),
-            "--fit_steps", "1", "--val_records", "1"]  # fmt: skip
+            "--fit_steps", "1", "--val_records", "1", "--fit_option=--model.generate_every_n_epochs=0"]  # fmt: skip
     assert gpu_check().main(args) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))
     assert report["fit"]["status"] == "ok" and report["fit"]["steps"] == 1
+    assert report["fit"]["val_generation"]["rows"] == 0  # --fit_option reached the fit, after the item's own options
     assert [(r["batch"], r["constrained"], r["status"]) for r in report["predict"]] == [
         (2, True, "skipped"), (4, True, "skipped"), (2, False, "skipped"), (4, False, "skipped")]
     assert report["predict"][0]["reason"].startswith("time budget")
