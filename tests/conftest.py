@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from forkserver import REPO, ForkServer
+from forkserver import REPO, ForkServer, freeze_what_is_loaded
 from shared_tokenizers import SharedTokenizers
 
 # Everything the tests read is committed under tests/fixtures/ (see its README): a clone needs nothing beside it.
@@ -40,12 +39,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    """Once the test modules (and with them torch, transformers, lightning and healthai) are imported, their ~600k
-    objects leave the garbage collector's sight (:func:`gc.freeze`): a full collection walked them every time, 0.3 s
-    each and about 25 per worker over the suite (10 s of CPU a worker). What the tests create is collected as
-    before."""
-    gc.collect()
-    gc.freeze()
+    """Once the test modules (and with them torch, transformers, lightning and healthai) are imported, their objects
+    leave the garbage collector's sight (about 25 full collections per worker over the suite walked them: 10 s of
+    CPU a worker)."""
+    freeze_what_is_loaded()
 
 
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",

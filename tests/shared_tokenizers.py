@@ -20,7 +20,8 @@ class SharedTokenizers:
     commands' code is unchanged (they call ``from_pretrained`` as on a GPU); only this process's loader answers from
     memory. Two folders hold the same tokenizer when the arguments and the contents of every tokenizer file
     (:data:`FILES`, SHA-256, less :data:`PROVENANCE`) are the same: every adapter fit saved from the small model's
-    tokenizer holds the same bytes, and the same as the small model's folder but for those keys. Anything else (another content, a rewritten file, a hub id, a missing folder) loads as usual. The object
+    tokenizer holds the same bytes, and the same as the small model's folder but for those keys. Anything else
+    (another content, a rewritten file, a hub id, a missing folder) loads as usual. The object
     handed out keeps the ``name_or_path`` of the folder it was first loaded from, which healthai never reads (it
     reads its tokenizer's folder from its own settings). healthai never changes a tokenizer it loaded; a test that
     does so loads its own (:meth:`load_uncached`), and one that forgets is caught here: a tokenizer whose template,
@@ -70,7 +71,8 @@ class SharedTokenizers:
         if key not in cls._digests:
             data = path.read_bytes()
             if path.name == "tokenizer_config.json":
-                with contextlib.suppress(ValueError, AttributeError):  # not a JSON object: its bytes, as for any other file
+                # Not a JSON object: its bytes are hashed, as any other file's.
+                with contextlib.suppress(ValueError, AttributeError):
                     config = {k: v for k, v in json.loads(data).items() if k not in cls.PROVENANCE}
                     data = json.dumps(config, sort_keys=True).encode()
             cls._digests[key] = hashlib.sha256(data).hexdigest()
