@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from forkserver import REPO, ForkServer, freeze_what_is_loaded
+from forkserver import REPO, ForkServer, freeze_what_is_loaded, load_uncollected, stop_server
 from shared_tokenizers import SharedTokenizers
 
 # Everything the tests read is committed under tests/fixtures/ (see its README): a clone needs nothing beside it.
@@ -30,6 +30,9 @@ def pytest_configure(config):
     threads spin (burning CPU time) while they wait for a descheduled peer. Tests that compare a run with another
     process's set their threads themselves, as before. Tokenizers of an unchanged folder load once per process
     (:class:`SharedTokenizers`)."""
+    if is_xdist_controller(config):  # it runs no test: none of this is its business
+        return
+    load_uncollected()  # until the test modules are imported (pytest_collection_finish)
     SharedTokenizers.install()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
@@ -74,12 +77,30 @@ def _fast_lightning_parser_after_a_dataclass_command():
 
 
 @pytest.fixture(scope="session")
-def forkserver(tiny_model_dir):
-    """This worker's :class:`forkserver.ForkServer`, started at its first use, with the small model's tokenizer
-    preloaded."""
-    server = ForkServer(tokenizer_folders=(tiny_model_dir,))
+def forkserver(tiny_model_dir, tmp_path_factory):
+    """The session's :class:`forkserver.ForkServer`, started at the first use by either worker, with the small
+    model's tokenizer preloaded. It serves both workers, and ends with the session (:func:`pytest_unconfigure`)."""
+    folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # its base folder is in the controller's, which owns the session
+        folder, session_pid = folder.parent, os.getppid()
+    else:
+        session_pid = os.getpid()
+    server = ForkServer(folder, session_pid, tokenizer_folders=(tiny_model_dir,))
     yield server
     server.close()
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        stop_server(folder)
+
+
+def pytest_unconfigure(config):
+    """The xdist controller ends the session's fork server once both workers are done."""
+    if is_xdist_controller(config):
+        stop_server(config._tmp_path_factory.getbasetemp())
+
+
+def is_xdist_controller(config) -> bool:
+    """Whether this process hands the tests to pytest-xdist workers rather than running them."""
+    return bool(getattr(config.option, "numprocesses", None)) and not os.environ.get("PYTEST_XDIST_WORKER")
 
 
 @pytest.fixture(scope="session")

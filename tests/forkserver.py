@@ -3,12 +3,13 @@
 A command's own work on the small model takes a second or two; starting the interpreter that runs it takes 5-6 s of
 CPU here, nearly all of it ``import lightning.pytorch`` (torch, torch._dynamo, torchmetrics, scipy), and a DDP or
 FSDP launch pays it once per rank. The tests that need a real process (signals, exit statuses, one process per rank)
-start one from a *fork server*: one Python process per test worker that imports what the commands import, once, and
-then forks a child per command. The child is a real process with its own pid, environment, working folder, stdout
-and stderr files; it runs the same ``healthai.__main__`` (through :mod:`runpy`, as ``-m`` does) and ends as the
-interpreter ends (its exit status, non-daemon threads joined, atexit handlers run, standard streams flushed, death by
-SIGINT after an uncaught KeyboardInterrupt) but without tearing down every preloaded module, which costs a forked child
-2.4-4 s of CPU here (tests/fast_exit.py). Signal behaviour is a fresh process's.
+start one from a *fork server*: one Python process for the session (both test workers connect to it) that imports
+what the commands import, once, and then forks a child per command. The child is a real process with its own pid,
+environment, working folder, stdout and stderr files; it runs the same ``healthai.__main__`` (through :mod:`runpy`, as
+``-m`` does) and ends as the interpreter ends (its exit status, non-daemon threads joined, atexit handlers run,
+standard streams flushed, death by SIGINT after an uncaught KeyboardInterrupt) but without tearing down every
+preloaded module, which costs a forked child 2.4-4 s of CPU here (tests/fast_exit.py). Signal behaviour is a fresh
+process's.
 
 What differs from a fresh interpreter, and why it does not matter to what the tests check:
 
@@ -22,9 +23,11 @@ What differs from a fresh interpreter, and why it does not matter to what the te
   (tests/shared_tokenizers.py), and its grammar is found compiled. Any other folder (an adapter's copy, a node's
   own base) loads from its files. A test of what a fresh process prints while loading asks for ``preloaded=False``.
 
-The protocol is one JSON object per line on the server's stdin, answered by one line on its stdout:
+The protocol is one JSON object per line on a connection to the server's socket (a Linux abstract socket named after
+the session's base temporary folder), answered by one line:
 ``{"op": "start", "argv", "env", "cwd", "stdout", "stderr", "new_session", "preloaded"}`` → ``{"pid"}``, and
-``{"op": "poll", "pid"}`` → ``{"returncode"}`` (``null`` while it runs). The server exits when its stdin closes.
+``{"op": "poll", "pid"}`` → ``{"returncode"}`` (``null`` while it runs). ``{"op": "exit"}`` (the session's end) or
+the end of the session's process ends the server.
 
 This module is both sides: run as a script it is the server (:func:`serve`); imported (by ``tests/conftest.py``'s
 ``forkserver`` fixture) it gives the tests :class:`ForkServer` and the ``Popen``-like :class:`Forked`.
@@ -32,10 +35,14 @@ This module is both sides: run as a script it is the server (:func:`serve`); imp
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import gc
+import hashlib
 import json
 import os
 import runpy
+import selectors
 import signal
 import socket
 import subprocess
@@ -137,33 +144,84 @@ def _child(request: dict) -> None:
     fast_exit.finish(status)
 
 
+def load_uncollected() -> None:
+    """No garbage collection until :func:`freeze_what_is_loaded`: importing torch, transformers and lightning builds
+    ~600k long-lived objects, and the collector walked all of them again at each of the ~8 full collections those
+    imports trigger (1.5-2 s of a process's start)."""
+    gc.disable()
+
+
 def freeze_what_is_loaded() -> None:
     """The objects alive now (the imported modules': ~600k) out of the garbage collector's sight (:func:`gc.freeze`):
     a full collection walked them every time, 0.3 s each. In the fork server's children it also spares the
-    copy-on-write of every page they live on. What is created later is collected as before."""
+    copy-on-write of every page they live on. What is created later is collected as before; at exit they are
+    collectable again, so that the interpreter's last collection frees them as it would have (nanobind, which
+    xgrammar and triton use, reports every object of its own still alive then as leaked)."""
     gc.collect()
     gc.freeze()
+    gc.enable()
+    atexit.register(gc.unfreeze)
 
 
-def serve(tokenizer_folders: list[str]) -> None:
+def serve(address: str, session_pid: int, tokenizer_folders: list[str]) -> None:
+    """Answer every test process of the session that connects to ``address``; end when asked (``{"op": "exit"}``)
+    or when the process ``session_pid`` is gone (a session killed before it could ask)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind("\0" + address)  # first: a test process that connects now waits for the replies, not for the bind
+    listener.listen()
+    load_uncollected()
     _preload(tokenizer_folders)
     freeze_what_is_loaded()
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    for line in sys.stdin:
-        request = json.loads(line)
-        if request["op"] == "start":
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                replies.close()
-                _child(request)
-            replies.write(json.dumps({"pid": pid}) + "\n")
-        elif request["op"] == "poll":
-            done, status = os.waitpid(request["pid"], os.WNOHANG)
-            code = os.waitstatus_to_exitcode(status) if done else None
-            replies.write(json.dumps({"returncode": code}) + "\n")
+    clients = selectors.DefaultSelector()
+    clients.register(listener, selectors.EVENT_READ)
+    while True:
+        ready = clients.select(timeout=1.0)
+        if not ready and not _alive(session_pid):
+            return
+        for key, _ in ready:
+            if key.fileobj is listener:
+                connection, _ = listener.accept()
+                clients.register(connection, selectors.EVENT_READ, connection.makefile("rb"))
+                continue
+            # One request at a time per client (each waits for its reply), so a readable client has one whole line.
+            line = key.data.readline()
+            if not line:  # that test process has ended
+                clients.unregister(key.fileobj)
+                _close(key)
+                continue
+            request = json.loads(line)
+            if request["op"] == "exit":
+                return
+            key.fileobj.sendall((json.dumps(_answer(request, clients)) + "\n").encode())
 
+
+def _answer(request: dict, clients: selectors.BaseSelector) -> dict:
+    if request["op"] == "start":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            for key in list(clients.get_map().values()):  # the server's sockets are not the command's
+                _close(key)
+            clients.close()
+            _child(request)
+        return {"pid": pid}
+    done, status = os.waitpid(request["pid"], os.WNOHANG)  # "poll"
+    return {"returncode": os.waitstatus_to_exitcode(status) if done else None}
+
+
+def _close(key: selectors.SelectorKey) -> None:
+    if key.data is not None:
+        key.data.close()  # the socket's file: its descriptor stays open while this is
+    key.fileobj.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # -- the tests' side -------------------------------------------------------------------------------------------------
@@ -202,23 +260,29 @@ class Forked:
 class ForkServer:
     """The test's side: starts commands as real processes forked from one pre-imported interpreter (this module's
     docstring says how and what differs from a fresh one): an interpreter start costs 5-6 s of CPU here, a fork a few
-    milliseconds. The server starts with the object and ends with :meth:`close`."""
+    milliseconds. One server serves the session's test processes (both pytest-xdist workers): the first to need it
+    starts it; it ends with :func:`stop_server` at the session's end, or by itself when the session's process is
+    gone."""
 
-    def __init__(self, tokenizer_folders: tuple[Path, ...] = ()):
-        """``tokenizer_folders``: tokenizers the children find loaded, and their grammar compiled
+    def __init__(self, folder: Path, session_pid: int, tokenizer_folders: tuple[Path, ...] = ()):
+        """``folder``: the session's own folder (its base temporary folder), where the server's log is written and
+        which names the server; ``session_pid``: the process that ends the session (the xdist controller, or this
+        process); ``tokenizer_folders``: tokenizers the children find loaded, and their grammar compiled
         (:func:`_preload_tokenizers`)."""
-        self._log = tempfile.NamedTemporaryFile(prefix="forkserver-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self._proc = subprocess.Popen([sys.executable, __file__, *map(str, tokenizer_folders)], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._log, text=True)  # fmt: skip
+        self._log = Path(folder) / "forkserver.log"
         self._children: list[Forked] = []
+        with open(Path(folder) / "forkserver.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one starter: the other worker waits, then connects to that server
+            self._sock = _connect(server_address(folder))
+            if self._sock is None:
+                self._sock = _start_server(folder, session_pid, tokenizer_folders, self._log)
+        self._replies = self._sock.makefile("rb")
 
     def ask(self, request: dict) -> dict:
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        self._sock.sendall((json.dumps(request) + "\n").encode())
+        line = self._replies.readline()
         if not line:
-            raise RuntimeError(f"the fork server ended: {Path(self._log.name).read_text()[-4000:]}")
+            raise RuntimeError(f"the fork server ended: {self._log.read_text()[-4000:]}")
         return json.loads(line)
 
     def start(self, argv: list[str], *, env: dict | None = None, cwd: Path = REPO, stdout: Path | None = None,
@@ -283,14 +347,53 @@ class ForkServer:
         return results
 
     def close(self) -> None:
+        """Stop what this process's tests left running; the server goes on serving the session."""
         for child in self._children:  # what a failed test left running
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        self._proc.stdin.close()
-        self._proc.wait(timeout=60)
-        os.unlink(self._log.name)
+        self._replies.close()
+        self._sock.close()
+
+
+def server_address(folder: Path) -> str:
+    """The name of the session's server: a Linux abstract socket (``"\\0" + name``) named after ``folder`` (no file
+    to clean up, no path length limit)."""
+    return "healthai-forkserver-" + hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
+
+
+def _connect(address: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect("\0" + address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        return None
+    return sock
+
+
+def _start_server(folder: Path, session_pid: int, tokenizer_folders: tuple[Path, ...], log: Path) -> socket.socket:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    address = server_address(folder)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, __file__, address, str(session_pid), *map(str, tokenizer_folders)],
+                                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while (sock := _connect(address)) is None:  # it binds before it imports
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the fork server did not start: {log.read_text()[-4000:]}")
+        time.sleep(0.02)
+    return sock
+
+
+def stop_server(folder: Path) -> None:
+    """End the session's server, if one was started."""
+    sock = _connect(server_address(folder))
+    if sock is not None:
+        with sock:
+            sock.sendall(b'{"op": "exit"}\n')
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1:])
+    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    os._exit(0)  # without tearing down the preloaded modules (2-4 s of CPU); its children are on their own
