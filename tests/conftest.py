@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from forkserver import REPO, ForkServer, freeze_what_is_loaded, load_uncollected, stop_server
+from forkserver import (REPO, ForkServer, freeze_what_is_loaded, import_what_commands_import, load_uncollected,
+                        stop_server)
 from shared_tokenizers import SharedTokenizers
 
 # Everything the tests read is committed under tests/fixtures/ (see its README): a clone needs nothing beside it.
@@ -42,9 +43,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    """Once the test modules (and with them torch, transformers, lightning and healthai) are imported, their objects
-    leave the garbage collector's sight (about 25 full collections per worker over the suite walked them: 10 s of
-    CPU a worker)."""
+    """Once the test modules (and with them torch, transformers, lightning and healthai) are imported, with what the
+    commands import lazily (as the fork server does), their objects leave the garbage collector's sight (about 25
+    full collections per worker over the suite walked them: 10 s of CPU a worker)."""
+    import_what_commands_import()
     freeze_what_is_loaded()
 
 

@@ -63,6 +63,12 @@ them in ``sys.modules``."""
 
 
 def _preload(tokenizer_folders: list[str]) -> None:
+    import_what_commands_import()
+    _preload_tokenizers(tokenizer_folders)
+
+
+def import_what_commands_import() -> None:
+    """Every ``healthai`` module and :data:`PRELOAD`."""
     import importlib
     import pkgutil
 
@@ -73,7 +79,6 @@ def _preload(tokenizer_folders: list[str]) -> None:
             importlib.import_module(f"healthai.{module.name}")
     for name in PRELOAD:
         importlib.import_module(name)
-    _preload_tokenizers(tokenizer_folders)
 
 
 def _preload_tokenizers(folders: list[str]) -> None:
