@@ -168,12 +168,12 @@ def run(command: str, rest: list[str], from_shell: bool) -> None:
 def libraries_loading(own_process: bool):
     """Import a command's libraries without garbage collection, then keep what they built out of the collector's
     sight (:func:`gc.freeze`). Importing torch, transformers and Lightning creates ~450k long-lived objects, and the
-    full collections those imports trigger walked them again each time: 0.8-2 s of every command's start (and of
-    each DDP rank's). Frozen, they are no longer walked by the collections of a long fit either, nor copied on write
+    full collections those imports trigger walked them again each time: 0.4-0.6 s of every command's start on a
+    2-core CPU (and of each DDP rank's). Frozen, they are no longer walked by the collections of a long fit either, nor copied on write
     by forked data-loader workers. Only when the command owns the process (``python -m healthai``): an in-process
     caller's objects are its own business. At exit they are collectable again, so that the interpreter's last
-    collection frees them as it would have (nanobind, which xgrammar uses, reports any of its objects still alive
-    then as leaked)."""
+    collection frees them as it would have (nanobind, which triton's and xgrammar's bindings use, reports any of its
+    objects still alive then as leaked)."""
     if not own_process or not gc.isenabled():
         yield
         return
