@@ -171,9 +171,9 @@ def libraries_loading(own_process: bool):
     full collections those imports trigger walked them again each time: 0.4-0.6 s of every command's start on a
     2-core CPU (and of each DDP rank's). Frozen, they are no longer walked by the collections of a long fit either, nor copied on write
     by forked data-loader workers. Only when the command owns the process (``python -m healthai``): an in-process
-    caller's objects are its own business. At exit they are collectable again, so that the interpreter's last
-    collection frees them as it would have (nanobind, which triton's and xgrammar's bindings use, reports any of its
-    objects still alive then as leaked)."""
+    caller's objects are its own business. At exit they are collectable again: ``python -m healthai`` ends without a
+    last collection (:mod:`healthai.fast_exit`), but a program that calls :func:`main` itself ends through it
+    (nanobind, which triton's and xgrammar's bindings use, reports any of its objects still alive then as leaked)."""
     if not own_process or not gc.isenabled():
         yield
         return
@@ -223,4 +223,8 @@ def _settings_dataclass(fn) -> type | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Out as the interpreter would end, less its teardown of every loaded module: 1.3-1.9 s of CPU a command and a
+    # rank (healthai/fast_exit.py).
+    from healthai.fast_exit import run_then_exit
+
+    run_then_exit(main)

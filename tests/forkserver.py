@@ -8,8 +8,8 @@ what the commands import, once, and then forks a child per command. The child is
 environment, working folder, stdout and stderr files; it runs the same ``healthai.__main__`` (through :mod:`runpy`, as
 ``-m`` does) and ends as the interpreter ends (its exit status, non-daemon threads joined, atexit handlers run,
 standard streams flushed, death by SIGINT after an uncaught KeyboardInterrupt) but without tearing down every
-preloaded module, which costs a forked child 2.4-4 s of CPU here (tests/fast_exit.py). Signal behaviour is a fresh
-process's.
+preloaded module, which costs a forked child 2.4-4 s of CPU here: as ``python -m healthai`` ends
+(healthai/fast_exit.py). Signal behaviour is a fresh process's.
 
 What differs from a fresh interpreter, and why it does not matter to what the tests check:
 
@@ -51,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import fast_exit  # this folder: the server runs as a script from it, the tests import it from it
+from healthai import fast_exit
 from shared_tokenizers import SharedTokenizers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def _child(request: dict) -> None:
         sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))  # a script's folder first, as ``python script``
         status = fast_exit.run(lambda: runpy.run_path(argv[0], run_name="__main__"))
     # Threads joined, atexit handlers run, streams flushed, then out without the module teardown that costs a forked
-    # child 2.4-4 s of CPU here (tests/fast_exit.py).
+    # child 2.4-4 s of CPU here (healthai/fast_exit.py).
     fast_exit.finish(status)
 
 
