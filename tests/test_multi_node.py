@@ -59,7 +59,8 @@ def check(results: list[subprocess.CompletedProcess], status: int = 0) -> list[s
 
 def torchrun_two_nodes(nodes, args: list[str], timeout: float = 300) -> None:
     """``torchrun ... -m healthai *args`` on 2 nodes at once, each in its own folder: the launch line itself."""
-    port, env = free_port(), dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # TMPDIR: each agent's log folder (torchelastic_*) goes with the test's, not into /tmp for good.
+    port, env = free_port(), dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TMPDIR=str(nodes[0].parent))
     procs = [subprocess.Popen([*torchrun(node, port), "-m", "healthai", *args], cwd=folder, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node, folder in enumerate(nodes)]  # fmt: skip
