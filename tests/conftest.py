@@ -14,6 +14,7 @@ import pytest
 
 from forkserver import (REPO, ForkServer, freeze_what_is_loaded, import_what_commands_import, load_uncollected,
                         stop_server)
+from healthai import fast_exit
 from shared_tokenizers import SharedTokenizers
 
 # Everything the tests read is committed under tests/fixtures/ (see its README): a clone needs nothing beside it.
@@ -94,10 +95,15 @@ def forkserver(tiny_model_dir, tmp_path_factory):
         stop_server(folder)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """The xdist controller ends the session's fork server once both workers are done."""
+    """The xdist controller ends the session's fork server once both workers are done. A worker, its results sent
+    (xdist sends them as its session finishes), leaves as ``python -m healthai`` does, without the teardown of the
+    modules it imported (healthai/fast_exit.py): the controller waits for both exits, 3 s at the end of every run."""
     if is_xdist_controller(config):
         stop_server(config._tmp_path_factory.getbasetemp())
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        fast_exit.finish(0)
 
 
 def is_xdist_controller(config) -> bool:
